@@ -1,0 +1,413 @@
+"""Read and validate preference pairs ``{"prompt", "chosen", "rejected", optional "id"}``.
+
+Sources:
+- a JSON Lines file (``.jsonl`` or ``.json`` holding one object per line), always supported;
+- a Parquet file or an Arrow IPC file (stream or file format, as written by Hugging Face
+  ``datasets``), which need ``pyarrow``;
+- a directory in a Hugging Face ``datasets`` layout: the output of ``Dataset.save_to_disk``
+  (``state.json`` + ``*.arrow``), of ``DatasetDict.save_to_disk`` (``dataset_dict.json`` + one
+  folder per split), or a hub-style folder of ``*.parquet`` / ``*.arrow`` / ``*.jsonl`` files
+  (``split`` selects files named ``<split>-*``/``<split>_*``/``<split>.*`` or under a folder
+  named ``<split>``).
+
+Every bad record is reported with its file, its 1-based line (JSONL) or row (Parquet/Arrow) and
+the offending field. With ``on_bad_record="error"`` the first one raises ``DataError``; with
+``"skip"`` each is logged as a warning and counted per reason in the returned ``ReadReport``,
+so that dropping data is never silent. Blank lines in JSONL are not records and are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_sega.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+OnBadRecord = Literal["error", "skip"]
+
+REQUIRED_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
+_FIX_HINT = "every record needs non-empty 'prompt', 'chosen' and 'rejected' strings"
+_JSONL_SUFFIXES = (".jsonl", ".json")
+_TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+class BadRecordReason(str, Enum):
+    """Why a record was rejected; the value is the key used in ``ReadReport.dropped``."""
+
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    EMPTY_FIELD = "empty_field"
+    WRONG_TYPE = "wrong_type"
+    DUPLICATE_ID = "duplicate_id"
+    INVALID_UTF8 = "invalid_utf8"
+
+
+@dataclass(frozen=True, slots=True)
+class PreferencePair:
+    """One validated preference pair.
+
+    ``id`` is the record's own id (as a string) or, when it has none, ``"<file>:<line>"``, which
+    is deterministic for a given input path. ``source`` is where the record came from, for
+    messages.
+    """
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+@dataclass
+class ReadReport:
+    """What ``read_pairs`` kept and dropped; ``dropped`` maps a ``BadRecordReason`` value to a count."""
+
+    files: list[str] = field(default_factory=list)
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def summary(self) -> str:
+        """One line for the training log, e.g. ``kept 798 pairs, dropped 2 (empty_field: 2)``."""
+        if not self.dropped:
+            return f"kept {self.kept} pairs from {len(self.files)} file(s), dropped 0"
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items()))
+        return (
+            f"kept {self.kept} pairs from {len(self.files)} file(s), "
+            f"dropped {self.total_dropped} ({parts})"
+        )
+
+
+class _BadRecord(Exception):
+    """Internal signal from the per-record validators; turned into DataError or a skip."""
+
+    def __init__(self, reason: BadRecordReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def read_pairs(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    on_bad_record: OnBadRecord = "error",
+    split: str | None = None,
+) -> tuple[list[PreferencePair], ReadReport]:
+    """Read and validate preference pairs from one or more files or dataset directories.
+
+    Ids must be unique across all inputs (a duplicate is a bad record, reported at its second
+    occurrence). Returns the pairs in file order and a report of what was dropped.
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    inputs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not inputs:
+        raise DataError("no data files given; pass at least one JSONL/Parquet/Arrow file or directory")
+    files: list[Path] = []
+    for p in inputs:
+        files.extend(resolve_data_files(Path(p), split))
+
+    report = ReadReport(files=[str(f) for f in files])
+    pairs: list[PreferencePair] = []
+    first_seen: dict[str, str] = {}
+    for path in files:
+        for location, row in _iter_rows(path):
+            try:
+                if isinstance(row, _BadRecord):
+                    raise row
+                pair = validate_record(row, location)
+                if pair.id in first_seen:
+                    raise _BadRecord(
+                        BadRecordReason.DUPLICATE_ID,
+                        f"{location}: field 'id' duplicates id {pair.id!r} first seen at "
+                        f"{first_seen[pair.id]}; ids must be unique across all input files",
+                    )
+            except _BadRecord as bad:
+                if on_bad_record == "error":
+                    raise DataError(bad.message, reason=bad.reason.value) from None
+                _record_skip(report, bad)
+                continue
+            first_seen[pair.id] = location
+            pairs.append(pair)
+    report.kept = len(pairs)
+    if report.dropped:
+        logger.warning("data: %s", report.summary())
+    return pairs, report
+
+
+def _record_skip(report: ReadReport, bad: _BadRecord) -> None:
+    key = bad.reason.value
+    report.dropped[key] = report.dropped.get(key, 0) + 1
+    report.messages.append(bad.message)
+    logger.warning("skipping bad record: %s", bad.message)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of one record
+# --------------------------------------------------------------------------------------------
+
+
+def validate_record(row: Any, location: str) -> PreferencePair:
+    """Turn one decoded row into a ``PreferencePair`` or raise ``_BadRecord`` naming the field."""
+    if not isinstance(row, dict):
+        raise _BadRecord(
+            BadRecordReason.NOT_AN_OBJECT,
+            f"{location}: expected a JSON object, got {_type_name(row)}; "
+            f"each line must be one object like "
+            '{"prompt": "...", "chosen": "...", "rejected": "..."}',
+        )
+    values: dict[str, str] = {}
+    for name in REQUIRED_FIELDS:
+        if name not in row or row[name] is None:
+            what = "is missing" if name not in row else "is null"
+            raise _BadRecord(
+                BadRecordReason.MISSING_FIELD, f"{location}: field '{name}' {what}; {_FIX_HINT}"
+            )
+        value = row[name]
+        if not isinstance(value, str):
+            raise _BadRecord(
+                BadRecordReason.WRONG_TYPE,
+                f"{location}: field '{name}' must be a string, got {_type_name(value)}; {_FIX_HINT}",
+            )
+        if not value.strip():
+            raise _BadRecord(
+                BadRecordReason.EMPTY_FIELD, f"{location}: field '{name}' is empty; {_FIX_HINT}"
+            )
+        values[name] = value
+    return PreferencePair(id=_record_id(row, location), source=location, **values)
+
+
+def _record_id(row: dict[str, Any], location: str) -> str:
+    raw = row.get("id")
+    if raw is None:
+        return location
+    # bool is an int subclass, but True/False as ids are almost surely a data bug.
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise _BadRecord(
+            BadRecordReason.WRONG_TYPE,
+            f"{location}: field 'id' must be a string or an integer, got {_type_name(raw)}; "
+            "omit 'id' to get the generated id '<file>:<line>'",
+        )
+    text = str(raw)
+    if not text.strip():
+        raise _BadRecord(
+            BadRecordReason.EMPTY_FIELD,
+            f"{location}: field 'id' is empty; omit 'id' to get the generated id '<file>:<line>'",
+        )
+    return text
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_data_files(path: Path, split: str | None = None) -> list[Path]:
+    """Expand a file or a ``datasets``-style directory into the ordered list of data files."""
+    if path.is_file():
+        _check_suffix(path)
+        return [path]
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if (path / "dataset_dict.json").is_file():
+        return _resolve_dataset_dict(path, split)
+    if (path / "state.json").is_file():
+        return _resolve_saved_dataset(path)
+    candidates = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and _is_data_file(p)
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if split is not None:
+        candidates = [p for p in candidates if _matches_split(p.relative_to(path), split)]
+    if not candidates:
+        wanted = f" for split '{split}'" if split else ""
+        raise DataError(
+            f"{path}: no .jsonl/.json/.parquet/.arrow data files found{wanted}; "
+            "point to a data file or a Hugging Face datasets directory"
+        )
+    return candidates
+
+
+def _resolve_dataset_dict(path: Path, split: str | None) -> list[Path]:
+    split = split or "train"
+    sub = path / split
+    if not sub.is_dir():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text("utf-8")).get("splits", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise DataError(f"{path}: split '{split}' not found; available splits: {splits}")
+    return resolve_data_files(sub, None)
+
+
+def _resolve_saved_dataset(path: Path) -> list[Path]:
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text("utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{state_file}: not a valid datasets state.json ({e}); "
+            "re-save the dataset with Dataset.save_to_disk"
+        ) from None
+    files = [path / name for name in names]
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{state_file}: lists data file '{f.name}', which does not exist")
+    return files
+
+
+def _is_data_file(p: Path) -> bool:
+    return p.suffix in _JSONL_SUFFIXES + _TABLE_SUFFIXES and p.name not in (
+        "state.json",
+        "dataset_info.json",
+        "dataset_dict.json",
+    )
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix not in _JSONL_SUFFIXES + _TABLE_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type '{path.suffix}'; "
+            "use .jsonl (or .json with one object per line), .parquet or .arrow"
+        )
+
+
+def _matches_split(rel: Path, split: str) -> bool:
+    if split in rel.parts[:-1]:
+        return True
+    name = rel.name
+    return any(name.startswith(split + sep) for sep in ("-", "_", "."))
+
+
+# --------------------------------------------------------------------------------------------
+# Row sources: each yields (location, decoded row or _BadRecord)
+# --------------------------------------------------------------------------------------------
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix in _JSONL_SUFFIXES:
+        yield from _iter_jsonl(path)
+    elif path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    elif path.suffix == ".arrow":
+        yield from _iter_arrow(path)
+    else:
+        _check_suffix(path)
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            location = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark written by some editors
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield location, _BadRecord(
+                    BadRecordReason.INVALID_UTF8,
+                    f"{location}: invalid UTF-8 at byte {e.start + 1} of the line; "
+                    "re-save the file as UTF-8",
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield location, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield location, _BadRecord(
+                    BadRecordReason.MALFORMED_JSON,
+                    f"{location}: malformed JSON ({e.msg} at column {e.colno}); "
+                    "each line must be one complete JSON object",
+                )
+
+
+def _require_pyarrow(path: Path) -> Any:
+    try:
+        import pyarrow  # noqa: F401  (imported for its submodules)
+    except ImportError:
+        raise DataError(
+            f"{path}: reading {path.suffix} files needs pyarrow, which is not installed; "
+            "install it with `pip install pyarrow`, or convert the data to JSONL"
+        ) from None
+    import pyarrow as pa
+
+    return pa
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    _require_pyarrow(path)
+    import pyarrow.parquet as pq
+
+    try:
+        pfile = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = _table_columns(path, pfile.schema_arrow.names)
+    yield from _iter_batches(path, pfile.iter_batches(columns=columns))
+
+
+def _iter_arrow(path: Path) -> Iterator[tuple[str, Any]]:
+    pa = _require_pyarrow(path)
+    import pyarrow.ipc as ipc
+
+    # `datasets` writes the IPC *stream* format; other tools write the IPC *file* format.
+    source = pa.memory_map(str(path), "r")
+    try:
+        reader: Any = ipc.open_stream(source)
+        batches: Any = iter(reader)
+    except pa.ArrowInvalid:
+        try:
+            reader = ipc.open_file(pa.memory_map(str(path), "r"))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{path}: not a readable Arrow IPC file ({e})") from None
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    columns = _table_columns(path, reader.schema.names)
+    yield from _iter_batches(path, (b.select(columns) for b in batches))
+
+
+def _table_columns(path: Path, names: list[str]) -> list[str]:
+    """Columns to read; a whole missing column is a file-level error, not N bad records."""
+    missing = [c for c in REQUIRED_FIELDS if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: column(s) {missing} missing (found {names}); {_FIX_HINT}"
+        )
+    return list(REQUIRED_FIELDS) + (["id"] if "id" in names else [])
+
+
+def _iter_batches(path: Path, batches: Any) -> Iterator[tuple[str, Any]]:
+    row_number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            row_number += 1
+            yield f"{path}:row {row_number}", row

@@ -1,0 +1,263 @@
+"""Prompt templates: how a (prompt, response) pair becomes ``(prompt_ids, response_ids)``.
+
+Two templates:
+
+``chat``
+    The tokenizer's own chat template (Jinja, as in ``tokenizer_config.json``), rendered with a
+    system message (default: the paper's reflective prompt, ``REFLECTIVE_SYSTEM_PROMPT``) and the
+    user prompt, with ``add_generation_prompt=True``. The response is encoded on its own after it;
+    with ``append_eos=True`` the template's end-of-turn token (``<|eot_id|>`` for Llama 3,
+    ``</s>`` for Llama 2) is appended, which SFT targets want and generation prompts never get.
+    Tokenizers without a chat template use ``FALLBACK_CHAT_TEMPLATE``::
+
+        <bos>{system}\\n\\nUser: {prompt}\\nAssistant:\\n{response}<eos>
+
+    Message contents are stripped, as the Llama chat templates do.
+
+``none``
+    Raw text: ``[BOS] + encode(prompt)`` then ``encode(response)``, nothing added in between or
+    to the response, except EOS when ``append_eos=True``. The system prompt is not used.
+
+User text is always encoded as untrusted (special-token strings in it stay text); only the
+template's own text is encoded with special tokens. To tell the two apart the template is
+rendered once with placeholder strings in place of the message contents; the result must equal
+the rendering with the real contents, else the template transforms content in a way we cannot
+follow and ``TokenizerError`` is raised. BOS appears exactly once: from the template if it
+writes ``bos_token``, else prepended. Rendering is deterministic: ``strftime_now`` is not
+provided, so templates that print today's date fall back to their fixed default.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from megatron_sega.data.batching import TokenizedExample, TokenizedPair
+from megatron_sega.data.errors import TokenizerError
+from megatron_sega.data.records import PreferencePair
+from megatron_sega.data.tokenizer import Tokenizer
+
+TemplateName = Literal["chat", "none"]
+TEMPLATE_NAMES: tuple[str, ...] = ("chat", "none")
+
+REFLECTIVE_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Think step-by-step and then provide your Final Answer."
+)
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] | trim + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] | trim + '\\n' }}"
+    "{% else %}{{ 'Assistant:\\n' + message['content'] | trim + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}"
+)
+
+# Private-use code points: cannot collide with real data unless the data is adversarial, and
+# then the render/compare check below catches it.
+_PLACEHOLDER = "\ue000SEGA-CONTENT-{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000SEGA-CONTENT-(\\d+)\ue001")
+
+
+class PromptFormatter:
+    """Encodes prompts and responses for one tokenizer, template and system prompt.
+
+    ``encode_prompt(prompt)`` gives the generation prompt; ``encode_pair(prompt, response,
+    append_eos)`` gives ``(prompt_ids, response_ids)`` whose concatenation is the training
+    sequence.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: TemplateName = "chat",
+        system_prompt: str | None = REFLECTIVE_SYSTEM_PROMPT,
+    ) -> None:
+        if template not in TEMPLATE_NAMES:
+            raise ValueError(f"template must be one of {TEMPLATE_NAMES}, got {template!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system_prompt = system_prompt.strip() if system_prompt else None
+        self.uses_fallback_chat_template = tokenizer.chat_template is None
+        self._jinja: Any = None
+        self._end_of_turn_id = tokenizer.eos_id
+        if template == "chat":
+            self._jinja = compile_chat_template(tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE)
+            self._end_of_turn_id = self._find_end_of_turn()
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The id appended to responses when ``append_eos=True``."""
+        return self._end_of_turn_id
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of the prompt as the model sees it before generating; starts with BOS once."""
+        if self.template == "none":
+            return self.tokenizer.encode(prompt, add_bos=True)
+        ids = self._encode_messages(self._messages(prompt), add_generation_prompt=True)
+        bos = self.tokenizer.bos_id
+        if bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def encode_pair(
+        self, prompt: str, response: str, append_eos: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """``(prompt_ids, response_ids)``; the end-of-turn/EOS id is appended only if asked."""
+        prompt_ids = self.encode_prompt(prompt)
+        text = response if self.template == "none" else response.strip()
+        response_ids = self.tokenizer.encode(text, add_bos=False)
+        if append_eos:
+            response_ids.append(self._end_of_turn_id)
+        return prompt_ids, response_ids
+
+    # ----------------------------------------------------------------------------------------
+    def _messages(self, prompt: str) -> list[dict[str, str]]:
+        messages = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": self.system_prompt})
+        messages.append({"role": "user", "content": prompt.strip()})
+        return messages
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        return self._jinja.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.bos_token or "",
+            eos_token=tok.eos_token,
+        )
+
+    def _render_segments(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, trusted)`` segments; contents are untrusted."""
+        masked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
+        rendered = self._render(masked, add_generation_prompt)
+        segments: list[tuple[str, bool]] = []
+        pos = 0
+        for match in _PLACEHOLDER_RE.finditer(rendered):
+            segments.append((rendered[pos : match.start()], True))
+            index = int(match.group(1))
+            if index >= len(messages):
+                raise TokenizerError("chat template produced an unknown content placeholder")
+            segments.append((messages[index]["content"], False))
+            pos = match.end()
+        segments.append((rendered[pos:], True))
+        expected = self._render(messages, add_generation_prompt)
+        if "".join(text for text, _ in segments) != expected:
+            raise TokenizerError(
+                "the chat template changes message contents beyond stripping whitespace, so "
+                "template tokens cannot be told apart from user text; use template 'none' or a "
+                "template that inserts message['content'] (optionally | trim) unchanged"
+            )
+        return segments
+
+    def _encode_messages(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool
+    ) -> list[int]:
+        # Plain text is buffered across segment boundaries and encoded in one piece between
+        # special tokens, which is how `tokenizers` itself splits text around added tokens, so
+        # benign inputs tokenise exactly as a plain apply_chat_template would.
+        tok = self.tokenizer
+        ids: list[int] = []
+        buffer: list[str] = []
+
+        def flush() -> None:
+            if buffer:
+                ids.extend(tok.encode("".join(buffer)))
+                buffer.clear()
+
+        for text, trusted in self._render_segments(messages, add_generation_prompt):
+            if not trusted:
+                buffer.append(text)
+                continue
+            for part in tok.split_specials(text):
+                if isinstance(part, int):
+                    flush()
+                    ids.append(part)
+                else:
+                    buffer.append(part)
+        flush()
+        return ids
+
+    def _find_end_of_turn(self) -> int:
+        """The first stop token the template writes after an assistant message (else EOS)."""
+        messages = [*self._messages("q"), {"role": "assistant", "content": "a"}]
+        segments = self._render_segments(messages, add_generation_prompt=False)
+        # The last untrusted segment is the assistant content; what follows ends the turn.
+        last = max(i for i, (_, trusted) in enumerate(segments) if not trusted)
+        suffix = "".join(text for text, _ in segments[last + 1 :])
+        for token_id in self.tokenizer.encode_trusted(suffix):
+            if token_id in self.tokenizer.stop_ids:
+                return token_id
+        return self.tokenizer.eos_id
+
+
+def compile_chat_template(source: str) -> Any:
+    """Compile a Hugging Face chat template with the environment transformers uses.
+
+    Same options and helpers as ``transformers`` (sandboxed, ``trim_blocks``, ``lstrip_blocks``,
+    ``loopcontrols``, ``raise_exception``, ``tojson`` without HTML escaping), without importing
+    transformers.
+    """
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"chat template error: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template does not compile: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-dataset helpers
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize_sft(
+    pairs: Sequence[PreferencePair], formatter: PromptFormatter
+) -> list[TokenizedExample]:
+    """Stage A examples: ``prompt -> chosen``, with the end-of-turn token as the last target."""
+    out = []
+    for p in pairs:
+        prompt_ids, response_ids = formatter.encode_pair(p.prompt, p.chosen, append_eos=True)
+        out.append(TokenizedExample(p.id, prompt_ids, response_ids))
+    return out
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], formatter: PromptFormatter, append_eos: bool = False
+) -> list[TokenizedPair]:
+    """Evaluation pairs: one prompt encoding shared by the chosen and the rejected response."""
+    out = []
+    for p in pairs:
+        prompt_ids, chosen = formatter.encode_pair(p.prompt, p.chosen, append_eos=append_eos)
+        _, rejected = formatter.encode_pair(p.prompt, p.rejected, append_eos=append_eos)
+        out.append(TokenizedPair(p.id, prompt_ids, chosen, rejected))
+    return out
+
+
+def tokenize_prompts(
+    pairs: Sequence[PreferencePair], formatter: PromptFormatter
+) -> list[TokenizedExample]:
+    """Generation prompts (stage B); ``response_ids`` is empty."""
+    return [TokenizedExample(p.id, formatter.encode_prompt(p.prompt), []) for p in pairs]

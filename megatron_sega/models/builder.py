@@ -1,0 +1,150 @@
+"""Build this rank's pipeline stage of a Megatron-Core Llama model."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_sega.models.spec import LlamaSpec, RopeScaling
+from megatron_sega.runtime import Runtime
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails at import
+        return False
+    return True
+
+
+def transformer_config(
+    spec: LlamaSpec,
+    runtime: Runtime,
+    *,
+    dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+):
+    """Megatron-Core ``TransformerConfig`` for a Llama spec under this runtime's TP/PP."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = runtime.device.type == "cuda"
+    extra = {}
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        tensor_model_parallel_size=runtime.tp,
+        pipeline_model_parallel_size=runtime.pp,
+        virtual_pipeline_model_parallel_size=runtime.vpp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=False,
+        **extra,
+    )
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling: divide low frequencies by ``factor``, keep high ones, blend between.
+
+    Megatron-Core hard-codes the 8192/1/4 constants; configs may set others, so we apply it here."""
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
+    """TE layer spec when transformer_engine imports, else the local spec.
+
+    ``attention``: 'auto' | 'local' | 'sdpa'. Without TE, 'auto' picks PyTorch SDPA on GPU
+    (flash / memory-efficient kernels) and Megatron's local attention on CPU."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa" or (attention == "auto" and torch.cuda.is_available()):
+        from megatron_sega.models.sdpa import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(
+    spec: LlamaSpec,
+    runtime: Runtime,
+    *,
+    dtype: torch.dtype = torch.float32,
+    use_te: Optional[bool] = None,
+    attention: str = "auto",
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    vocab_multiple: int = 128,
+):
+    """The ``GPTModel`` chunk of this rank's pipeline stage, on ``runtime.device``.
+
+    The embedding is built on the first stage, the output layer on the last; the vocabulary is
+    padded (see ``LlamaSpec.padded_vocab_size``) and the true size stays in ``spec``."""
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(spec, runtime, dtype=dtype, sequence_parallel=sequence_parallel,
+                                recompute=recompute)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te, attention),
+        vocab_size=spec.padded_vocab_size(runtime.tp, vocab_multiple),
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=runtime.is_first_stage,
+        post_process=runtime.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta),
+        rope_scaling=False,
+    )
+    if spec.rope_scaling is not None:
+        rope = model.rotary_pos_emb
+        rope.inv_freq = llama3_scaled_inv_freq(rope.inv_freq, spec.rope_scaling)
+    model.llama_spec = spec
+    return model.to(runtime.device)

@@ -1,0 +1,53 @@
+"""Core attention through PyTorch ``scaled_dot_product_attention``.
+
+Megatron-Core's local ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix.
+Without Transformer Engine on a GPU that is slow and memory-hungry at long sequences; SDPA
+dispatches to flash / memory-efficient kernels. Same interface and numerics (within kernel
+tolerance) as the local module; used automatically on GPU when TE is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """``DotProductAttention`` whose forward is a single SDPA call (no dropout support needed:
+    Llama trains with attention dropout 0)."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor a bias")
+        if self.config.attention_dropout and self.training:
+            raise NotImplementedError("SDPAttention is for attention_dropout = 0 (Llama)")
+        # Megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim].
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if attention_mask is None:
+            if q.shape[2] != k.shape[2]:
+                raise ValueError("SDPAttention needs an explicit mask when query and key lengths "
+                                 f"differ ({q.shape[2]} vs {k.shape[2]})")
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            # Megatron's masks are True where attention is *forbidden*; SDPA's where allowed.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
+                                                 scale=self.softmax_scale)
+        # [b, heads, s, dim] -> [s, b, heads * dim]
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

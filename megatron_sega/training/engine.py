@@ -1,0 +1,183 @@
+"""Shared step machinery: the DDP-wrapped model, Megatron's optimizer, one forward/backward.
+
+Loss normalisation contract (exact under any TP/PP/DP and microbatch split):
+every loss function returns ``sum over its microbatch / global_normaliser``, where the global
+normaliser (tokens, sequences or groups of the *whole* global batch) is computed before the step.
+We set ``calculate_per_token_loss=True`` so Megatron neither divides by the number of microbatches
+nor averages gradients over DP, and report a token count of 1 for the whole global batch (first
+microbatch of DP rank 0) so that ``finalize_model_grads`` divides by exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sega.models.builder import build_model
+from megatron_sega.models.spec import LlamaSpec
+from megatron_sega.runtime import Runtime
+
+# A loss function gets this rank's vocab-parallel logits shard [b, s, V_pad/TP] and the
+# microbatch dict, and returns (loss already divided by the global normaliser, metrics).
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    use_distributed_optimizer: bool = True
+
+
+def causal_mask(seq_len: int, device) -> torch.Tensor:
+    """Megatron's convention: True where attention is forbidden. Passing it explicitly avoids the
+    default mask that Megatron builds on ``cuda``."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+
+
+def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32, *,
+                         use_distributed_optimizer: bool = True, **kwargs):
+    """This stage's model wrapped in Megatron DDP (grads in fp32 buffers), as a 1-chunk list."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model = build_model(spec, runtime, dtype=dtype, **kwargs)
+    model.config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        average_in_collective=False,
+    )
+    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return [wrapped]
+
+
+def build_optimizer(model_chunks: list, optim: OptimConfig, dtype=torch.float32):
+    """Megatron's Adam (distributed over DP when asked) and an LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks,
+                                       use_gloo_process_groups=torch.cuda.is_available())
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(optim.total_steps, 1),
+        wd_incr_style="constant",
+    )
+    for chunk in model_chunks:
+        _wire_config(chunk)
+    return optimizer, scheduler
+
+
+def _wire_config(chunk) -> None:
+    from megatron.core.distributed import finalize_model_grads
+
+    config = chunk.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = chunk.no_sync
+    config.grad_sync_func = None
+
+
+def _unit_count(runtime: Runtime, first: bool, device) -> torch.Tensor:
+    value = 1 if (first and runtime.dp_rank == 0) else 0
+    return torch.tensor(value, dtype=torch.int, device=device)
+
+
+def forward_backward(
+    model_chunks: list,
+    runtime: Runtime,
+    microbatches: list[dict],
+    loss_fn: LossFn,
+    *,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run Megatron's schedule (no pipelining, or 1F1B for PP > 1) over this rank's microbatches.
+
+    Each microbatch is a dict with ``tokens`` [b, s] (plus whatever ``loss_fn`` reads); all
+    microbatches of a step share one shape (the pipeline sends fixed-size activations).
+    Returns the per-microbatch metrics dicts on the last stage (empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        raise ValueError("forward_backward needs at least one microbatch")
+    batch, seq_len = microbatches[0]["tokens"].shape
+    device = runtime.device
+    mask = causal_mask(seq_len, device)
+    position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
+    counter = iter(range(len(microbatches)))
+
+    def loss_wrapper(microbatch: dict, first: bool, logits: torch.Tensor):
+        loss, metrics = loss_fn(logits, microbatch)
+        return loss, _unit_count(runtime, first, device), metrics
+
+    def forward_step(data_iterator, model):
+        microbatch = next(data_iterator)
+        index = next(counter)
+        tokens = microbatch["tokens"].to(device)
+        output = model(tokens, position_ids, mask)
+        return output, partial(loss_wrapper, microbatch, index == 0)
+
+    if not forward_only:
+        for chunk in model_chunks:
+            chunk.zero_grad_buffer()
+            # Megatron's non-distributed optimizer leaves param.grad aliasing main_grad; autograd
+            # would then accumulate into it *and* DDP's hook would add it again (double grads).
+            for param in chunk.parameters():
+                param.grad = None
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=model_chunks,
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=batch,
+        forward_only=forward_only,
+    )
+
+
+def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:
+    """One optimizer step; returns {'update_successful', 'grad_norm', 'lr'}."""
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=increment)
+    lr = optimizer.param_groups[0]["lr"]
+    return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "lr": float(lr)}
+
+
+def all_reduce_sum(value: float, group: Optional[dist.ProcessGroup], device) -> float:
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=group)
+    return float(tensor.item())
