@@ -381,18 +381,19 @@ def _iter_arrow(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.ipc as ipc
 
     # `datasets` writes the IPC *stream* format; other tools write the IPC *file* format.
-    source = pa.memory_map(str(path), "r")
-    try:
-        reader: Any = ipc.open_stream(source)
-        batches: Any = iter(reader)
-    except pa.ArrowInvalid:
+    with pa.memory_map(str(path), "r") as source:
         try:
-            reader = ipc.open_file(pa.memory_map(str(path), "r"))
-        except pa.ArrowInvalid as e:
-            raise DataError(f"{path}: not a readable Arrow IPC file ({e})") from None
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-    columns = _table_columns(path, reader.schema.names)
-    yield from _iter_batches(path, (b.select(columns) for b in batches))
+            reader: Any = ipc.open_stream(source)
+            batches: Any = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                reader = ipc.open_file(source)
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{path}: not a readable Arrow IPC file ({e})") from None
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        columns = _table_columns(path, reader.schema.names)
+        yield from _iter_batches(path, (b.select(columns) for b in batches))
 
 
 def _table_columns(path: Path, names: list[str]) -> list[str]:

@@ -68,7 +68,7 @@ class PromptFormatter:
 
     ``encode_prompt(prompt)`` gives the generation prompt; ``encode_pair(prompt, response,
     append_eos)`` gives ``(prompt_ids, response_ids)`` whose concatenation is the training
-    sequence.
+    sequence; ``encode_response`` gives the second half alone.
     """
 
     def __init__(
@@ -108,12 +108,15 @@ class PromptFormatter:
         self, prompt: str, response: str, append_eos: bool = False
     ) -> tuple[list[int], list[int]]:
         """``(prompt_ids, response_ids)``; the end-of-turn/EOS id is appended only if asked."""
-        prompt_ids = self.encode_prompt(prompt)
+        return self.encode_prompt(prompt), self.encode_response(response, append_eos)
+
+    def encode_response(self, response: str, append_eos: bool = False) -> list[int]:
+        """Response ids as they follow the prompt (stripped under ``chat``, raw under ``none``)."""
         text = response if self.template == "none" else response.strip()
-        response_ids = self.tokenizer.encode(text, add_bos=False)
+        ids = self.tokenizer.encode(text, add_bos=False)
         if append_eos:
-            response_ids.append(self._end_of_turn_id)
-        return prompt_ids, response_ids
+            ids.append(self._end_of_turn_id)
+        return ids
 
     # ----------------------------------------------------------------------------------------
     def _messages(self, prompt: str) -> list[dict[str, str]]:
@@ -250,9 +253,14 @@ def tokenize_pairs(
     """Evaluation pairs: one prompt encoding shared by the chosen and the rejected response."""
     out = []
     for p in pairs:
-        prompt_ids, chosen = formatter.encode_pair(p.prompt, p.chosen, append_eos=append_eos)
-        _, rejected = formatter.encode_pair(p.prompt, p.rejected, append_eos=append_eos)
-        out.append(TokenizedPair(p.id, prompt_ids, chosen, rejected))
+        out.append(
+            TokenizedPair(
+                p.id,
+                formatter.encode_prompt(p.prompt),
+                formatter.encode_response(p.chosen, append_eos),
+                formatter.encode_response(p.rejected, append_eos),
+            )
+        )
     return out
 
 

@@ -179,6 +179,21 @@ class Tokenizer:
                 out.append(part)
         return out
 
+    def marker_variants(self, marker: str) -> list[list[int]]:
+        """Distinct tokenisations of ``marker`` at the start of a text, after a space and after
+        a newline (e.g. ``"Final Answer:"`` vs ``" Final Answer:"`` in a byte-level BPE), for
+        finding the marker in generated ids. A leading whitespace-only token is not included.
+        """
+        variants: list[list[int]] = []
+        for prefix in ("", " ", "\n"):
+            ids = self.encode(prefix + marker)
+            head = self.encode(prefix) if prefix else []
+            if head and ids[: len(head)] == head:
+                ids = ids[len(head) :]
+            if ids and ids not in variants:
+                variants.append(ids)
+        return variants
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens)
 

@@ -26,7 +26,18 @@ def _batch(step: int, vocab: int) -> dict:
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
 
 
-def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool) -> dict:
+def _misplace_fc2_shards(model, full, tp, tp_rank) -> None:
+    """Negative control: give every TP rank its neighbour's linear_fc2 shard."""
+    from megatron_sega.checkpoint.layout import canonical_name, shift_layer, stage_offset, tp_shard
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = shift_layer(canonical_name(name), stage_offset(model))
+            if key.endswith("linear_fc2.weight"):
+                param.copy_(tp_shard(key, full[key], tp, (tp_rank + 1) % tp))
+
+
+def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: bool = False) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_sega import runtime
@@ -40,6 +51,8 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool) -> dict:
     chunks = build_training_model(spec, rt, use_distributed_optimizer=use_distributed_optimizer)
     full = random_full_state_dict(spec, spec.padded_vocab_size(tp), seed=0)
     load_full_state_dict(chunks[0].module, full, rt.tp, rt.tp_rank)
+    if misplace:
+        _misplace_fc2_shards(chunks[0].module, full, rt.tp, rt.tp_rank)
     optimizer, scheduler = build_optimizer(
         chunks, OptimConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6, use_distributed_optimizer=use_distributed_optimizer))
     optimizer.reload_model_params()  # fp32 main params from the loaded weights
@@ -125,3 +138,11 @@ def test_layout_matches_single_process(reference, world, tp, pp, distopt):
     _assert_close(updates, ref_updates, "update after 3 Adam steps", rel=1e-3)
     # The comparison is not vacuous: the weights moved and the gradients are not zero.
     assert any(g.abs().max() > 0 for g in reference["grads"].values())
+
+
+def test_misplaced_tp_shard_is_detected(reference):
+    """The comparison above has teeth: a swapped TP shard changes loss and gradients."""
+    got = _merge(run_distributed(_run_layout, 2, 2, 1, False, True))
+    assert got["losses"][0] != pytest.approx(reference["losses"][0], rel=1e-5)
+    with pytest.raises(AssertionError):
+        _assert_close(got["grads"], reference["grads"], "grad")

@@ -100,7 +100,7 @@ def sp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(CORPUS + ["[INST] <<SYS>> <</SYS>> [/INST]"] * 5))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(root / "tokenizer"), vocab_size=300, model_type="bpe",
+        input=str(corpus), model_prefix=str(root / "tokenizer"), vocab_size=360, model_type="bpe",
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         # As Llama 2: no normalisation, bytes for unseen characters (so "\n" survives).
         byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -159,7 +159,7 @@ def test_byte_level_round_trip(name: str, request: pytest.FixtureRequest) -> Non
 
 def test_sentencepiece(llama2: Tokenizer, sp_dir: Path) -> None:
     assert (llama2.bos_id, llama2.eos_id, llama2.pad_id) == (1, 2, 2)
-    assert llama2.vocab_size == 300 and llama2.stop_ids == [2]
+    assert llama2.vocab_size == 360 and llama2.stop_ids == [2]
     assert llama2.chat_template == LLAMA2_TEMPLATE  # read from the .model's directory
     ids = llama2.encode("What is 2 + 3?")
     assert llama2.decode(ids) == "What is 2 + 3?"
@@ -308,3 +308,16 @@ def test_dataset_helpers(tiny: Tokenizer) -> None:
     assert pair.rejected_ids == tiny.encode("Final Answer: 3")
     (prompt,) = tokenize_prompts(pairs, fmt)
     assert prompt.prompt_ids == sft.prompt_ids and prompt.response_ids == []
+
+
+def _contains(ids: list[int], sub: list[int]) -> bool:
+    return any(ids[i : i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama3", "llama2"])
+def test_marker_variants_find_the_marker_wherever_it_appears(name: str, request: pytest.FixtureRequest) -> None:
+    tok: Tokenizer = request.getfixturevalue(name)
+    variants = tok.marker_variants("Final Answer:")
+    assert variants and len({tuple(v) for v in variants}) == len(variants)
+    for text in ("Final Answer: 5", "2 + 3 = 5. Final Answer: 5", "2 + 3 = 5.\nFinal Answer: 5"):
+        assert any(_contains(tok.encode(text), v) for v in variants), text

@@ -1,0 +1,353 @@
+"""Typed, frozen, strict configuration.
+
+A run is configured by one YAML file of sections (model, parallel, data, sampling, scoring, sega,
+sft, optim, eval, checkpoint, logging) plus dotted command-line overrides (``sega.k=8``).
+Unknown keys fail and name the closest valid key; wrong types fail naming the option, its value
+and the expected type; cross-field rules are checked once, at construction. The object is
+read-only afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (option, value, fix)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: Optional[str] = "tiny"  # a name from megatron_sega.models.PRESETS, or null with hf_config
+    hf_config: Optional[str] = None  # a HF config.json (or directory) describing the architecture
+    load: Optional[str] = None  # a megatron-sega checkpoint to start from (converted or trained)
+    tokenizer: Optional[str] = None  # a directory with tokenizer.json / tokenizer.model
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attention: Literal["auto", "local", "sdpa"] = "auto"
+    init_seed: int = 1234  # weights of a model that is not loaded from a checkpoint
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    sequence_parallel: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        _check(self.tp >= 1, f"parallel.tp must be >= 1, got {self.tp}")
+        _check(self.pp >= 1, f"parallel.pp must be >= 1, got {self.pp}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    template: Literal["chat", "none"] = "chat"
+    max_seq_len: int = 1024
+    overlong: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
+    on_bad_record: Literal["error", "skip"] = "error"
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check(self.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 1234
+    max_batch_tokens: int = 0  # 0: derive the KV-cache budget from free memory
+
+    def __post_init__(self):
+        _check(self.temperature >= 0, f"sampling.temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        _check(self.max_new_tokens >= 1,
+               f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    marker: str = "Final Answer:"
+    final_fraction: float = 0.2
+    top_m: float = 0.1
+    lam: float = 1.0
+    reward: Literal["identity", "softmax"] = "identity"
+    tau: float = 1.0
+    trim: Literal["none", "zscore", "lowest_fraction"] = "none"
+    trim_z: float = 1.0
+    trim_fraction: float = 0.25
+    top_bottom_pairs: bool = False
+
+    def __post_init__(self):
+        _check(0 < self.final_fraction <= 1,
+               f"scoring.final_fraction must be in (0, 1], got {self.final_fraction}")
+        _check(self.top_m > 0, f"scoring.top_m must be > 0 (a fraction < 1 or a count), got "
+                               f"{self.top_m}")
+        _check(self.tau > 0, f"scoring.tau must be > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class SegaConfig:
+    k: int = 4
+    steps: int = 100
+    prompts_per_step: int = 8  # global, across data-parallel ranks
+    micro_batch_size: int = 4  # candidates per microbatch in the update
+    normalize_std: bool = False
+    normalization: Literal["sequence_sum", "token_mean"] = "sequence_sum"
+    updates_per_rollout: int = 1
+    kl_coef: float = 0.0
+    reference: Optional[str] = None  # checkpoint of the frozen reference (KL)
+    clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
+    max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
+
+    def __post_init__(self):
+        _check(self.k >= 2, f"sega.k must be >= 2 (group-mean advantages need a group), got "
+                            f"{self.k}")
+        _check(self.steps >= 1, f"sega.steps must be >= 1, got {self.steps}")
+        _check(self.updates_per_rollout >= 1,
+               f"sega.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
+        _check(self.kl_coef == 0 or self.reference,
+               "sega.kl_coef > 0 needs sega.reference (a checkpoint of the frozen reference)")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    eval_interval: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr], got {self.min_lr}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    beta: float = 0.1
+    reference: Optional[str] = None
+    out: Optional[str] = None  # directory for pairs.jsonl and summary.json
+    micro_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    load_optim: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    dir: Optional[str] = None
+    tensorboard: bool = True
+    jsonl: bool = True
+    wandb: bool = False
+    interval: int = 1
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    sega: SegaConfig = field(default_factory=SegaConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _check(bool(self.model.preset) != bool(self.model.hf_config) or bool(self.model.load),
+               "set exactly one of model.preset and model.hf_config (or model.load)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (tuples from lists)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} should be a list")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r} should be a number (float)")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r} should be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} should be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r} should be a string")
+        return value
+    raise ConfigError(f"{where}: unsupported option type {_type_name(tp)}")
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown key '{where}{key}'{hint}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"section '{where.rstrip('.')}' should be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown(str(key), names, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``sega.k=8`` -> ('sega.k', 8); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' should look like section.key=value (e.g. sega.k=8)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
+                base: Optional[dict] = None) -> Config:
+    """Load a YAML config (or start from ``base`` / defaults) and apply dotted overrides."""
+    data: dict = dict(base or {})
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{file}' does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{file}{line}: invalid YAML ({getattr(err, 'problem', err)})")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level should be a mapping of sections")
+        data = _deep_merge(data, loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        return _build(Config, data, "")
+    except TypeError as err:  # a section given as a scalar, etc.
+        raise ConfigError(f"invalid configuration: {err}")
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def torch_dtype(config: Config, device: str):
+    import torch
+
+    if config.model.dtype == "fp32" or (config.model.dtype == "auto" and device == "cpu"):
+        return torch.float32
+    return torch.bfloat16

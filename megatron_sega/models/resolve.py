@@ -1,0 +1,60 @@
+"""Which Llama a run uses: from a checkpoint's metadata, a HF config.json, or a preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from megatron_sega.models.spec import LlamaSpec, ModelConfigError, from_hf_config, preset, spec_from_dict
+
+METADATA_FILE = "megatron_sega.json"
+
+
+def checkpoint_spec(directory: str | Path) -> Optional[LlamaSpec]:
+    """The LlamaSpec recorded in a megatron-sega checkpoint directory, if any."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return spec_from_dict(meta["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ModelConfigError(f"{path}: unreadable checkpoint metadata ({err}); "
+                               "re-convert the checkpoint with tools/convert.py")
+
+
+def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
+    """The model spec of a run. A checkpoint's own metadata wins; a preset may be resized to its
+    tokenizer ('tiny' only; a real preset must match its tokenizer exactly)."""
+    model = config.model
+    spec = None
+    if model.load:
+        if not Path(model.load).exists():
+            raise ModelConfigError(f"model.load = {model.load} does not exist; convert a HF model "
+                                   "with tools/convert.py or point to a saved checkpoint")
+        spec = checkpoint_spec(_metadata_dir(model.load))
+    if spec is None and model.hf_config:
+        spec = from_hf_config(model.hf_config)
+    if spec is None:
+        if not model.preset:
+            raise ModelConfigError("no model given: set model.preset, model.hf_config or model.load")
+        spec = preset(model.preset)
+    if tokenizer_vocab is not None and tokenizer_vocab != spec.vocab_size:
+        if model.preset == "tiny" and not model.load:
+            spec = spec.replace(vocab_size=tokenizer_vocab)
+        elif tokenizer_vocab > spec.vocab_size:
+            raise ModelConfigError(
+                f"the tokenizer has {tokenizer_vocab} tokens but the model's vocab_size is "
+                f"{spec.vocab_size}; use the tokenizer that belongs to the model"
+            )
+    return spec
+
+
+def _metadata_dir(path: str) -> Path:
+    """A run directory's 'latest' checkpoint or the directory itself."""
+    directory = Path(path)
+    latest = directory / "latest"
+    if latest.is_file():
+        return directory / latest.read_text().strip()
+    return directory
