@@ -33,7 +33,7 @@ def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
         if not Path(model.load).exists():
             raise ModelConfigError(f"model.load = {model.load} does not exist; convert a HF model "
                                    "with tools/convert.py or point to a saved checkpoint")
-        spec = checkpoint_spec(_metadata_dir(model.load))
+        spec = checkpoint_spec(resolve_checkpoint_dir(model.load))
     if spec is None and model.hf_config:
         spec = from_hf_config(model.hf_config)
     if spec is None:
@@ -51,10 +51,13 @@ def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
     return spec
 
 
-def _metadata_dir(path: str) -> Path:
-    """A run directory's 'latest' checkpoint or the directory itself."""
+def resolve_checkpoint_dir(path: str) -> Path:
+    """The torch_dist model directory behind ``path``: a converted checkpoint itself, a training
+    checkpoint's ``model_optim``, or the latest checkpoint of a save directory."""
     directory = Path(path)
     latest = directory / "latest"
     if latest.is_file():
-        return directory / latest.read_text().strip()
+        directory = directory / latest.read_text().strip()
+    if (directory / "model_optim").is_dir():
+        directory = directory / "model_optim"
     return directory

@@ -1,0 +1,129 @@
+"""HF Llama <-> Megatron-Core ``torch_dist`` conversion that streams tensor by tensor.
+
+Process model: one process, whatever the target TP/PP. A ``torch_dist`` checkpoint stores
+*global* tensors (each rank writes its shards at their global offsets, loaders reshard), so the
+file written by one process for the TP=1/PP=1 skeleton is the checkpoint that TP=t/PP=p ranks
+would have written together; the target layout only fixes the padded vocabulary and is
+validated up front. N processes (one per target rank) would each hold a whole stage, N
+stages together the whole model on one node; here peak memory is about the largest tensor
+(the embedding, or one layer's ``linear_fc1``) twice, whatever the model size.
+
+    hf-to-mcore: for each Megatron tensor, in checkpoint order: read its HF sources from the
+                 safetensors files, re-layout (qkv groups, [gate; up], vocab padding), cast,
+                 write, drop (see ``checkpoint.mcore.save_streaming``).
+    mcore-to-hf: for each group (embedding, layer i, final norm + head): load its full tensors
+                 with ``dist_checkpointing.load``, split into HF tensors, truncate the vocab,
+                 append to pre-planned safetensors shards, drop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from megatron_sega.checkpoint import hf
+from megatron_sega.checkpoint.hf import ConversionError
+from megatron_sega.checkpoint.hf_io import (
+    HFCheckpoint,
+    ShardedSafetensorsWriter,
+    copy_tokenizer_files,
+    dtype_name,
+    parse_dtype,
+)
+from megatron_sega.checkpoint.mcore import (
+    TOKENIZER_DIR,
+    CheckpointInfo,
+    build_skeleton,
+    load_streaming,
+    read_info,
+    save_streaming,
+    single_process_runtime,
+    stream_groups,
+    write_info,
+)
+from megatron_sega.models.spec import from_hf_config, to_hf_config
+from megatron_sega.runtime import validate_parallel_sizes
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def _empty_output_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConversionError(f"{path}: output directory exists and is not empty; choose a new "
+                              "directory (conversion never overwrites)")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _check_skeleton_names(skeleton, spec) -> None:
+    names = {n for n in skeleton.state_dict() if not n.endswith("_extra_state")}
+    expected = set(hf.megatron_names(spec))
+    if names != expected:
+        raise ConversionError(f"internal: model tensors differ from the Llama layout: "
+                              f"{sorted(names ^ expected)[:5]}")
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                dtype: Optional[str] = None, vocab_multiple: int = 128) -> CheckpointInfo:
+    """Convert a HF Llama safetensors checkpoint to a ``torch_dist`` checkpoint for TP=``tp``,
+    PP=``pp`` (loadable at any layout with the same padded vocab). ``dtype``: 'bf16' | 'fp32' |
+    None (keep the checkpoint's). Single process; tokenizer files are copied along."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    spec = from_hf_config(hf_dir)
+    validate_parallel_sizes(tp, pp, tp * pp, num_layers=spec.num_layers,
+                            num_attention_heads=spec.num_attention_heads,
+                            num_query_groups=spec.num_query_groups)
+    source = HFCheckpoint(hf_dir)
+    hf.check_hf_tensors(source.shapes, spec, str(hf_dir))
+    target = parse_dtype(dtype) or source.dtypes["model.embed_tokens.weight"]
+    padded = spec.padded_vocab_size(tp, vocab_multiple)
+    _empty_output_dir(out_dir)
+
+    skeleton = build_skeleton(spec, target, padded, single_process_runtime())
+    _check_skeleton_names(skeleton, spec)
+    used: set[str] = set()
+
+    def fetch(name: str):
+        sources = hf.hf_sources(name)
+        used.update(sources)
+        return hf.to_megatron(name, source.read(sources), spec, padded).to(target)
+
+    save_streaming(skeleton, out_dir, fetch)
+    unused = set(hf.hf_shapes(spec)) - used
+    if unused:
+        raise ConversionError(f"internal: HF tensors not converted: {sorted(unused)[:5]}")
+    tokenizer = copy_tokenizer_files(hf_dir, out_dir / TOKENIZER_DIR)
+    info = CheckpointInfo(spec=spec, padded_vocab_size=padded, dtype=dtype_name(target),
+                          tokenizer_files=tuple(tokenizer))
+    write_info(out_dir, info)
+    return info
+
+
+def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Convert a megatron-sega ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF
+    Llama directory: ``config.json``, safetensors (sharded above ``max_shard_bytes``, with
+    ``model.safetensors.index.json``) and the tokenizer files. Single process."""
+    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    info = read_info(mcore_dir)
+    spec = info.spec
+    target = parse_dtype(dtype) or info.torch_dtype
+    _empty_output_dir(out_dir)
+
+    skeleton = build_skeleton(spec, info.torch_dtype, info.padded_vocab_size,
+                              single_process_runtime())
+    _check_skeleton_names(skeleton, spec)
+    groups = list(stream_groups(skeleton))
+    entries = [(n, hf.hf_shape(n, spec), target)
+               for group in groups for name in group for n in hf.hf_sources(name)]
+    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_bytes)
+    for group in groups:
+        tensors = load_streaming(skeleton, mcore_dir, group)
+        for name in group:
+            for hf_name, tensor in hf.to_hf(name, tensors.pop(name), spec).items():
+                writer.write(hf_name, tensor.to(target))
+    writer.close()
+    config = to_hf_config(spec, torch_dtype=dtype_name(target))
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    copy_tokenizer_files(mcore_dir / TOKENIZER_DIR, out_dir)
+    return out_dir

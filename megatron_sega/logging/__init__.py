@@ -1,0 +1,5 @@
+"""Metrics sinks (JSONL, TensorBoard, optional W&B), progress bars, throughput and MFU."""
+
+from megatron_sega.logging.metrics import MetricsLogger, training_flops_per_token
+
+__all__ = ["MetricsLogger", "training_flops_per_token"]

@@ -1,0 +1,107 @@
+"""Where step metrics go: a JSONL file, TensorBoard, optionally W&B, and a progress bar.
+
+Only the rank that owns the metrics writes (the caller passes ``enabled``); every sink is
+flushed each step so a crash loses nothing already logged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_sega.models.spec import LlamaSpec
+
+
+def training_flops_per_token(spec: LlamaSpec, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward = 3x forward), counting matmuls only:
+    per layer 2*(qkv + proj + 3 MLP matrices) weights + 2*2*s*h attention (QK^T and AV, causal
+    halved is *not* applied, following Megatron's MFU convention), plus the output layer."""
+    h, d = spec.hidden_size, spec.kv_channels
+    qkv = h * (spec.num_attention_heads + 2 * spec.num_query_groups) * d
+    proj = spec.num_attention_heads * d * h
+    mlp = 3 * h * spec.ffn_hidden_size
+    attention = 2 * seq_len * spec.num_attention_heads * d
+    per_layer = 2 * (qkv + proj + mlp) + attention
+    forward = spec.num_layers * per_layer + 2 * h * spec.vocab_size
+    return 3.0 * forward
+
+
+class MetricsLogger:
+    def __init__(self, directory: Optional[str], *, enabled: bool = True, tensorboard: bool = True,
+                 jsonl: bool = True, wandb: bool = False, progress_total: Optional[int] = None,
+                 progress: bool = True, name: str = "train", run_config: Optional[dict] = None):
+        self.enabled = enabled
+        self.name = name
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        self._start = time.time()
+        if not enabled:
+            return
+        if directory:
+            path = Path(directory)
+            path.mkdir(parents=True, exist_ok=True)
+            if jsonl:
+                self._jsonl = open(path / f"{name}_metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(path / "tensorboard" / name))
+                except ImportError:
+                    print("note: tensorboard is not installed; TensorBoard logging is off")
+            if wandb:
+                import wandb as wandb_module  # optional dependency, asked for explicitly
+
+                self._wandb = wandb_module.init(project="megatron-sega", name=name,
+                                                config=run_config or {}, dir=str(path))
+        if progress and progress_total:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=progress_total, desc=name, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict, progress_keys: tuple[str, ...] = ("loss",)) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _number(v) for k, v in metrics.items()}
+        record = {"step": step, "time": round(time.time() - self._start, 3), **clean}
+        if self._jsonl:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{self.name}/{key}", value, step)
+            self._tb.flush()
+        if self._wandb:
+            self._wandb.log(clean, step=step)
+        if self._bar is not None:
+            shown = {k: f"{clean[k]:.4g}" for k in progress_keys
+                     if isinstance(clean.get(k), (int, float))}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def _number(value):
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value.item() if value.numel() == 1 else value.tolist()
+    except ImportError:
+        pass
+    return value

@@ -1,0 +1,173 @@
+"""Entropy and log-probabilities of vocab-parallel logits, without gathering the vocabulary.
+
+For one token with logits ``z_j`` over the true vocabulary ``j < V`` (temperature 1)::
+
+    m       = max_j z_j                              (MAX all-reduce)
+    S       = sum_j exp(z_j - m)                     (SUM all-reduce, with the two below)
+    A       = sum_j exp(z_j - m) (z_j - m)
+    z_t - m = the target's shifted logit, contributed by the rank that owns t, 0 elsewhere
+
+    log p(t) = (z_t - m) - log S
+    H        = -sum_j p_j log p_j = log S - A / S
+
+Communication per token: 1 fp32 in a MAX all-reduce and 1 to 3 fp64 in a SUM all-reduce
+(plus two flags per chunk), independent of V. Gradients need no communication at all::
+
+    d log p(t) / d z_j = 1[j = t] - p_j
+    d H        / d z_j = -p_j (log p_j + H)
+
+computed in the backward pass from the saved per-token ``m + log S`` and ``H``, for this shard's
+columns only (which is what the vocab-parallel output layer's backward expects); padding columns
+get zero gradient. Everything is computed in fp32 whatever the input dtype, one chunk of tokens at a
+time, so temporaries are ``O(chunk_size x V_shard)``; the input is never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_sega.ops._shard import (
+    DEFAULT_CHUNK_SIZE, all_reduce, check_shard, global_max, row_chunks, sum64,
+)
+
+
+def _forward_chunk(z: Tensor, local_t: Tensor | None, want_entropy: bool, vocab_start: int,
+                   vocab_size: int, tp_group) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(m, log S, log p(target) or None, H or None) for one chunk ``z [c, width]`` in fp32.
+
+    The per-token scalars are summed and combined in fp64 (cheap: O(c)); only the bulk
+    elementwise work is fp32.
+    """
+    m, _ = global_max(z, vocab_start, vocab_size, tp_group)
+    shifted = z - m.unsqueeze(1)
+    e = shifted.exp()
+    sums = [sum64(e)]
+    if want_entropy:
+        sums.append(sum64(e.mul_(shifted)))  # e is ours and no longer needed as exp(shifted)
+    if local_t is not None:
+        width = z.shape[1]
+        owned = (local_t >= 0) & (local_t < width)
+        if width:
+            z_t = z.gather(1, local_t.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+        else:
+            z_t = torch.zeros_like(m)
+        sums.append(torch.where(owned, z_t.double() - m.double(), 0.0))  # exact in fp64
+    total = all_reduce(torch.stack(sums), tp_group)
+    log_s = total[0].log()
+    ent = log_s - total[1] / total[0] if want_entropy else None
+    logp = total[-1] - log_s if local_t is not None else None
+    return m, log_s.float(), logp, ent
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """(log p(targets), H) of a logits shard; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor | None, vocab_start: int, vocab_size: int,
+                tp_group, chunk_size: int, want_entropy: bool):
+        width = check_shard(logits, vocab_start, vocab_size, tp_group, chunk_size)
+        lead = logits.shape[:-1]
+        rows = logits.reshape(-1, logits.shape[-1])
+        n = rows.shape[0]
+        stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log S)
+        logp = stats.new_empty(n) if targets is not None else stats.new_empty(0)
+        ent = stats.new_empty(n) if want_entropy else stats.new_empty(0)
+        local_t = None
+        if targets is not None:
+            local_t = targets.reshape(-1).to(device=logits.device, dtype=torch.long) - vocab_start
+        for sl in row_chunks(n, chunk_size):
+            z = rows[sl, :width].float()
+            m, log_s, lp, h = _forward_chunk(z, None if local_t is None else local_t[sl],
+                                             want_entropy, vocab_start, vocab_size, tp_group)
+            stats[sl, 0], stats[sl, 1] = m, log_s
+            if lp is not None:
+                logp[sl] = lp
+            if h is not None:
+                ent[sl] = h
+        ctx.save_for_backward(logits, local_t if local_t is not None else stats.new_empty(0), stats,
+                              ent)
+        ctx.meta = (width, chunk_size, targets is not None, want_entropy)
+        if targets is None:
+            ctx.mark_non_differentiable(logp)
+        else:
+            logp = logp.view(lead)
+        if want_entropy:
+            ent = ent.view(lead)
+        else:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_ent: Tensor | None):
+        logits, local_t, stats, ent = ctx.saved_tensors
+        width, chunk_size, has_targets, want_entropy = ctx.meta
+        g_lp = grad_logp.reshape(-1).float() if has_targets and grad_logp is not None else None
+        g_h = grad_ent.reshape(-1).float() if want_entropy and grad_ent is not None else None
+        rows = logits.reshape(-1, logits.shape[-1])
+        grad = torch.zeros_like(rows)  # padding columns keep a zero gradient
+        if width and (g_lp is not None or g_h is not None):
+            for sl in row_chunks(rows.shape[0], chunk_size):
+                # (z - m) - log S in fp32: both terms are small where p is not negligible.
+                log_p = (rows[sl, :width].float() - stats[sl, :1]) - stats[sl, 1:]
+                p = log_p.exp()
+                g = torch.zeros_like(p)
+                if g_h is not None:  # dH/dz_j = -p_j (log p_j + H)
+                    g -= g_h[sl].unsqueeze(1) * p * (log_p + ent[sl].unsqueeze(1))
+                if g_lp is not None:  # d log p(t)/dz_j = 1[j = t] - p_j
+                    g -= g_lp[sl].unsqueeze(1) * p
+                    t = local_t[sl]
+                    owned = (t >= 0) & (t < width)
+                    rows_idx = torch.nonzero(owned).squeeze(1)
+                    g.index_put_((rows_idx, t[owned]), g_lp[sl][owned], accumulate=True)
+                grad[sl, :width] = g.to(grad.dtype)
+        return grad.view(logits.shape), None, None, None, None, None, None
+
+
+def _check_targets(logits_shard: Tensor, targets: Tensor, vocab_size: int) -> None:
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.is_complex():
+        raise ValueError("targets must be an integer tensor of token ids")
+    if targets.shape != logits_shard.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits_shard's leading "
+                         f"shape {tuple(logits_shard.shape[:-1])}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+        raise ValueError(f"targets must be ids in [0, vocab_size={vocab_size}): got "
+                         f"[{int(targets.min())}, {int(targets.max())}]; padding ids are not "
+                         f"valid targets (mask those positions instead)")
+
+
+def log_probs_and_entropy(logits_shard: Tensor, targets: Tensor, vocab_start: int,
+                          vocab_size: int, tp_group, *,
+                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, Tensor]:
+    """``(log p(targets), H)``, both ``[...]`` fp32 and differentiable, in one pass.
+
+    ``logits_shard [..., V_shard]`` holds global ids ``[vocab_start, vocab_start + V_shard)``;
+    ids ``>= vocab_size`` are padding and ignored. ``targets [...]`` are global ids
+    ``< vocab_size``. ``tp_group`` is the tensor-parallel group the vocabulary is split over
+    (None: one process holding the whole vocabulary). See the module docstring for the math.
+    """
+    _check_targets(logits_shard, targets, vocab_size)
+    return _VocabParallelLogProbs.apply(logits_shard, targets, vocab_start, vocab_size, tp_group,
+                                        chunk_size, True)
+
+
+def log_probs(logits_shard: Tensor, targets: Tensor, vocab_start: int, vocab_size: int,
+              tp_group, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """``log softmax(z)[target]`` over the true vocabulary, ``[...]`` fp32, differentiable.
+
+    Arguments as :func:`log_probs_and_entropy`; the gradient wrt the shard is
+    ``g * (onehot(target) - softmax(z))`` on this shard's true columns and 0 on padding.
+    """
+    _check_targets(logits_shard, targets, vocab_size)
+    return _VocabParallelLogProbs.apply(logits_shard, targets, vocab_start, vocab_size, tp_group,
+                                        chunk_size, False)[0]
+
+
+def entropy(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
+            chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Per-token entropy ``H = -sum_j p_j log p_j`` of softmax over the true vocab, ``[...]`` fp32.
+
+    Differentiable (``dH/dz_j = -p_j (log p_j + H)``). Arguments as :func:`log_probs_and_entropy`.
+    """
+    return _VocabParallelLogProbs.apply(logits_shard, None, vocab_start, vocab_size, tp_group,
+                                        chunk_size, True)[1]

@@ -1,0 +1,356 @@
+"""KV-cached batched generation on the training model itself, under its TP/PP layout.
+
+One generation batch:
+1. prompts are left-padded to a common length; pad keys are masked (RoPE is relative, so a
+   uniform left shift does not change attention between real tokens);
+2. prefill runs the prompts through the pipeline once, filling Megatron-Core's
+   ``StaticInferenceContext`` KV cache; each decode step then feeds one token per row;
+3. pipeline stages exchange activations with point-to-point send/recv every step; the last stage
+   samples with the vocab-parallel ops (no vocabulary gather: Megatron's output layer runs with
+   ``parallel_output=True`` outside its inference mode, and only on the last position) and
+   broadcasts the new tokens and "done" flags to the other stages;
+4. finished rows are dropped from the batch (and their KV cache) once enough have finished.
+
+The KV-cache size is computed up front; a request larger than the memory budget is split into
+smaller batches, and one that cannot fit a single row is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_sega import ops
+from megatron_sega.runtime import Runtime
+from megatron_sega.sampling.rollout import Rollout, SamplingParams
+
+# Fraction of free memory the KV cache may use when no explicit budget is given.
+_MEMORY_FRACTION = 0.5
+# Compact the batch when at least this fraction of its rows has finished.
+_COMPACT_FRACTION = 0.25
+
+
+class SamplerMemoryError(RuntimeError):
+    """A generation request that cannot fit the configured memory."""
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _inner(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _last_position_logits(model):
+    """Make the output layer project only the last position (sampling needs nothing else)."""
+    layer = getattr(model, "output_layer", None)
+    if layer is None:
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input_")
+        return (hidden[-1:],) + tuple(args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Sampler:
+    """Generate from a (DDP-wrapped or bare) Megatron GPTModel stage."""
+
+    def __init__(
+        self,
+        model,
+        runtime: Runtime,
+        vocab_size: int,
+        pad_id: int,
+        *,
+        memory_budget_bytes: Optional[int] = None,
+        max_batch_tokens: int = 0,
+        bucket_by_length: bool = False,
+    ):
+        self.model = _inner(model)
+        self.rt = runtime
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.memory_budget_bytes = memory_budget_bytes
+        self.max_batch_tokens = max_batch_tokens
+        # Transformer Engine ignores the attention mask while decoding: batch equal lengths only.
+        self.bucket_by_length = bucket_by_length
+        config = self.model.config
+        self.hidden_size = config.hidden_size
+        self.dtype = config.params_dtype
+        self.layers_here = len(self.model.decoder.layers)
+        kv_per_tp = config.num_query_groups // runtime.tp * config.kv_channels
+        self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
+
+    # ----------------------------------------------------------------------------- planning
+    def max_rows(self, total_len: int) -> int:
+        """How many rows of ``total_len`` positions fit the KV-cache budget."""
+        if self.max_batch_tokens:
+            return max(self.max_batch_tokens // total_len, 0)
+        budget = self.memory_budget_bytes
+        if budget is None:
+            budget = int(_available_memory(self.rt.device) * _MEMORY_FRACTION)
+        # The KV cache plus the activations of one prefill (hidden x a few buffers).
+        per_row = total_len * (self.kv_bytes_per_token + 8 * self.hidden_size * self.dtype.itemsize)
+        return budget // per_row
+
+    def _plan(self, lengths: list[int], max_new: int) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = lengths[current[0]] if current else lengths[i]
+            fits = len(current) + 1 <= self.max_rows(longest + max_new)
+            same = not self.bucket_by_length or not current or lengths[i] == longest
+            if current and (not fits or not same):
+                batches.append(current)
+                current = []
+            if not current and self.max_rows(lengths[i] + max_new) < 1:
+                need = (lengths[i] + max_new) * self.kv_bytes_per_token
+                raise SamplerMemoryError(
+                    f"one sequence of {lengths[i]} prompt + {max_new} new tokens needs "
+                    f"{need / 2**20:.1f} MiB of KV cache per rank, more than the budget allows; "
+                    "lower sampling.max_new_tokens, shorten prompts (data.max_seq_len) or raise "
+                    "sampling.max_batch_tokens / tensor parallelism"
+                )
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    # ----------------------------------------------------------------------------- public
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        sample_ids: Optional[Sequence[int]] = None,
+        decode: Optional[Callable[[list[int]], str]] = None,
+    ) -> Rollout:
+        """Sample one response per prompt (repeat prompts for k candidates).
+
+        ``sample_ids`` (default 0..N-1) seed each row's noise: give globally unique ids (e.g.
+        ``global_prompt_index * k + j``) and the samples do not depend on batching, DP or TP.
+        ``decode`` turns token ids into text for ``params.stop_strings``."""
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if params.stop_strings and decode is None:
+            raise ValueError("stop_strings need a decode function (token ids -> text)")
+        ids = list(range(len(prompts))) if sample_ids is None else list(sample_ids)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            parts, order = [], []
+            for rows in self._plan([len(p) for p in prompts], params.max_new_tokens):
+                parts.append(self._generate_batch([list(prompts[i]) for i in rows],
+                                                  [ids[i] for i in rows], params, decode))
+                order.extend(rows)
+        finally:
+            self.model.train(was_training)
+        merged = Rollout.concat(parts, self.pad_id)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return _select(merged, inverse)
+
+    # ----------------------------------------------------------------------------- internals
+    def _pp_ranks(self) -> tuple[Optional[int], Optional[int], int]:
+        group = self.rt.pp_group
+        prev_rank = None if self.rt.is_first_stage else dist.get_global_rank(group, self.rt.pp_rank - 1)
+        next_rank = None if self.rt.is_last_stage else dist.get_global_rank(group, self.rt.pp_rank + 1)
+        return prev_rank, next_rank, dist.get_global_rank(group, self.rt.pp - 1)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, ctx):
+        """One pipeline pass; returns the last-position logits shard [B, V/TP] on the last stage."""
+        prev_rank, next_rank, _ = self._pp_ranks()
+        batch, seq = tokens.shape
+        if prev_rank is not None:
+            hidden = torch.empty(seq, batch, self.hidden_size, dtype=self.dtype,
+                                 device=self.rt.device)
+            dist.recv(hidden, src=prev_rank)
+            self.model.set_input_tensor(hidden)
+        with _last_position_logits(self.model):
+            out = self.model(tokens, positions, mask, inference_context=ctx)
+        if next_rank is not None:
+            dist.send(out.contiguous(), dst=next_rank)
+            return None
+        return out[:, -1, :]  # [B, 1, V/TP] -> [B, V/TP]
+
+    def _generate_batch(self, prompts: list[list[int]], ids: list[int], params: SamplingParams,
+                        decode) -> Rollout:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = self.rt.device
+        batch = len(prompts)
+        prompt_len = max(len(p) for p in prompts)
+        total = prompt_len + params.max_new_tokens
+        tokens = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long, device=device)
+        is_pad = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            tokens[row, prompt_len - len(p):] = torch.tensor(p, dtype=torch.long)
+            is_pad[row, : prompt_len - len(p)] = True
+        ctx = StaticInferenceContext(batch, total)
+        positions = torch.arange(prompt_len, device=device).unsqueeze(0).expand(batch, -1)
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).triu(1)
+        mask = causal.unsqueeze(0) | is_pad[:, None, :prompt_len]
+        # Pad queries attend to themselves so no attention row is empty (NaN under SDPA).
+        mask = mask & ~torch.eye(prompt_len, dtype=torch.bool, device=device)
+        state = _DecodeState(batch, params, ids, device)
+        logits = self._forward(tokens, positions, mask.unsqueeze(1), ctx)
+        ctx.sequence_len_offset += prompt_len
+        active = torch.arange(batch, device=device)  # rows (of this batch) still in the KV cache
+        for step in range(params.max_new_tokens):
+            new_tokens = self._sample_and_share(logits, state, active, step, decode)
+            if state.all_done() or step == params.max_new_tokens - 1:
+                break
+            keep = ~state.done[active]
+            if (~keep).float().mean() >= _COMPACT_FRACTION:
+                _compact(ctx, keep)
+                active, new_tokens, is_pad = active[keep], new_tokens[keep], is_pad[keep]
+            cur = ctx.sequence_len_offset
+            step_mask = is_pad[:, None, None, : cur + 1]
+            pos = torch.full((len(active), 1), cur, dtype=torch.long, device=device)
+            logits = self._forward(new_tokens.unsqueeze(1), pos, step_mask, ctx)
+            ctx.sequence_len_offset += 1
+        return state.to_rollout(prompts, self.pad_id, self._broadcast_from_last)
+
+    def _sample_and_share(self, logits, state: "_DecodeState", active: torch.Tensor, step: int,
+                          decode) -> torch.Tensor:
+        """Sample on the last stage, then broadcast the tokens and done flags to every stage."""
+        n = len(active)
+        token = torch.empty(n, dtype=torch.long, device=self.rt.device)
+        if self.rt.is_last_stage:
+            shard = logits.shape[-1]
+            start = self.rt.tp_rank * shard
+            tp_group = self.rt.tp_group if self.rt.tp > 1 else None
+            seeds = state.seeds[active]
+            token, logp_s, logp = ops.sample(
+                logits, start, self.vocab_size, tp_group, temperature=state.params.temperature,
+                top_k=state.params.top_k, top_p=state.params.top_p, seeds=seeds, step=step)
+            entropy = ops.entropy(logits, start, self.vocab_size, tp_group)
+            state.record(active, step, token, logp_s, logp, entropy)
+        token = self._broadcast_from_last(token)
+        state.tokens_at(active, step, token)
+        state.update_done(active, step, token, decode)
+        return token
+
+    def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.rt.pp == 1:
+            return tensor
+        _, _, last = self._pp_ranks()
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=last, group=self.rt.pp_group)
+        return tensor
+
+
+def _compact(ctx, keep: torch.Tensor) -> None:
+    """Drop finished rows from every layer's KV cache."""
+    for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
+        ctx.key_value_memory_dict[layer] = (k[:, keep].contiguous(), v[:, keep].contiguous())
+    ctx.max_batch_size = int(keep.sum())
+
+
+class _DecodeState:
+    """Per-row outputs and stopping logic of one generation batch (same on every stage)."""
+
+    def __init__(self, batch: int, params: SamplingParams, ids: list[int], device):
+        self.params = params
+        width = params.max_new_tokens
+        self.seeds = torch.tensor(ids, dtype=torch.long, device=device)
+        self.response = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.logp = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.logp_sampling = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.entropy = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stopped_by_string = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stopped_by_token = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+
+    def record(self, rows, step, token, logp_s, logp, entropy) -> None:
+        live = ~self.done[rows]
+        r = rows[live]
+        self.logp_sampling[r, step] = logp_s[live].float()
+        self.logp[r, step] = logp[live].float()
+        self.entropy[r, step] = entropy[live].float()
+
+    def tokens_at(self, rows, step, token) -> None:
+        live = ~self.done[rows]
+        self.response[rows[live], step] = token[live]
+        self.lengths[rows[live]] += 1
+
+    def update_done(self, rows, step, token, decode) -> None:
+        live = ~self.done[rows]
+        hit = torch.isin(token, self.stop_ids) & live
+        self.stopped_by_token[rows[hit]] = True
+        if self.params.stop_strings:
+            for i in rows[live & ~hit].tolist():
+                text = decode(self.response[i, : self.lengths[i]].tolist())
+                if any(s in text for s in self.params.stop_strings):
+                    self.stopped_by_string[i] = True
+        self.done = self.done | self.stopped_by_token | self.stopped_by_string
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def to_rollout(self, prompts, pad_id: int, broadcast) -> Rollout:
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        positions = torch.arange(width, device=self.lengths.device)
+        response_mask = positions.unsqueeze(0) < self.lengths.unsqueeze(1)
+        last = (self.lengths - 1).clamp(min=0)
+        content_mask = response_mask.clone()
+        rows = torch.nonzero(self.stopped_by_token).flatten()
+        content_mask[rows, last[rows]] = False
+        stats = torch.stack([self.logp[:, :width], self.logp_sampling[:, :width],
+                             self.entropy[:, :width]])
+        stats = broadcast(stats)  # only the last stage computed them
+        response = self.response[:, :width].masked_fill(~response_mask, pad_id)
+        reasons = ["stop" if t else "stop_string" if s else "length"
+                   for t, s in zip(self.stopped_by_token.tolist(), self.stopped_by_string.tolist())]
+        zero = torch.zeros((), device=stats.device)
+        return Rollout(
+            prompt_ids=[list(p) for p in prompts],
+            response_ids=response.cpu(),
+            response_mask=response_mask.cpu(),
+            content_mask=content_mask.cpu(),
+            logp=torch.where(response_mask, stats[0], zero).cpu(),
+            logp_sampling=torch.where(response_mask, stats[1], zero).cpu(),
+            entropy=torch.where(response_mask, stats[2], zero).cpu(),
+            lengths=self.lengths.cpu(),
+            finish_reason=reasons,
+            sample_ids=self.seeds.cpu(),
+        )
+
+
+def _select(rollout: Rollout, index: torch.Tensor) -> Rollout:
+    """Rows of a rollout in the order ``index``."""
+    tensors = {name: t[index] for name, t in rollout.tensors().items()}
+    idx = index.tolist()
+    return Rollout(prompt_ids=[rollout.prompt_ids[i] for i in idx],
+                   finish_reason=[rollout.finish_reason[i] for i in idx], **tensors)
+

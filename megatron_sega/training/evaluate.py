@@ -1,0 +1,149 @@
+"""Preference accuracy with the implicit reward ``r(q, a) = beta * log pi(a|q)`` (METHOD.md).
+
+A pair is correct when ``r(q, chosen) > r(q, rejected)`` with log-probs summed over the response
+tokens (beta does not change the winner). Also reported: the length-normalised variant
+(mean token log-prob) and, with a reference model, ``beta * (log pi - log pi_ref)``.
+Pairs are sharded over data-parallel ranks; the per-pair records are gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_sega.data import (
+    TokenizedPair, apply_overlong_policy, collate_pairs, read_pairs, tokenize_pairs,
+)
+from megatron_sega.training.teacher_forced import token_stats
+
+
+def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
+    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``)."""
+    data = session.config.data
+    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
+    if report.total_dropped:
+        session.print(report.summary())
+    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=False)
+    kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
+                                           bos_id=session.tokenizer.bos_id)
+    if getattr(overlong, "total", 0):
+        session.print(f"eval data {path}: {overlong}")
+    return kept
+
+
+def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> torch.Tensor:
+    """[n, 4]: logp_chosen, logp_rejected, n_tokens_chosen, n_tokens_rejected."""
+    rows = []
+    for start in range(0, len(pairs), micro):
+        part = collate_pairs(pairs[start:start + micro], session.tokenizer.pad_id)
+        both = part.concat()
+        stats = token_stats(chunks, session.runtime, both, session.spec.vocab_size,
+                            micro_batch_size=min(2 * micro, both.tokens.shape[0]))
+        logp = stats["logp"].double().sum(dim=1)
+        count = both.loss_mask.sum(dim=1).double()
+        n = len(part.chosen.ids)
+        rows.append(torch.stack([logp[:n], logp[n:], count[:n], count[n:]], dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
+
+
+def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
+                   reference_chunks: Optional[list] = None,
+                   micro_batch_size: int = 8) -> tuple[list[dict], dict]:
+    """Per-pair records and a summary (on every rank; identical)."""
+    rt = session.runtime
+    mine = list(pairs[rt.dp_rank::rt.dp])
+    values = _pair_logps(session.chunks, session, mine, micro_batch_size)
+    if reference_chunks is not None:
+        ref = _pair_logps(reference_chunks, session, mine, micro_batch_size)
+        values = torch.cat([values, ref[:, :2]], dim=1)
+    local = [(p.id, v.tolist()) for p, v in zip(mine, values)]
+    if rt.dp > 1:
+        gathered: list = [None] * rt.dp
+        dist.all_gather_object(gathered, local, group=rt.dp_group)
+        local = [item for part in gathered for item in part]
+    order = {p.id: i for i, p in enumerate(pairs)}
+    local.sort(key=lambda item: order[item[0]])
+    records = []
+    for pair_id, v in local:
+        record = {"id": pair_id, "logp_chosen": v[0], "logp_rejected": v[1],
+                  "n_tokens_chosen": int(v[2]), "n_tokens_rejected": int(v[3])}
+        if reference_chunks is not None:
+            record.update(ref_logp_chosen=v[4], ref_logp_rejected=v[5])
+        records.append(record)
+    return records, summarize(records, beta)
+
+
+def summarize(records: list[dict], beta: float) -> dict:
+    n = len(records)
+    if n == 0:
+        return {"pairs": 0}
+
+    def accuracy(score) -> float:
+        return sum(score(r, "chosen") > score(r, "rejected") for r in records) / n
+
+    summary = {
+        "pairs": n,
+        "beta": beta,
+        "accuracy": accuracy(lambda r, side: beta * r[f"logp_{side}"]),
+        "accuracy_length_normalized": accuracy(
+            lambda r, side: r[f"logp_{side}"] / max(r[f"n_tokens_{side}"], 1)),
+        "ties": sum(r["logp_chosen"] == r["logp_rejected"] for r in records),
+        "mean_logp_chosen": sum(r["logp_chosen"] for r in records) / n,
+        "mean_logp_rejected": sum(r["logp_rejected"] for r in records) / n,
+        "mean_reward_margin": beta * sum(r["logp_chosen"] - r["logp_rejected"]
+                                         for r in records) / n,
+    }
+    if "ref_logp_chosen" in records[0]:
+        summary["accuracy_vs_reference"] = accuracy(
+            lambda r, side: beta * (r[f"logp_{side}"] - r[f"ref_logp_{side}"]))
+    return summary
+
+
+def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict) -> None:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def run_eval(config, args) -> int:
+    """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
+    from megatron_sega.training.session import open_session
+
+    if not config.data.eval:
+        raise FileNotFoundError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+    session = open_session(config, train=False)
+    pairs = load_eval_pairs(session, config.data.eval)
+    reference = None
+    if config.eval.reference:
+        reference = load_reference(session, config.eval.reference)
+    records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
+                                      reference_chunks=reference,
+                                      micro_batch_size=config.eval.micro_batch_size)
+    if session.is_main:
+        out = config.eval.out or str(Path(config.logging.dir or ".") / "eval")
+        write_eval_outputs(out, records, summary)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {out}/pairs.jsonl and {out}/summary.json")
+    return 0
+
+
+def load_reference(session, path: str) -> list:
+    """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
+    from megatron_sega.checkpoint.mcore import load_model_checkpoint
+    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.resolve import resolve_checkpoint_dir
+
+    model = build_model(session.spec, session.runtime, dtype=session.dtype,
+                        attention=session.config.model.attention)
+    model.config.calculate_per_token_loss = True
+    load_model_checkpoint(model, resolve_checkpoint_dir(path))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return [model]

@@ -1,0 +1,123 @@
+"""Everything a run needs, built once from the Config: runtime, tokenizer, model, optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_sega.config import Config, torch_dtype
+from megatron_sega.data import PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR
+from megatron_sega.models.resolve import resolve_checkpoint_dir, resolve_spec
+from megatron_sega.models.spec import LlamaSpec
+from megatron_sega.runtime import Runtime, choose_device, setup
+from megatron_sega.training.engine import OptimConfig, build_optimizer, build_training_model
+
+# Layout-independent random init (identical weights at every TP/PP) holds the full model once;
+# beyond this size a run must start from a converted checkpoint instead.
+_MAX_RANDOM_INIT_PARAMS = 2_000_000_000
+
+
+@dataclass
+class Session:
+    config: Config
+    runtime: Runtime
+    spec: LlamaSpec
+    tokenizer: Tokenizer
+    formatter: PromptFormatter
+    chunks: list
+    dtype: torch.dtype
+    optimizer: object = None
+    scheduler: object = None
+
+    @property
+    def model(self):
+        return self.chunks[0]
+
+    @property
+    def is_metrics_rank(self) -> bool:
+        """The rank that holds the DP-reduced metrics: last stage, TP rank 0, DP rank 0."""
+        rt = self.runtime
+        return rt.is_last_stage and rt.tp_rank == 0 and rt.dp_rank == 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.rank == 0
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def load_tokenizer(config: Config) -> Tokenizer:
+    path = config.model.tokenizer
+    if path is None and config.model.load:
+        candidate = Path(config.model.load) / "tokenizer"
+        path = str(candidate) if candidate.is_dir() else None
+    if path is None:
+        if config.model.preset != "tiny":
+            raise FileNotFoundError(
+                "no tokenizer: set model.tokenizer to a directory with tokenizer.json or "
+                "tokenizer.model (a converted checkpoint carries one in its 'tokenizer' subdir)")
+        path = str(TINY_TOKENIZER_DIR)
+    return Tokenizer.from_path(path)
+
+
+def _random_init(chunks: list, spec: LlamaSpec, runtime: Runtime, seed: int) -> None:
+    from megatron_sega.checkpoint.layout import full_shapes, load_full_state_dict, random_full_state_dict
+
+    padded = spec.padded_vocab_size(runtime.tp)
+    n_params = sum(torch.Size(s).numel() for s in full_shapes(spec, padded).values())
+    if n_params > _MAX_RANDOM_INIT_PARAMS:
+        raise FileNotFoundError(
+            f"a {n_params / 1e9:.1f}B-parameter model cannot start from random weights here; "
+            "convert a HF checkpoint with tools/convert.py and set model.load")
+    full = random_full_state_dict(spec, padded, seed=seed, std=spec.init_std)
+    load_full_state_dict(chunks[0].module, full, runtime.tp, runtime.tp_rank)
+
+
+def open_session(config: Config, *, train: bool, total_steps: int = 1,
+                 lr_override: Optional[float] = None) -> Session:
+    """Build the runtime, tokenizer and model (loaded from ``model.load`` or randomly
+    initialised, identically at every layout) and, when training, the optimizer."""
+    tokenizer = load_tokenizer(config)
+    spec = resolve_spec(config, tokenizer_vocab=tokenizer.vocab_size)
+    par = config.parallel
+    device = choose_device(par.device)
+    runtime = setup(par.tp, par.pp, device=device, vpp=par.vpp,
+                    sequence_parallel=par.sequence_parallel, num_layers=spec.num_layers,
+                    num_attention_heads=spec.num_attention_heads,
+                    num_query_groups=spec.num_query_groups, seed=config.model.init_seed)
+    dtype = torch_dtype(config, device)
+    chunks = build_training_model(spec, runtime, dtype, attention=config.model.attention,
+                                  use_distributed_optimizer=par.distributed_optimizer,
+                                  sequence_parallel=par.sequence_parallel)
+    if config.model.load:
+        from megatron_sega.checkpoint.mcore import load_model_checkpoint
+
+        load_model_checkpoint(chunks[0], resolve_checkpoint_dir(config.model.load))
+    else:
+        _random_init(chunks, spec, runtime, config.model.init_seed)
+    session = Session(config, runtime, spec, tokenizer,
+                      PromptFormatter(tokenizer, template=config.data.template), chunks, dtype)
+    if train:
+        o = config.optim
+        optim = OptimConfig(lr=lr_override or o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                            clip_grad=o.clip_grad, warmup_steps=o.warmup_steps,
+                            total_steps=total_steps,
+                            use_distributed_optimizer=par.distributed_optimizer)
+        session.optimizer, session.scheduler = build_optimizer(chunks, optim, dtype)
+        session.optimizer.reload_model_params()
+    return session
+
+
+def dp_all_reduce(values: list[float], session: Session) -> list[float]:
+    """Sum a few scalars over the data-parallel group (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=session.runtime.device)
+    if session.runtime.dp > 1:
+        dist.all_reduce(t, group=session.runtime.dp_group)
+    return t.tolist()

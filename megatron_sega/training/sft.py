@@ -1,0 +1,110 @@
+"""Stage A, reflective SFT: supervised fine-tuning on ``prompt -> chosen`` (METHOD.md).
+
+One step: take this DP rank's share of the global batch, collate, count the global number of
+response tokens, run Megatron's forward/backward over microbatches with the loss
+``-sum(log p(response token)) / global_tokens``, take an optimizer step, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_sega import ops
+from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
+from megatron_sega.training.engine import forward_backward, optimizer_step
+from megatron_sega.training.session import Session, dp_all_reduce, open_session
+from megatron_sega.training.teacher_forced import vocab_shard_info
+
+
+def sft_loss_fn(vocab_size: int, global_tokens: float, runtime):
+    """Token-level NLL on response targets, normalised by the *global* response-token count."""
+
+    def loss_fn(logits: torch.Tensor, mb: dict):
+        start, group = vocab_shard_info(logits, runtime)
+        labels = mb["labels"].to(logits.device)
+        mask = mb["loss_mask"].to(logits.device)
+        logp = ops.log_probs(logits, labels, start, vocab_size, group)
+        nll_sum = -(logp * mask).sum()
+        loss = nll_sum / global_tokens
+        return loss, {"nll_sum": nll_sum.detach(), "tokens": mask.sum().detach()}
+
+    return loss_fn
+
+
+def split_microbatches(batch, micro_batch_size: int) -> list[dict]:
+    n = batch.tokens.shape[0]
+    if n % micro_batch_size:
+        raise ValueError(f"per-rank batch {n} is not a multiple of micro_batch_size "
+                         f"{micro_batch_size}; adjust sft.global_batch_size / sft.micro_batch_size")
+    return [{"tokens": batch.tokens[i:i + micro_batch_size],
+             "labels": batch.labels[i:i + micro_batch_size],
+             "loss_mask": batch.loss_mask[i:i + micro_batch_size]}
+            for i in range(0, n, micro_batch_size)]
+
+
+def load_sft_examples(session: Session, path: str):
+    data = session.config.data
+    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
+    if report.total_dropped:
+        session.print(report.summary())
+    examples = tokenize_sft(pairs, session.formatter)
+    kept, overlong = apply_overlong_policy(examples, data.max_seq_len, data.overlong,
+                                           bos_id=session.tokenizer.bos_id)
+    if getattr(overlong, "total", 0):
+        session.print(f"train data {path}: {overlong}")
+    return kept
+
+
+def sft_step(session: Session, shard) -> dict:
+    """One optimizer step on this rank's share of a global batch."""
+    sft = session.config.sft
+    batch = collate(shard, session.tokenizer.pad_id)
+    global_tokens, = dp_all_reduce([float(batch.loss_mask.sum())], session)
+    loss_fn = sft_loss_fn(session.spec.vocab_size, max(global_tokens, 1.0), session.runtime)
+    outputs = forward_backward(session.chunks, session.runtime,
+                               split_microbatches(batch, sft.micro_batch_size), loss_fn)
+    step = optimizer_step(session.optimizer, session.scheduler)
+    nll = sum(float(o["nll_sum"]) for o in outputs)
+    nll, = dp_all_reduce([nll], session)
+    return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens, **step}
+
+
+def run_sft(config, args) -> int:
+    """``megatron-sega sft``: the SFT loop with evaluation, logging and checkpoints."""
+    from megatron_sega.checkpoint.manager import CheckpointManager
+    from megatron_sega.logging import MetricsLogger
+    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
+
+    if not config.data.train:
+        raise FileNotFoundError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+    sft = config.sft
+    session = open_session(config, train=True, total_steps=sft.steps)
+    rt = session.runtime
+    examples = load_sft_examples(session, config.data.train)
+    iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
+                                   dp_size=rt.dp, seed=config.data.seed)
+    eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
+    ckpt = CheckpointManager(session, config.checkpoint, stage="sft")
+    start = ckpt.resume(iterator)
+    logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
+                           tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
+                           wandb=config.logging.wandb, name="sft",
+                           progress_total=sft.steps - start, progress=config.logging.progress,
+                           run_config=config.to_dict())
+    batches = iter(iterator)
+    for step in range(start, sft.steps):
+        t0 = time.time()
+        metrics = sft_step(session, next(batches))
+        metrics["step_time"] = time.time() - t0
+        metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+        if sft.eval_interval and eval_pairs and (step + 1) % sft.eval_interval == 0:
+            _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
+            metrics["eval_accuracy"] = summary["accuracy"]
+        logger.log(step + 1, metrics)
+        if ckpt.should_stop(step + 1, sft.steps, iterator):
+            break
+    ckpt.finalize(step + 1 if sft.steps > start else start, iterator)
+    logger.close()
+    return 0

@@ -1,0 +1,63 @@
+"""Teacher-forced per-token log-probs and entropies of given sequences (any TP/PP/DP).
+
+Used by evaluation (log pi(a|q) of chosen/rejected), by SEGA's optional reference model, and by
+the tests that check the sampler's statistics against a plain forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_sega import ops
+from megatron_sega.data import Batch
+from megatron_sega.runtime import Runtime
+from megatron_sega.training.engine import forward_backward
+
+
+def vocab_shard_info(logits: torch.Tensor, runtime: Runtime):
+    shard = logits.shape[-1]
+    return runtime.tp_rank * shard, (runtime.tp_group if runtime.tp > 1 else None)
+
+
+@torch.no_grad()
+def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: int,
+                micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """Per-token ``logp`` (of the labels) and ``entropy`` [N, S] of a collated batch, zero
+    outside its ``loss_mask`` (the response targets).
+
+    Returned on every rank of the model-parallel group (broadcast from the last stage)."""
+    mask = batch.loss_mask
+    batch = {"tokens": batch.tokens, "labels": batch.labels}
+    n, seq = batch["tokens"].shape
+    micro = []
+    for start in range(0, n, micro_batch_size):
+        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
+        short = micro_batch_size - part["tokens"].shape[0]
+        if short:  # the pipeline needs equal microbatch shapes
+            part = {k: torch.cat([v, v[:1].expand(short, *v.shape[1:])]) for k, v in part.items()}
+        micro.append(part)
+
+    def loss_fn(logits, mb):
+        start, group = vocab_shard_info(logits, runtime)
+        labels = mb["labels"].to(logits.device)
+        logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        return logits.new_zeros(()), {"logp": logp.detach(), "entropy": entropy.detach()}
+
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        outputs = forward_backward(model_chunks, runtime, micro, loss_fn, forward_only=True)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    stats = torch.zeros(2, len(micro) * micro_batch_size, seq, dtype=torch.float32,
+                        device=runtime.device)
+    if runtime.is_last_stage:
+        stats[0] = torch.cat([o["logp"] for o in outputs]).float()
+        stats[1] = torch.cat([o["entropy"] for o in outputs]).float()
+    if runtime.pp > 1:
+        last = dist.get_global_rank(runtime.pp_group, runtime.pp - 1)
+        dist.broadcast(stats, src=last, group=runtime.pp_group)
+    stats = stats[:, :n].cpu() * mask.float()
+    return {"logp": stats[0], "entropy": stats[1]}
