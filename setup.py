@@ -23,6 +23,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "jinja2",
+        "psutil",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers", "hypothesis", "pyarrow"],

@@ -36,7 +36,7 @@ from megatron_sega.checkpoint.hf_io import dtype_name
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-_OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+_OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _step_name(step: int) -> str:
@@ -191,12 +191,14 @@ class CheckpointManager:
         state = {"model": model.sharded_state_dict()}
         load_optim = self.config.load_optim and s.optimizer is not None
         if load_optim:
+            _ensure_optimizer_state(s.optimizer)
             state["optimizer"] = s.optimizer.sharded_state_dict(state["model"], is_loading=True,
                                                                 metadata=_OPTIM_SHARDING)
         loaded = dist_checkpointing.load(state, str(path / "model_optim"))
         model.load_state_dict(loaded["model"], strict=True)
         if load_optim:
-            s.optimizer.load_state_dict(loaded["optimizer"])
+            with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
+                s.optimizer.load_state_dict(loaded["optimizer"])
         elif s.optimizer is not None:
             s.optimizer.reload_model_params()
         if s.scheduler is not None and train_state.get("scheduler"):
@@ -237,6 +239,15 @@ class CheckpointManager:
             return
         if find_latest(self.save_dir) != self.save_dir / _step_name(step):
             self.save(step, iterator)
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """The distributed optimizer can describe its state for loading only once that state exists
+    (Adam creates it lazily): fill it with placeholders that the load overwrites, as
+    Megatron-Core itself does for its other checkpoint formats."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -158,8 +158,10 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     model = unwrap(model)
     info = read_info(directory)
     check_compatible(info, model.llama_spec, _model_padded_vocab(model), str(directory))
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
-    model.load_state_dict(state, strict=True)
+    wanted = model.sharded_state_dict()
+    state = dist_checkpointing.load(wanted, str(directory))
+    # A training checkpoint also holds optimizer state: keep the model's entries only.
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
     return info
 
 
@@ -198,6 +200,14 @@ def _walk(value: Any, name: str) -> Iterator[tuple[str, Any]]:
             yield from _walk(item, name)
     else:
         yield name, value
+
+
+def _param_slices(sh) -> tuple[slice, ...]:
+    """Where a TP=1 shard sits in its parameter: the global offset minus prepended axes."""
+    if sh.flattened_range is not None:
+        raise ConversionError(f"'{sh.key}': flattened shards are not supported")
+    p = sh.prepend_axis_num
+    return tuple(slice(o, o + n) for o, n in zip(sh.global_offset[p:], sh.local_shape))
 
 
 def _make_streaming_strategy(fetch: Callable[[str], torch.Tensor]):
@@ -284,12 +294,7 @@ def _make_streaming_strategy(fetch: Callable[[str], torch.Tensor]):
             sources = {}
             for name, sh in _walk(sharded_state_dict, ""):
                 if isinstance(sh, ShardedTensor):
-                    if sh.flattened_range is not None:
-                        raise ConversionError(f"'{name}': flattened shards are not supported")
-                    p = sh.prepend_axis_num
-                    slices = tuple(slice(o, o + s) for o, s in
-                                   zip(sh.global_offset[p:], sh.local_shape))
-                    sources[(sh.key, tuple(sh.global_offset))] = (name, slices)
+                    sources[(sh.key, tuple(sh.global_offset))] = (name, _param_slices(sh))
             flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
             pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
             planner = LazyPlanner(sources, dedup_replicated_tensors=False,
@@ -329,14 +334,30 @@ def stream_groups(skeleton) -> Iterator[list[str]]:
 
 
 def load_streaming(skeleton, directory: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read the full tensors ``names`` (keys of ``skeleton.state_dict()``) from a checkpoint."""
+    """Read the full tensors ``names`` (keys of ``skeleton.state_dict()``) from a checkpoint.
+
+    Each shard of the skeleton is requested with its prepended (layer) axes made explicit
+    dims of size 1: Megatron converts prepended-axis shards of one process into a PyT
+    ShardedTensor that must hold *every* layer, which a partial (one-layer) read does not."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     sharded = skeleton.sharded_state_dict()
-    subset = {}
+    full = {name: torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype)
+            for name in names}
+    request, targets = {}, {}
     for name in names:
         entry = sharded[name]
-        entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)
-        subset[name] = entry
-    loaded = dist_checkpointing.load(subset, str(directory), validate_access_integrity=False)
-    return {name: loaded[name] for name in names}
+        shards = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
+        for j, sh in enumerate(_walk(shards, name)):
+            sh = sh[1]
+            local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+            request[f"{name}/{j}"] = dataclasses.replace(
+                sh, data=torch.empty(local, dtype=sh.dtype), local_shape=local,
+                prepend_axis_num=0)
+            targets[f"{name}/{j}"] = (name, _param_slices(sh))
+    loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
+    for key, (name, slices) in targets.items():
+        part = full[name][slices]
+        part.copy_(loaded.pop(key).reshape(part.shape))
+    return full

@@ -7,5 +7,8 @@ explicit ``tp_group`` (None: one process, no communication). The vocabulary is n
 
 from megatron_sega.ops._shard import DEFAULT_CHUNK_SIZE
 from megatron_sega.ops.logprobs import entropy, log_probs, log_probs_and_entropy
+from megatron_sega.ops.sampling import Sample, sample
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "entropy", "log_probs", "log_probs_and_entropy"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "Sample", "entropy", "log_probs", "log_probs_and_entropy", "sample",
+]

@@ -87,10 +87,11 @@ def all_gather(tensor: Tensor, tp_group) -> Tensor:
     """``[TP, *tensor.shape]``: every rank's tensor, in group-rank order."""
     if tp_group is None:
         return tensor.unsqueeze(0)
-    out = tensor.new_empty((dist.get_world_size(tp_group), *tensor.shape))
+    size = dist.get_world_size(tp_group)
+    out = tensor.new_empty(size * tensor.numel())  # gloo wants the flat (concatenated) form
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, tensor.contiguous(), group=tp_group)
-    return out
+    gather(out, tensor.reshape(-1).contiguous(), group=tp_group)
+    return out.view(size, *tensor.shape)
 
 
 def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group,

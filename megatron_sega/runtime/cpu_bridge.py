@@ -9,6 +9,7 @@ distributed optimizer, ``dist_checkpointing`` and the KV cache run on CPU with g
 * ``torch.cuda.synchronize`` / streams / events                    -> no-ops;
 * literal ``device="cuda"`` in a few Megatron modules              -> a ``torch`` proxy in those
   modules that maps ``cuda`` to ``cpu`` for factory functions;
+* ``tensor.cuda()``                                              -> the tensor itself;
 * ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in the optimizers -> answered as if on CUDA,
   only while Megatron's optimizer builds its parameter groups.
 
@@ -135,7 +136,7 @@ def _tensor_types_read_as_cuda():
 
 
 def _wrap_with_cuda_type_names(owner: Any, name: str) -> None:
-    original = getattr(owner, name)
+    original = owner.__dict__.get(name, getattr(owner, name))
     func = original.__func__ if isinstance(original, (classmethod, types.MethodType)) else original
 
     @functools.wraps(func)
@@ -143,7 +144,7 @@ def _wrap_with_cuda_type_names(owner: Any, name: str) -> None:
         with _tensor_types_read_as_cuda():
             return func(*args, **kwargs)
 
-    if isinstance(owner.__dict__.get(name), classmethod):
+    if isinstance(original, classmethod):
         setattr(owner, name, classmethod(wrapper))
     else:
         setattr(owner, name, wrapper)
@@ -180,6 +181,9 @@ def apply() -> None:
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
+    # Megatron moves buffers with tensor.cuda() (e.g. gathering the distributed optimizer's state
+    # for a reshardable checkpoint); without a GPU the tensor stays where it is.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
 
@@ -207,5 +211,12 @@ def apply() -> None:
     _wrap_with_cuda_type_names(DistributedOptimizer, "_build_model_and_main_param_groups")
     _wrap_with_cuda_type_names(DistributedOptimizer, "__init__")
     _wrap_with_cuda_type_names(Float16OptimizerWithFloat16Params, "__init__")
+
+    # Gradient clipping asserts 'torch.cuda.FloatTensor' grads; it is imported by name.
+    from megatron.core.optimizer import clip_grads, optimizer as optimizer_module
+
+    for module in (clip_grads, optimizer_module):
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            _wrap_with_cuda_type_names(module, "clip_grad_by_total_norm_fp32")
 
     _APPLIED = True

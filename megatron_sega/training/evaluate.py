@@ -30,7 +30,7 @@ def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
     tokenized = tokenize_pairs(pairs, session.formatter, append_eos=False)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
-    if getattr(overlong, "total", 0):
+    if overlong.truncated or overlong.dropped:
         session.print(f"eval data {path}: {overlong}")
     return kept
 

@@ -52,7 +52,7 @@ def load_sft_examples(session: Session, path: str):
     examples = tokenize_sft(pairs, session.formatter)
     kept, overlong = apply_overlong_policy(examples, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
-    if getattr(overlong, "total", 0):
+    if overlong.truncated or overlong.dropped:
         session.print(f"train data {path}: {overlong}")
     return kept
 
