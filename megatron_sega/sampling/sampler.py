@@ -248,10 +248,10 @@ class Sampler:
             shard = logits.shape[-1]
             start = self.rt.tp_rank * shard
             tp_group = self.rt.tp_group if self.rt.tp > 1 else None
-            seeds = state.seeds[active]
             token, logp_s, logp = ops.sample(
                 logits, start, self.vocab_size, tp_group, temperature=state.params.temperature,
-                top_k=state.params.top_k, top_p=state.params.top_p, seeds=seeds, step=step)
+                top_k=state.params.top_k, top_p=state.params.top_p, seed=state.noise_keys[active],
+                step=step)
             entropy = ops.entropy(logits, start, self.vocab_size, tp_group)
             state.record(active, step, token, logp_s, logp, entropy)
         token = self._broadcast_from_last(token)
@@ -282,6 +282,8 @@ class _DecodeState:
         self.params = params
         width = params.max_new_tokens
         self.seeds = torch.tensor(ids, dtype=torch.long, device=device)
+        # Per-row noise keys: (run seed, sample id); ops.sample hashes them with the position.
+        self.noise_keys = self.seeds * 1_000_000_007 + params.seed
         self.response = torch.zeros(batch, width, dtype=torch.long, device=device)
         self.logp = torch.zeros(batch, width, dtype=torch.float32, device=device)
         self.logp_sampling = torch.zeros(batch, width, dtype=torch.float32, device=device)

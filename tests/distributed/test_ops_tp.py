@@ -79,8 +79,8 @@ def _worker(world: int) -> dict:
                 out[f"{case}/sample{i}/{name}"] = value
             if cfg["temperature"] > 0:
                 w_full = z[..., :vocab].reshape(-1, vocab) / cfg["temperature"]
-                w = local.detach()[..., :max(0, min(shard, vocab - start))].reshape(
-                    -1, max(0, min(shard, vocab - start))) / cfg["temperature"]
+                width = max(0, min(shard, vocab - start))
+                w = local.detach().reshape(-1, shard)[:, :width] / cfg["temperature"]
                 kept = _support(w, w_full.amax(-1), w_full.amin(-1), cfg.get("top_k", 0),
                                 cfg.get("top_p", 1.0), vocab, start, group)
                 out[f"{case}/support{i}"] = torch.ones_like(w, dtype=torch.bool) \
