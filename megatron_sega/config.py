@@ -120,6 +120,7 @@ class SegaConfig:
     reference: Optional[str] = None  # checkpoint of the frozen reference (KL)
     clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
     max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
+    lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
 
     def __post_init__(self):
         _check(self.k >= 2, f"sega.k must be >= 2 (group-mean advantages need a group), got "
@@ -137,6 +138,7 @@ class SFTConfig:
     global_batch_size: int = 16
     micro_batch_size: int = 4
     eval_interval: int = 0
+    lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
 
 
 @dataclass(frozen=True)

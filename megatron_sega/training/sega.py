@@ -104,7 +104,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
         logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
-        mask = mb["loss_mask"].to(logits.device)
+        mask = mb["loss_mask"].to(logits.device) > 0
         loss, metrics = sega_loss(
             logp, mask, mb["advantage"].to(logits.device), normalization=cfg.normalization,
             normaliser=normaliser,
@@ -218,6 +218,23 @@ def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], tim
     }
 
 
+def mean_entropy_score(session: Session, prompts: list[TokenizedExample], seed_offset: int = 0
+                       ) -> float:
+    """Mean Eq. 1 score of k sampled candidates per prompt (prompts sharded over DP ranks)."""
+    rt, k = session.runtime, session.config.sega.k
+    mine = list(range(rt.dp_rank, len(prompts), rt.dp))
+    total = [0.0, 0.0]
+    if mine:
+        rows = [prompts[g].prompt_ids for g in mine for _ in range(k)]
+        ids = [(seed_offset + g) * k + j for g in mine for j in range(k)]
+        rollout = make_sampler(session).generate(rows, sampling_params(session), ids,
+                                                 session.tokenizer.decode)
+        scored = score_rollout(session, rollout, k)
+        total = [float(scored.score[scored.valid].sum()), float(scored.valid.sum())]
+    score_sum, count = dp_all_reduce(total, session)
+    return score_sum / max(count, 1.0)
+
+
 def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
@@ -253,7 +270,8 @@ def run_sega(config, args) -> int:
     if not config.data.train:
         raise FileNotFoundError("sega needs data.train (prompts; chosen/rejected are not used)")
     cfg = config.sega
-    session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout)
+    session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
+                           lr_override=cfg.lr)
     rt = session.runtime
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,

@@ -80,7 +80,7 @@ def run_sft(config, args) -> int:
     if not config.data.train:
         raise FileNotFoundError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
     sft = config.sft
-    session = open_session(config, train=True, total_steps=sft.steps)
+    session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
     rt = session.runtime
     examples = load_sft_examples(session, config.data.train)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,

@@ -73,7 +73,7 @@ def _worker(world: int) -> dict:
         log_probs(bf, t, start, vocab, group, chunk_size=16).sum().backward()
         out[f"{case}/bf16_grad"] = bf.grad.float()
         for i, cfg in enumerate(CONFIGS):
-            s = sample(local.detach(), start, vocab, group, seed=SEED, step=STEP, chunk_size=9,
+            s = sample(local.detach(), start, vocab, group, seed=SEED, step=STEP, chunk_size=25,
                        **cfg)
             for name, value in s._asdict().items():
                 out[f"{case}/sample{i}/{name}"] = value

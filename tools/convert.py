@@ -1,0 +1,89 @@
+"""Convert Llama checkpoints between Hugging Face and Megatron-Core ``torch_dist``.
+
+    python tools/convert.py hf-to-mcore --hf-dir DIR --out DIR --tp N --pp M [--dtype bf16|fp32]
+    python tools/convert.py mcore-to-hf --mcore-dir DIR --out DIR [--dtype bf16|fp32]
+                                        [--max-shard-size 5GB]
+
+Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor: peak memory is
+about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
+TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padding. Tokenizer
+files are copied along in both directions. See megatron_sega/checkpoint/convert.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def shard_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    to_mcore = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist")
+    to_mcore.add_argument("--hf-dir", required=True, type=Path)
+    to_mcore.add_argument("--out", required=True, type=Path)
+    to_mcore.add_argument("--tp", type=int, default=1, help="target tensor parallel size")
+    to_mcore.add_argument("--pp", type=int, default=1, help="target pipeline parallel size")
+    to_hf = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
+    to_hf.add_argument("--mcore-dir", required=True, type=Path)
+    to_hf.add_argument("--out", required=True, type=Path)
+    to_hf.add_argument("--max-shard-size", type=shard_size, default=shard_size("5GB"))
+    for command in (to_mcore, to_hf):
+        command.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                             help="dtype of the written weights (default: as in the source)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    source = args.hf_dir if args.command == "hf-to-mcore" else args.mcore_dir
+    if not source.is_dir():
+        print(f"error: {source}: no such directory", file=sys.stderr)
+        return 2
+    from megatron_sega.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_sega.checkpoint.hf import ConversionError
+    from megatron_sega.checkpoint.mcore import CheckpointError
+    from megatron_sega.models.spec import ModelConfigError
+    from megatron_sega.runtime import ParallelConfigError
+
+    start = time.time()
+    try:
+        if args.command == "hf-to-mcore":
+            info = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+            what = (f"{info.spec.num_layers} layers, padded vocab {info.padded_vocab_size}, "
+                    f"{info.dtype}, for tp={args.tp} pp={args.pp}")
+        else:
+            mcore_to_hf(args.mcore_dir, args.out, dtype=args.dtype,
+                        max_shard_bytes=args.max_shard_size)
+            what = "HF safetensors + config.json"
+    except (ConversionError, CheckpointError, ModelConfigError, ParallelConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            from megatron_sega.runtime import teardown
+
+            teardown()
+    print(f"wrote {args.out} ({what}) in {time.time() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
