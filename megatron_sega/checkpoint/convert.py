@@ -99,6 +99,14 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
     return info
 
 
+def _export_group(writer: ShardedSafetensorsWriter, tensors: dict, spec, target) -> None:
+    """Write one group's HF tensors; a function so that no reference (e.g. a loop variable
+    holding a view of the embedding) outlives the group and doubles the next group's peak."""
+    for name in list(tensors):
+        for hf_name, tensor in hf.to_hf(name, tensors.pop(name), spec).items():
+            writer.write(hf_name, tensor.to(target))
+
+
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Convert a megatron-sega ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF
@@ -118,10 +126,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
                for group in groups for name in group for n in hf.hf_sources(name)]
     writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_bytes)
     for group in groups:
-        tensors = load_streaming(skeleton, mcore_dir, group)
-        for name in group:
-            for hf_name, tensor in hf.to_hf(name, tensors.pop(name), spec).items():
-                writer.write(hf_name, tensor.to(target))
+        _export_group(writer, load_streaming(skeleton, mcore_dir, group), spec, target)
     writer.close()
     config = to_hf_config(spec, torch_dtype=dtype_name(target))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

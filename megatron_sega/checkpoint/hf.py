@@ -199,13 +199,14 @@ def to_megatron(name: str, tensors: Mapping[str, torch.Tensor], spec: LlamaSpec,
 
 
 def to_hf(name: str, tensor: torch.Tensor, spec: LlamaSpec) -> dict[str, torch.Tensor]:
-    """The HF tensors of the canonical Megatron tensor ``name`` (vocab rows truncated)."""
+    """The HF tensors of the canonical Megatron tensor ``name`` (vocab rows truncated).
+    Results may be views of ``tensor``; clone them before ``torch.save``."""
     sources = hf_sources(name)
     if name in (EMBEDDING, OUTPUT):
         if tensor.shape[0] < spec.vocab_size:
             raise ConversionError(f"tensor '{name}' has {tensor.shape[0]} vocab rows, fewer than "
                                   f"vocab_size {spec.vocab_size}")
-        parts: tuple[torch.Tensor, ...] = (tensor[: spec.vocab_size].clone(),)
+        parts: tuple[torch.Tensor, ...] = (tensor[: spec.vocab_size],)  # a view: no copy
     elif name.endswith("linear_qkv.weight"):
         parts = qkv_to_hf(tensor, spec)
     elif name.endswith("linear_fc1.weight"):

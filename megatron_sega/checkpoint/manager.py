@@ -1,38 +1,51 @@
-"""Training checkpoints that survive preemption: atomic save, exact resume, resharding.
+"""Training checkpoints that survive preemption: atomic save, exact resume, model resharding.
 
 Layout of ``checkpoint.save_dir``::
 
     step_00000040/            one complete checkpoint
-        model_optim/          torch_dist: model + optimizer (fully reshardable) + megatron_sega.json
+        model_optim/          torch_dist: model + distributed optimizer + megatron_sega.json
         rng/rank_00003.pt     this rank's RNG states (python, numpy, torch, CUDA, Megatron tracker)
         train_state.json      stage, step, LR scheduler, data-iterator position, resolved config
         COMPLETE              written last, before the rename
     latest                    name of the newest complete checkpoint (written after the rename)
 
 A checkpoint is written into ``.tmp_step_…`` and renamed when every rank has finished; a directory
-without ``COMPLETE`` is never chosen (a warning names it). Only tensors and JSON are read back
-(``torch.load(weights_only=True)``); nothing is unpickled.
+without ``COMPLETE`` is never chosen (a warning names it). Resuming at the same layout is exact:
+the loss trajectory and the weights equal those of an uninterrupted run, bit for bit.
+
+Resharding. The model weights are stored as global tensors and load at any TP/PP. The optimizer
+state uses Megatron's ``dp_reshardable`` layout (``fully_reshardable`` breaks with torch Adam and
+``fully_sharded_model_space`` fails validation on CPU), which reshards across data parallelism
+only; resuming at another TP/PP therefore needs ``--no-load-optim`` (a clear error says so) and
+continues with the saved weights, LR schedule and data position and a fresh Adam state.
+
+Safe loading. Nothing is unpickled: JSON for our files, ``torch.load(weights_only=True)`` for the
+RNG tensors, and :func:`safe_loading` around ``dist_checkpointing.load``, which restricts the
+pickled DCP ``.metadata`` to checkpoint-metadata types and forces ``weights_only`` on the objects
+that torch's DCP planner would otherwise unpickle in full.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint.mcore import (
     CheckpointError, CheckpointInfo, check_compatible, read_info, unwrap, write_info,
 )
-from megatron_sega.checkpoint.hf_io import dtype_name
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -57,13 +70,98 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
     return None
 
 
-def _rng_state() -> dict:
+# ----------------------------------------------------------------------------- safe loading
+
+# What a torch DCP ``.metadata`` pickle may name: plain data classes of the checkpoint format.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(
+                f"checkpoint metadata names '{module}.{name}', which is not a checkpoint "
+                "metadata type; refusing to unpickle it (untrusted or unsupported checkpoint)")
+        return super().find_class(module, name)
+
+
+class _RestrictedPickle:
+    """Stands in for the ``pickle`` module inside torch's DCP file-system reader."""
+
+    def __getattr__(self, name: str):
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file, **_ignored):
+        return _MetadataUnpickler(file).load()
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Within this context, reading a torch_dist checkpoint unpickles nothing arbitrary: the DCP
+    ``.metadata`` file goes through an allow-list unpickler and every ``torch.load`` (DCP's
+    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``."""
+    from torch.distributed.checkpoint import filesystem
+
+    env_key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    saved_env = os.environ.get(env_key)
+    saved_pickle = getattr(filesystem, "pickle", None)
+    os.environ[env_key] = "1"
+    filesystem.pickle = _RestrictedPickle()
+    try:
+        yield
+    finally:
+        filesystem.pickle = saved_pickle
+        if saved_env is None:
+            os.environ.pop(env_key, None)
+        else:
+            os.environ[env_key] = saved_env
+
+
+def read_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The global tensors of a torch_dist checkpoint whose keys start with ``prefix``, read in one
+    process without Megatron (inspection and tests; e.g. ``prefix='decoder.'``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    with safe_loading(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
+        reader = dcp.FileSystemReader(str(directory))
+        metadata = reader.read_metadata()
+        out = {key: torch.empty(m.size, dtype=m.properties.dtype)
+               for key, m in metadata.state_dict_metadata.items()
+               if isinstance(m, TensorStorageMetadata) and key.startswith(prefix)}
+        dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """Every RNG state of this rank, as tensors only (so ``weights_only`` loading suffices)."""
     from megatron.core import tensor_parallel
 
+    _, py_keys, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
-        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": torch.tensor(np.random.get_state()[2], dtype=torch.int64),
+        "python": torch.tensor(py_keys, dtype=torch.int64),
+        "python_gauss": torch.tensor([py_gauss is not None, py_gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": torch.tensor(np_pos, dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_has_gauss, np_gauss], dtype=torch.float64),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -73,13 +171,14 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate((3, tuple(int(x) for x in state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32),
-                         int(state["numpy_pos"]), 0, 0.0))
+    has_gauss, gauss = state.get("python_gauss", torch.zeros(2, dtype=torch.float64)).tolist()
+    random.setstate((3, tuple(int(x) for x in state["python"]), gauss if has_gauss else None))
+    np_has_gauss, np_gauss = state.get("numpy_gauss", torch.zeros(2, dtype=torch.float64)).tolist()
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                         int(state["numpy_pos"]), int(np_has_gauss), float(np_gauss)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -87,6 +186,8 @@ def _set_rng_state(state: dict) -> None:
     if tracker:
         tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
+
+# ----------------------------------------------------------------------------- the manager
 
 class CheckpointManager:
     """Save/resume for one training stage ('sft' or 'sega') of a session."""
@@ -96,6 +197,8 @@ class CheckpointManager:
         self.config = config
         self.stage = stage
         self.save_dir = Path(config.save_dir) if config.save_dir else None
+        self.stopped = False
+        self.extra: dict = {}
         self._signal = None
         if self.save_dir is not None:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -103,6 +206,11 @@ class CheckpointManager:
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
+
+    def _layout(self) -> dict:
+        rt = self.session.runtime
+        return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp,
+                "distributed_optimizer": self.session.config.parallel.distributed_optimizer}
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, iterator=None, extra: Optional[dict] = None) -> Optional[Path]:
@@ -136,26 +244,31 @@ class CheckpointManager:
                 "stage": self.stage, "step": step,
                 "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
                 "iterator": iterator.state_dict() if iterator is not None else None,
-                "world_size": s.runtime.world_size, "tp": s.runtime.tp, "pp": s.runtime.pp,
-                "config": s.config.to_dict(), **(extra or {}),
+                **self._layout(), "config": s.config.to_dict(), **(extra or {}),
             }
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+            _write_synced(tmp / "train_state.json", json.dumps(train_state, indent=1))
             s.tokenizer.save(tmp / "model_optim" / "tokenizer")
-            (tmp / COMPLETE).write_text("ok\n")
-            os.replace(tmp, final) if not final.exists() else _replace_dir(tmp, final)
+            _write_synced(tmp / COMPLETE, "ok\n")
+            if final.exists():  # a re-save of this step: the previous checkpoint still exists
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             pointer = self.save_dir / f".{LATEST}.tmp"
-            pointer.write_text(final.name + "\n")
+            _write_synced(pointer, final.name + "\n")
             os.replace(pointer, self.save_dir / LATEST)
-            self._prune()
+            self._prune(final)
         dist.barrier()
         s.print(f"saved checkpoint {final}")
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, current: Path) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of killed saves."""
         keep = max(self.config.keep_last, 1)
         complete = sorted(p for p in self.save_dir.glob("step_*") if (p / COMPLETE).is_file())
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.save_dir.glob(".tmp_step_*"):
+            if stale.name != f".tmp_{current.name}":
+                shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
     def _resume_path(self) -> Optional[Path]:
@@ -165,8 +278,8 @@ class CheckpointManager:
         if resume == "auto":
             return find_latest(self.save_dir) if self.save_dir else None
         path = Path(resume)
-        if (path / LATEST).is_file():
-            path = path / (path / LATEST).read_text().strip()
+        if not (path / COMPLETE).is_file() and any(path.glob("step_*")):
+            path = find_latest(path) or path  # a save directory: its newest complete checkpoint
         if not (path / COMPLETE).is_file():
             raise CheckpointError(f"checkpoint.resume = {resume}: {path} is not a complete "
                                   f"checkpoint (no {COMPLETE} marker)")
@@ -180,49 +293,79 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         s = self.session
-        train_state = json.loads((path / "train_state.json").read_text())
+        train_state = _read_train_state(path)
         if train_state.get("stage") != self.stage:
             raise CheckpointError(f"{path} is a '{train_state.get('stage')}' checkpoint; this is "
                                   f"the '{self.stage}' stage (use model.load to start from it)")
         model = unwrap(s.model)
         check_compatible(read_info(path / "model_optim"), s.spec, int(model.vocab_size), str(path))
-        same_layout = (train_state["tp"], train_state["pp"], train_state["world_size"]) == (
-            s.runtime.tp, s.runtime.pp, s.runtime.world_size)
-        state = {"model": model.sharded_state_dict()}
         load_optim = self.config.load_optim and s.optimizer is not None
+        if load_optim:
+            self._check_optimizer_layout(path, train_state)
+        state = {"model": model.sharded_state_dict()}
         if load_optim:
             _ensure_optimizer_state(s.optimizer)
             state["optimizer"] = s.optimizer.sharded_state_dict(state["model"], is_loading=True,
                                                                 metadata=_OPTIM_SHARDING)
-        loaded = dist_checkpointing.load(state, str(path / "model_optim"))
+        with safe_loading():
+            loaded = dist_checkpointing.load(state, str(path / "model_optim"))
         model.load_state_dict(loaded["model"], strict=True)
         if load_optim:
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
                 s.optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(s.optimizer)
         elif s.optimizer is not None:
-            s.optimizer.reload_model_params()
+            s.optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
+            s.print(f"note: {path}: optimizer state not loaded (checkpoint.load_optim=false); "
+                    "Adam moments restart from zero")
         if s.scheduler is not None and train_state.get("scheduler"):
             s.scheduler.load_state_dict(train_state["scheduler"])
         if iterator is not None and train_state.get("iterator"):
             iterator.load_state_dict(train_state["iterator"])
-        rng_file = path / "rng" / f"rank_{s.runtime.rank:05d}.pt"
-        if same_layout and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        elif not same_layout:
-            s.print(f"note: resuming {path} at another layout (tp/pp/world "
-                    f"{train_state['tp']}/{train_state['pp']}/{train_state['world_size']} -> "
-                    f"{s.runtime.tp}/{s.runtime.pp}/{s.runtime.world_size}); RNG states restart")
+        self._restore_rng(path, train_state)
         s.print(f"resumed from {path} at step {train_state['step']}")
         self.extra = {k: v for k, v in train_state.items()
                       if k not in ("scheduler", "iterator", "config")}
         return int(train_state["step"])
+
+    def _check_optimizer_layout(self, path: Path, train_state: dict) -> None:
+        here = self._layout()
+        saved_tp_pp = (train_state.get("tp"), train_state.get("pp"))
+        if saved_tp_pp != (here["tp"], here["pp"]):
+            raise CheckpointError(
+                f"{path}: the optimizer state was saved at tp={saved_tp_pp[0]} pp={saved_tp_pp[1]} "
+                f"and cannot be loaded at tp={here['tp']} pp={here['pp']} (the distributed "
+                "optimizer's checkpoint format reshards across data parallelism only). Resume "
+                "with --no-load-optim (checkpoint.load_optim=false) to load the model weights, "
+                "LR schedule and data position with a fresh optimizer state, or keep the same "
+                "parallel.tp / parallel.pp")
+        saved_dist = train_state.get("distributed_optimizer", here["distributed_optimizer"])
+        if saved_dist != here["distributed_optimizer"]:
+            raise CheckpointError(
+                f"{path}: the optimizer state was saved with parallel.distributed_optimizer="
+                f"{saved_dist}; this run has {here['distributed_optimizer']}. Use the same "
+                "setting or resume with --no-load-optim (checkpoint.load_optim=false)")
+
+    def _restore_rng(self, path: Path, train_state: dict) -> None:
+        s = self.session
+        here = self._layout()
+        same = all(train_state.get(k) == here[k] for k in ("world_size", "tp", "pp"))
+        rng_file = path / "rng" / f"rank_{s.runtime.rank:05d}.pt"
+        if same and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            s.print(f"note: resuming {path} at another layout (tp/pp/world "
+                    f"{train_state.get('tp')}/{train_state.get('pp')}/"
+                    f"{train_state.get('world_size')} -> {here['tp']}/{here['pp']}/"
+                    f"{here['world_size']}); RNG states restart")
 
     # ------------------------------------------------------------------ loop hooks
     def should_stop(self, step: int, total: int, iterator=None) -> bool:
         """Save on the interval; on SIGTERM/SIGUSR1 save and tell the loop to stop."""
         if self.save_dir is None:
             return False
-        stop = torch.tensor([1 if self._signal is not None else 0], device=self.session.runtime.device)
+        stop = torch.tensor([1 if self._signal is not None else 0],
+                            device=self.session.runtime.device)
         dist.all_reduce(stop)  # every rank must agree to save together
         if int(stop.item()):
             self.session.print(f"signal received: saving step {step} and stopping")
@@ -235,10 +378,21 @@ class CheckpointManager:
         return False
 
     def finalize(self, step: int, iterator=None) -> None:
-        if self.save_dir is None or getattr(self, "stopped", False):
+        """Save the final step unless it is already the newest checkpoint (or a signal saved)."""
+        if self.save_dir is None or self.stopped:
             return
         if find_latest(self.save_dir) != self.save_dir / _step_name(step):
             self.save(step, iterator)
+
+
+def _read_train_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / "train_state.json").read_text())
+        int(state["step"])
+        return state
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}/train_state.json: unreadable "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -250,6 +404,30 @@ def _ensure_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    shutil.rmtree(final)
-    os.replace(tmp, final)
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own torch-Adam ``step`` tensor holding the saved step count.
+
+    Megatron's distributed optimizer (``dp_reshardable``, torch Adam) stores the step count in
+    the param groups; on load it first sets one step tensor *shared* by all parameters, then
+    overwrites it with the loading optimizer's own (placeholder) step, which is not part of the
+    checkpoint. Left alone, Adam's bias correction after a resume would use the placeholder step
+    and, the tensor being shared, advance it once per parameter per iteration."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if group.get("step") is None:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    old = state["step"]
+                    state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype,
+                                                 device=old.device)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write a small file and fsync it, so a marker never survives a crash that its data did not."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -349,15 +349,17 @@ def load_streaming(skeleton, directory: str | Path, names: list[str]) -> dict[st
     for name in names:
         entry = sharded[name]
         shards = entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]
-        for j, sh in enumerate(_walk(shards, name)):
-            sh = sh[1]
+        for j, (_, sh) in enumerate(_walk(shards, name)):
             local = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-            request[f"{name}/{j}"] = dataclasses.replace(
-                sh, data=torch.empty(local, dtype=sh.dtype), local_shape=local,
-                prepend_axis_num=0)
-            targets[f"{name}/{j}"] = (name, _param_slices(sh))
+            target = full[name][_param_slices(sh)]  # TP=1: a contiguous block of rows
+            data = target.view(local) if target.is_contiguous() else torch.empty(local,
+                                                                                  dtype=sh.dtype)
+            request[f"{name}/{j}"] = dataclasses.replace(sh, data=data, local_shape=local,
+                                                         prepend_axis_num=0)
+            targets[f"{name}/{j}"] = target
     loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
-    for key, (name, slices) in targets.items():
-        part = full[name][slices]
-        part.copy_(loaded.pop(key).reshape(part.shape))
+    for key, target in targets.items():
+        value = loaded.pop(key)
+        if value.data_ptr() != target.data_ptr():  # not read in place
+            target.copy_(value.reshape(target.shape))
     return full

@@ -41,10 +41,13 @@ def _forward_chunk(z: Tensor, local_t: Tensor | None, want_entropy: bool, vocab_
     """
     m, _ = global_max(z, vocab_start, vocab_size, tp_group)
     shifted = z - m.unsqueeze(1)
-    e = shifted.exp()
-    sums = [sum64(e)]
     if want_entropy:
-        sums.append(sum64(e.mul_(shifted)))  # e is ours and no longer needed as exp(shifted)
+        e = shifted.exp()
+        sums = [sum64(e), sum64(e.mul_(shifted))]  # in place: these temporaries are ours
+        del e
+    else:
+        sums = [sum64(shifted.exp_())]
+    del shifted
     if local_t is not None:
         width = z.shape[1]
         owned = (local_t >= 0) & (local_t < width)

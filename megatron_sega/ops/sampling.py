@@ -54,6 +54,10 @@ from megatron_sega.ops._shard import (
     DEFAULT_CHUNK_SIZE, all_gather, all_reduce, check_shard, global_max, row_chunks, sum64,
 )
 
+# Rows per chunk: sampling keeps ~30 bytes of temporaries per logit (int64 hash, fp64 noise,
+# masks), ~4x the log-prob path, hence a smaller default chunk for the same memory bound.
+SAMPLE_CHUNK_SIZE = DEFAULT_CHUNK_SIZE // 4
+
 # SplitMix64 constants (Steele, Lea, Flood 2014), as signed int64.
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -123,8 +127,8 @@ def gumbel_noise(keys: Tensor, ids: Tensor) -> Tensor:
     ``U = (h >> 12 + 0.5) / 2**52`` with ``h = SplitMix64(key + (id + 1) * golden)`` (the j-th
     output of Java's SplittableRandom seeded with ``key``), so ``U`` lies in ``(0, 1)`` exactly.
     """
-    h = keys.unsqueeze(1) + ((ids + 1) * _GOLDEN).unsqueeze(0)
-    u = _srl(_mix64_(h), 12).double()
+    h = _mix64_(keys.unsqueeze(1) + ((ids + 1) * _GOLDEN).unsqueeze(0))
+    u = h.bitwise_right_shift_(12).bitwise_and_((1 << 52) - 1).double()  # top 52 bits
     del h
     return u.add_(0.5).mul_(2.0 ** -52).log_().neg_().log_().neg_()
 
@@ -215,7 +219,7 @@ def _support(w: Tensor, m_w: Tensor, w_min: Tensor, top_k: int, top_p: float, vo
         lo = _to_key(v)
     if top_p < 1:
         wk = w if kept is None else torch.where(kept, w, -math.inf)
-        e = (wk - m_w.unsqueeze(1)).exp()
+        e = (wk - m_w.unsqueeze(1)).exp_()
         target = all_reduce(sum64(e).float(), tp_group) * top_p
         v = _bisect(wk, e, target, lo, hi, tp_group)
         kept = _keep_prefix(wk, v, e, target, m_w, vocab_start, tp_group)
@@ -228,7 +232,7 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
     c, width = z.shape
     neg_min = -z.amin(-1, keepdim=True) if width else z.new_full((c, 1), -math.inf)
     m0, neg_min = global_max(z, vocab_start, vocab_size, tp_group, extra=neg_min)
-    s0 = sum64((z - m0.unsqueeze(1)).exp())
+    s0 = sum64((z - m0.unsqueeze(1)).exp_())
     if temperature == 0:
         w, m_w, score, s_supp = z, m0, z, torch.zeros_like(s0)
     else:
@@ -236,7 +240,7 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
         m_w = m0 / temperature  # = max(w): division by T > 0 is monotone, also after rounding
         kept = _support(w, m_w, -neg_min[:, 0] / temperature, top_k, top_p, vocab_size,
                         vocab_start, tp_group)
-        e = (w - m_w.unsqueeze(1)).exp()
+        e = (w - m_w.unsqueeze(1)).exp_()
         s_supp = sum64(e if kept is None else e.masked_fill_(~kept, 0.0))
         del e
         score = gumbel_noise(keys, ids).add_(w)
@@ -264,7 +268,7 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
 
 def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
            temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int | Tensor = 0,
-           step: int | Tensor = 0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Sample:
+           step: int | Tensor = 0, chunk_size: int = SAMPLE_CHUNK_SIZE) -> Sample:
     """Draw one token per row of vocab-parallel logits; see the module docstring for the method.
 
     ``logits_shard [..., V_shard]`` holds global ids ``[vocab_start, vocab_start + V_shard)``;

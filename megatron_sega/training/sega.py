@@ -97,8 +97,10 @@ def training_microbatches(session: Session, rollout: Rollout, adv: torch.Tensor,
     return [{k: v[i:i + mbs] for k, v in rows.items()} for i in range(0, total, mbs)]
 
 
-def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool):
+def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool,
+                 normalization: str | None = None):
     cfg = session.config.sega
+    normalization = normalization or cfg.normalization
 
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
@@ -106,7 +108,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
         mask = mb["loss_mask"].to(logits.device) > 0
         loss, metrics = sega_loss(
-            logp, mask, mb["advantage"].to(logits.device), normalization=cfg.normalization,
+            logp, mask, mb["advantage"].to(logits.device), normalization=normalization,
             normaliser=normaliser,
             ref_logp_tokens=mb["ref_logp"].to(logits.device) if use_ref else None,
             kl_coef=cfg.kl_coef,

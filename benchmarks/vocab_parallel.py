@@ -1,0 +1,248 @@
+"""Vocab-parallel ops vs the all-gather baseline: bytes sent per token and peak temporary memory.
+
+    python -m benchmarks.vocab_parallel            (or python benchmarks/vocab_parallel.py)
+
+For TP = 2 and 4, TP gloo processes each hold a ``[tokens, V/TP]`` fp32 logits shard
+(V = 128,256, Llama 3's vocabulary) and run three operations two ways:
+
+- ``ours``: ``megatron_sega.ops`` at their default chunk sizes (log-probs + entropy; sampling
+  with T = 0.7, top-k = 50, top-p = 0.9; greedy);
+- ``gather``: all-gather the full logits, then compute with plain torch on ``[tokens, V]``
+  (sampling: top-k, then top-p on the k survivors, then ``torch.multinomial``).
+
+What is measured, per rank (the table shows the maximum over ranks):
+
+- ``payload B/tok``: bytes of the tensors each rank hands to ``all_reduce`` / ``all_gather``
+  (counted by wrapping ``torch.distributed.all_reduce`` and ``all_gather_single``), per token;
+- ``sent B/tok``: what a ring algorithm makes each rank send for that payload:
+  ``2 (TP-1)/TP x payload`` for an all-reduce, ``(TP-1) x payload`` for an all-gather;
+- ``peak temp MiB``: the peak of live tensor storage allocated during the call (inputs
+  excluded; outputs, gathered buffers and temporaries included), tracked exactly by a
+  TorchDispatchMode that adds every new storage's size and subtracts it when the storage is
+  freed. It does not see kernel-internal scratch buffers or gloo's own buffers;
+- ``RSS MiB``: a cross-check including everything: the rise of the process's peak resident set
+  (VmHWM, reset through /proc/self/clear_refs) over the resident set before the call; it also
+  counts allocator caching and page-granularity effects, so it is noisier;
+- ``time s``: one call's wall time on this (shared, CPU) machine: indicative only.
+
+Results go to ``benchmarks/results/vocab_parallel.json`` and a markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "vocab_parallel.json"
+SAMPLING = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created while active, minus those that existed before."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.live: set[int] = {t.untyped_storage().data_ptr() for t in existing}
+        self.current = self.peak = 0
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self.live.discard(ptr)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and ptr not in self.live:
+                    self.live.add(ptr)
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._freed, ptr, nbytes)
+        return out
+
+
+class CommCounter:
+    """Counts the payload of every all_reduce / all_gather_single and its ring-model send volume."""
+
+    def __init__(self, world: int):
+        self.world, self.payload, self.sent = world, 0, 0.0
+        self._orig = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single")}
+        dist.all_reduce = self._all_reduce
+        dist.all_gather_single = self._all_gather
+
+    def _all_reduce(self, tensor, *args, **kwargs):
+        nbytes = tensor.numel() * tensor.element_size()
+        self.payload += nbytes
+        self.sent += 2 * (self.world - 1) / self.world * nbytes
+        return self._orig["all_reduce"](tensor, *args, **kwargs)
+
+    def _all_gather(self, output, tensor, *args, **kwargs):
+        nbytes = tensor.numel() * tensor.element_size()
+        self.payload += nbytes
+        self.sent += (self.world - 1) * nbytes
+        return self._orig["all_gather_single"](output, tensor, *args, **kwargs)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The all-gather baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_full(shard: torch.Tensor, vocab: int, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = shard.new_empty(world * shard.numel())
+    dist.all_gather_single(out, shard.contiguous().view(-1), group=group)
+    return out.view(world, *shard.shape).permute(1, 0, 2).reshape(shard.shape[0], -1)[:, :vocab]
+
+
+def gather_log_probs_and_entropy(shard, targets, vocab, group):
+    logp = torch.log_softmax(gather_full(shard, vocab, group).float(), -1)
+    return logp.gather(1, targets.unsqueeze(1)).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+def gather_sample(shard, vocab, group, temperature, top_k, top_p):
+    w = gather_full(shard, vocab, group).float() / temperature
+    values, ids = w.topk(top_k, -1)  # sorted: top-p on the k survivors
+    probs = torch.softmax(values, -1)
+    keep = probs.cumsum(-1) - probs < top_p
+    probs = torch.where(keep, probs, 0.0)
+    pick = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0))
+    return ids.gather(1, pick).squeeze(1)
+
+
+def gather_greedy(shard, vocab, group):
+    return gather_full(shard, vocab, group).argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank
+# ---------------------------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, world: int, workdir: str, tokens: int, vocab: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
+                            world_size=world)
+    from megatron_sega.ops import log_probs_and_entropy, sample
+
+    group = dist.new_group(list(range(world)))
+    shard_width = -(-vocab // world)
+    start = rank * shard_width
+    g = torch.Generator().manual_seed(rank)
+    shard = torch.randn(tokens, shard_width, generator=g) * 3
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(99))
+    ops = {
+        "logprobs+entropy": (
+            lambda: log_probs_and_entropy(shard, targets, start, vocab, group),
+            lambda: gather_log_probs_and_entropy(shard, targets, vocab, group)),
+        "sample T=0.7 k=50 p=0.9": (
+            lambda: sample(shard, start, vocab, group, seed=1, **SAMPLING),
+            lambda: gather_sample(shard, vocab, group, **SAMPLING)),
+        "greedy": (
+            lambda: sample(shard, start, vocab, group, temperature=0.0),
+            lambda: gather_greedy(shard, vocab, group)),
+    }
+    results = []
+    for op, fns in ops.items():
+        for method, fn in zip(("ours", "gather"), fns):
+            fn()  # warm-up (first-call allocations, gloo connections)
+            dist.barrier(group)
+            counter = CommCounter(world)
+            tracker = PeakTensorMemory([shard, targets])
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            rss_before = _rss_kib("VmRSS")
+            t0 = time.perf_counter()
+            with tracker:
+                out = fn()
+            seconds = time.perf_counter() - t0
+            rss_peak = _rss_kib("VmHWM")
+            dist.all_reduce = counter._orig["all_reduce"]
+            dist.all_gather_single = counter._orig["all_gather_single"]
+            del out
+            results.append(dict(op=op, method=method, tp=world, rank=rank, tokens=tokens,
+                                vocab=vocab, payload_bytes_per_token=counter.payload / tokens,
+                                sent_bytes_per_token=counter.sent / tokens,
+                                peak_temp_bytes=tracker.peak,
+                                rss_peak_delta_bytes=max(0, rss_peak - rss_before) * 1024,
+                                seconds=seconds))
+            dist.barrier(group)
+    torch.save(results, Path(workdir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_tp(world: int, tokens: int, vocab: int) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="msega_bench_") as workdir:
+        mp.start_processes(_rank_main, args=(world, workdir, tokens, vocab), nprocs=world,
+                           start_method="spawn")
+        per_rank = [torch.load(Path(workdir) / f"rank{r}.pt") for r in range(world)]
+    rows = []
+    for entries in zip(*per_rank):  # the same (op, method) on every rank: keep the worst rank
+        row = dict(entries[0])
+        row.pop("rank")
+        for key in ("payload_bytes_per_token", "sent_bytes_per_token", "peak_temp_bytes",
+                    "rss_peak_delta_bytes", "seconds"):
+            row[key] = max(e[key] for e in entries)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| op | TP | method | payload B/tok | sent B/tok | gather/ours (sent) | "
+            "peak temp MiB | gather/ours (mem) | RSS MiB | time s |")
+    lines = [head, "|" + "---|" * 10]
+    base = {(r["op"], r["tp"]): r for r in rows if r["method"] == "gather"}
+    for r in rows:
+        b = base[(r["op"], r["tp"])]
+        ratio_sent = b["sent_bytes_per_token"] / max(r["sent_bytes_per_token"], 1e-9)
+        ratio_mem = b["peak_temp_bytes"] / max(r["peak_temp_bytes"], 1)
+        lines.append(
+            f"| {r['op']} | {r['tp']} | {r['method']} | {r['payload_bytes_per_token']:,.0f} | "
+            f"{r['sent_bytes_per_token']:,.0f} | {ratio_sent:,.0f}x | "
+            f"{r['peak_temp_bytes'] / 2**20:,.1f} | {ratio_mem:.1f}x | "
+            f"{r['rss_peak_delta_bytes'] / 2**20:,.1f} | {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=128_256)
+    parser.add_argument("--tp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = []
+    for world in args.tp:
+        rows += run_tp(world, args.tokens, args.vocab)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(tokens=args.tokens, vocab=args.vocab, torch=torch.__version__,
+                cpus=os.cpu_count(), sampling=SAMPLING, note=__doc__.split("What is measured")[0])
+    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    print(markdown(rows))
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
