@@ -53,6 +53,12 @@ def run_check(config, args) -> int:
     from megatron_sega.models.resolve import resolve_spec
     from megatron_sega.runtime import validate_parallel_sizes
 
+    if config.model.load and not os.path.exists(config.model.load):
+        # A pipeline's later stages load what earlier stages will write: check the shape from
+        # the preset / HF config instead.
+        print(f"note: model.load = {config.model.load} does not exist yet; checking "
+              f"model.preset={config.model.preset} / model.hf_config={config.model.hf_config}")
+        config = config.with_overrides("model.load=null")
     spec = resolve_spec(config)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_parallel_sizes(
@@ -111,7 +117,19 @@ def _load(args):
     return load_config(args.config, overrides)
 
 
+def _quiet_megatron() -> None:
+    """Megatron-Core warns at import about optional GPU kernels (Apex, TE) and deprecations;
+    those say nothing to a user of this tool."""
+    import logging
+    import warnings
+
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _quiet_megatron()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

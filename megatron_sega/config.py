@@ -31,7 +31,8 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: Optional[str] = "tiny"  # a name from megatron_sega.models.PRESETS, or null with hf_config
+    # Which model: model.load (a checkpoint's own metadata) > model.hf_config > model.preset.
+    preset: Optional[str] = "tiny"  # a name from megatron_sega.models.PRESETS
     hf_config: Optional[str] = None  # a HF config.json (or directory) describing the architecture
     load: Optional[str] = None  # a megatron-sega checkpoint to start from (converted or trained)
     tokenizer: Optional[str] = None  # a directory with tokenizer.json / tokenizer.model
@@ -198,12 +199,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def __post_init__(self):
-        _check(bool(self.model.preset) != bool(self.model.hf_config) or bool(self.model.load),
-               "set exactly one of model.preset and model.hf_config (or model.load)")
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, *overrides: str) -> "Config":
+        """A copy with dotted overrides applied, validated like the command line's."""
+        return load_config(None, list(overrides), base=self.to_dict())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)

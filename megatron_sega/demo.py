@@ -11,12 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from megatron_sega.config import Config, load_config
-
-
-def derive(config: Config, *overrides: str) -> Config:
-    """A copy of ``config`` with dotted overrides applied (validated like the CLI's)."""
-    return load_config(None, list(overrides), base=config.to_dict())
+from megatron_sega.config import Config
 
 
 def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
@@ -84,27 +79,27 @@ def run_demo(config: Config, args) -> int:
 
     out = Path(args.out or "outputs/demo")
     quick = bool(args.quick)
-    base = derive(config, "checkpoint.resume=none")
+    base = config.with_overrides("checkpoint.resume=none")
     if quick:
-        base = derive(base, "sft.steps=20", "sft.eval_interval=0", "sega.steps=3",
+        base = base.with_overrides("sft.steps=20", "sft.eval_interval=0", "sega.steps=3",
                       "sampling.max_new_tokens=24")
     score_prompts = 8 if quick else 32
     start = time.time()
     results = {"initial": _evaluate(base, out, "initial", score_prompts)}
 
     sft_dir = out / "sft"
-    sft_cfg = derive(base, f"logging.dir={sft_dir}", f"checkpoint.save_dir={sft_dir / 'ckpt'}")
+    sft_cfg = base.with_overrides(f"logging.dir={sft_dir}", f"checkpoint.save_dir={sft_dir / 'ckpt'}")
     run_sft(sft_cfg, args)
-    after_sft = derive(base, f"model.load={sft_dir / 'ckpt'}")
+    after_sft = base.with_overrides(f"model.load={sft_dir / 'ckpt'}")
     results["after SFT"] = _evaluate(after_sft, out, "sft", score_prompts)
 
     sega_dir = out / "sega"
-    sega_cfg = derive(after_sft, f"logging.dir={sega_dir}",
+    sega_cfg = after_sft.with_overrides(f"logging.dir={sega_dir}",
                       f"checkpoint.save_dir={sega_dir / 'ckpt'}")
     status = run_sega(sega_cfg, args)
     if status:
         return status
-    results["after SEGA"] = _evaluate(derive(base, f"model.load={sega_dir / 'ckpt'}"), out,
+    results["after SEGA"] = _evaluate(base.with_overrides(f"model.load={sega_dir / 'ckpt'}"), out,
                                       "sega", score_prompts)
     import torch.distributed as dist
 

@@ -18,9 +18,12 @@ stages together the whole model on one node; here peak memory is about the large
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from megatron_sega.checkpoint import hf
 from megatron_sega.checkpoint.hf import ConversionError
@@ -48,11 +51,28 @@ from megatron_sega.runtime import validate_parallel_sizes
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def _empty_output_dir(path: Path) -> None:
+def _require_fresh(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConversionError(f"{path}: output directory exists and is not empty; choose a new "
                               "directory (conversion never overwrites)")
-    path.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _output_dir(path: Path) -> Iterator[Path]:
+    """A fresh ``.name.partial`` sibling to write into, renamed to ``path`` on success and
+    removed on failure: an interrupted conversion never leaves a checkpoint that looks whole."""
+    _require_fresh(path)
+    partial = path.parent / f".{path.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rmdir()
+    os.replace(partial, path)
 
 
 def _check_skeleton_names(skeleton, spec) -> None:
@@ -77,8 +97,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
     hf.check_hf_tensors(source.shapes, spec, str(hf_dir))
     target = parse_dtype(dtype) or source.dtypes["model.embed_tokens.weight"]
     padded = spec.padded_vocab_size(tp, vocab_multiple)
-    _empty_output_dir(out_dir)
-
+    _require_fresh(out_dir)
     skeleton = build_skeleton(spec, target, padded, single_process_runtime())
     _check_skeleton_names(skeleton, spec)
     used: set[str] = set()
@@ -88,14 +107,15 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
         used.update(sources)
         return hf.to_megatron(name, source.read(sources), spec, padded).to(target)
 
-    save_streaming(skeleton, out_dir, fetch)
-    unused = set(hf.hf_shapes(spec)) - used
-    if unused:
-        raise ConversionError(f"internal: HF tensors not converted: {sorted(unused)[:5]}")
-    tokenizer = copy_tokenizer_files(hf_dir, out_dir / TOKENIZER_DIR)
-    info = CheckpointInfo(spec=spec, padded_vocab_size=padded, dtype=dtype_name(target),
-                          tokenizer_files=tuple(tokenizer))
-    write_info(out_dir, info)
+    with _output_dir(out_dir) as tmp:
+        save_streaming(skeleton, tmp, fetch)
+        unused = set(hf.hf_shapes(spec)) - used
+        if unused:
+            raise ConversionError(f"internal: HF tensors not converted: {sorted(unused)[:5]}")
+        tokenizer = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+        info = CheckpointInfo(spec=spec, padded_vocab_size=padded, dtype=dtype_name(target),
+                              tokenizer_files=tuple(tokenizer))
+        write_info(tmp, info)
     return info
 
 
@@ -116,19 +136,19 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     info = read_info(mcore_dir)
     spec = info.spec
     target = parse_dtype(dtype) or info.torch_dtype
-    _empty_output_dir(out_dir)
-
+    _require_fresh(out_dir)
     skeleton = build_skeleton(spec, info.torch_dtype, info.padded_vocab_size,
                               single_process_runtime())
     _check_skeleton_names(skeleton, spec)
     groups = list(stream_groups(skeleton))
     entries = [(n, hf.hf_shape(n, spec), target)
                for group in groups for name in group for n in hf.hf_sources(name)]
-    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_bytes)
-    for group in groups:
-        _export_group(writer, load_streaming(skeleton, mcore_dir, group), spec, target)
-    writer.close()
-    config = to_hf_config(spec, torch_dtype=dtype_name(target))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    copy_tokenizer_files(mcore_dir / TOKENIZER_DIR, out_dir)
+    with _output_dir(out_dir) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
+        for group in groups:
+            _export_group(writer, load_streaming(skeleton, mcore_dir, group), spec, target)
+        writer.close()
+        config = to_hf_config(spec, torch_dtype=dtype_name(target))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        copy_tokenizer_files(mcore_dir / TOKENIZER_DIR, tmp)
     return out_dir

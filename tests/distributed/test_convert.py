@@ -148,10 +148,25 @@ def _export_resaved_and_run_tp1pp1(root: str) -> dict:
 
     out = _layouts(root, [(1, 1)], source="resaved")
     for name in CONFIGS:
-        # the re-saved checkpoint has no tokenizer dir: take it from the converted one
         mcore_to_hf(f"{root}/{name}/mcore", f"{root}/{name}/hf_direct", max_shard_bytes=150_000)
         mcore_to_hf(f"{root}/{name}/resaved", f"{root}/{name}/hf_back")
+    # The CLI, with a bf16 round trip (last: the CLI tears the process group down).
+    cli = _load_cli()
+    assert cli.main(["hf-to-mcore", "--hf-dir", f"{root}/gqa/hf", "--out",
+                     f"{root}/gqa/mcore_bf16", "--tp", "2", "--pp", "2", "--dtype", "bf16"]) == 0
+    assert cli.main(["mcore-to-hf", "--mcore-dir", f"{root}/gqa/mcore_bf16", "--out",
+                     f"{root}/gqa/hf_bf16"]) == 0
     return out
+
+
+def _load_cli():
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "tools" / "convert.py"
+    spec = importlib.util.spec_from_file_location("convert_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _merge(results: list[dict]) -> dict:
@@ -200,6 +215,12 @@ def test_conversion_end_to_end(hf_models):
                 assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), \
                     (name, exported, key)
             assert from_hf_config(root / name / exported) == from_hf_config(root / name / "hf")
+    # bf16 through the CLI: the weights are the original ones rounded to bf16, config says so.
+    bf16 = _read_hf(root / "gqa" / "hf_bf16")
+    assert all(torch.equal(bf16[k], v.to(torch.bfloat16)) for k, v in _read_hf(
+        root / "gqa" / "hf").items())
+    assert json.loads((root / "gqa" / "hf_bf16" / "config.json").read_text())["torch_dtype"] \
+        == "bfloat16"
     # Sharded export writes an index that covers every tensor; tokenizer files travel along.
     index = json.loads((root / "gqa" / "hf_direct" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(_read_hf(root / "gqa" / "hf"))

@@ -134,6 +134,12 @@ def test_converter_rejects_bad_inputs_before_writing(tmp_path):
             hf_to_mcore(source, tmp_path / f"{name}_out")
         assert not (tmp_path / f"{name}_out").exists()
 
+    good_dir = _write_hf_dir(tmp_path / "good", SPEC, good)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(ConversionError, match="taken: output directory exists and is not empty"):
+        hf_to_mcore(good_dir, tmp_path / "taken")
+
     gpt2 = _write_hf_dir(tmp_path / "gpt2", SPEC, good, {"model_type": "gpt2"})
     with pytest.raises(ModelConfigError, match="not a Llama model"):
         hf_to_mcore(gpt2, tmp_path / "gpt2_out")
