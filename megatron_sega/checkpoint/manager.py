@@ -56,8 +56,13 @@ def _step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def find_latest(save_dir: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint in ``save_dir`` (skipping incomplete ones, with a warning)."""
+class CheckpointWarning(RuntimeWarning):
+    """A checkpoint was skipped (its own category: the CLI silences library UserWarnings)."""
+
+
+def find_latest(save_dir: str | Path, warn: bool = True) -> Optional[Path]:
+    """The newest complete checkpoint in ``save_dir``, skipping incomplete ones with a warning
+    that names them."""
     root = Path(save_dir)
     if not root.is_dir():
         return None
@@ -65,8 +70,9 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
     for path in candidates:
         if (path / COMPLETE).is_file():
             return path
-        warnings.warn(f"checkpoint {path} has no {COMPLETE} marker (interrupted save?); "
-                      "skipping it in favour of an older one", stacklevel=2)
+        if warn:
+            warnings.warn(f"checkpoint {path} has no {COMPLETE} marker (interrupted save?); "
+                          "skipping it in favour of an older one", CheckpointWarning, stacklevel=2)
     return None
 
 
@@ -230,7 +236,10 @@ class CheckpointManager:
         dist.barrier()
         model = unwrap(s.model)
         state = {"model": model.sharded_state_dict()}
-        if s.optimizer is not None:
+        # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
+        # after a --no-load-optim resume) holds the model only.
+        with_optim = s.optimizer is not None and _has_state(s.optimizer)
+        if with_optim:
             state["optimizer"] = s.optimizer.sharded_state_dict(state["model"],
                                                                 metadata=_OPTIM_SHARDING)
         dist_checkpointing.save(state, str(tmp / "model_optim"), content_metadata=_OPTIM_SHARDING)
@@ -244,7 +253,8 @@ class CheckpointManager:
                 "stage": self.stage, "step": step,
                 "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
                 "iterator": iterator.state_dict() if iterator is not None else None,
-                **self._layout(), "config": s.config.to_dict(), **(extra or {}),
+                "optimizer_state": with_optim, **self._layout(), "config": s.config.to_dict(),
+                **(extra or {}),
             }
             _write_synced(tmp / "train_state.json", json.dumps(train_state, indent=1))
             s.tokenizer.save(tmp / "model_optim" / "tokenizer")
@@ -300,7 +310,10 @@ class CheckpointManager:
         model = unwrap(s.model)
         check_compatible(read_info(path / "model_optim"), s.spec, int(model.vocab_size), str(path))
         load_optim = self.config.load_optim and s.optimizer is not None
-        if load_optim:
+        if load_optim and not train_state.get("optimizer_state", True):
+            load_optim = False
+            s.print(f"note: {path} holds no optimizer state (saved before the first step)")
+        elif load_optim:
             self._check_optimizer_layout(path, train_state)
         state = {"model": model.sharded_state_dict()}
         if load_optim:
@@ -316,8 +329,9 @@ class CheckpointManager:
             _restore_adam_steps(s.optimizer)
         elif s.optimizer is not None:
             s.optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
-            s.print(f"note: {path}: optimizer state not loaded (checkpoint.load_optim=false); "
-                    "Adam moments restart from zero")
+            if not self.config.load_optim:
+                s.print(f"note: {path}: optimizer state not loaded (checkpoint.load_optim=false); "
+                        "Adam moments restart from zero")
         if s.scheduler is not None and train_state.get("scheduler"):
             s.scheduler.load_state_dict(train_state["scheduler"])
         if iterator is not None and train_state.get("iterator"):
@@ -381,7 +395,7 @@ class CheckpointManager:
         """Save the final step unless it is already the newest checkpoint (or a signal saved)."""
         if self.save_dir is None or self.stopped:
             return
-        if find_latest(self.save_dir) != self.save_dir / _step_name(step):
+        if find_latest(self.save_dir, warn=False) != self.save_dir / _step_name(step):
             self.save(step, iterator)
 
 
@@ -393,6 +407,11 @@ def _read_train_state(path: Path) -> dict:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}/train_state.json: unreadable "
                               f"({type(err).__name__}: {err})") from None
+
+
+def _has_state(optimizer) -> bool:
+    return any(getattr(getattr(opt, "optimizer", None), "state", None)
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _ensure_optimizer_state(optimizer) -> None:

@@ -188,7 +188,9 @@ def build_skeleton(spec: LlamaSpec, dtype: torch.dtype, padded_vocab: int, rt):
                                vocab_multiple=padded_vocab)
     if skeleton.vocab_size != padded_vocab:
         raise ConversionError(f"internal: skeleton vocab {skeleton.vocab_size} != {padded_vocab}")
-    return skeleton
+    # Megatron's norms keep fp32 params under bf16 ``params_dtype`` until a Float16Module casts
+    # them; a converted checkpoint holds every tensor in the one dtype asked for.
+    return skeleton.to(dtype)
 
 
 def _walk(value: Any, name: str) -> Iterator[tuple[str, Any]]:

@@ -165,6 +165,9 @@ def from_hf_config(config: dict | str | Path) -> LlamaSpec:
     if missing:
         raise ModelConfigError(f"{path}: missing required field(s) {missing}")
     heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    if head_dim == config["hidden_size"] // heads:
+        head_dim = None  # the default: keep one canonical spec for one architecture
     rope_theta = config.get("rope_theta")
     if rope_theta is None:  # newer transformers nest it in rope_parameters
         rope_theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -181,7 +184,7 @@ def from_hf_config(config: dict | str | Path) -> LlamaSpec:
         rope_scaling=_rope_scaling_from_hf(rope_raw, path),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        head_dim=config.get("head_dim"),
+        head_dim=head_dim,
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         init_std=float(config.get("initializer_range", 0.02)),

@@ -306,6 +306,7 @@ def test_interrupted_saves_are_skipped_with_a_warning(sigterm_run, tmp_path):
 def test_resume_into_another_model_shape_fails_clearly(sigterm_run, tmp_path):
     _, save_dir, _ = sigterm_run
     hf = _write(tmp_path / "config.json", json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 176,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}))
