@@ -6,6 +6,8 @@ Writes a random HF checkpoint (streamed, sharded at 1 GB) to a temp dir, convert
 HF -> torch_dist (--tp/--pp target) -> HF, checks the round trip tensor by tensor (bit-exact),
 and records for each direction, measured in a fresh subprocess:
 
+    wall_s/cpu_s  the conversion's wall time, and the CPU time (user+sys) of its whole process
+                  (imports included: meaningful on a loaded machine);
     baseline_rss  VmRSS after importing torch, megatron.core and the converter (the interpreter's
                   fixed cost, independent of the model);
     peak_rss      VmHWM (the kernel's high-water mark of resident memory, file-backed mmap pages
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 _CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
@@ -44,8 +47,9 @@ if direction == "hf-to-mcore":
     hf_to_mcore(src, dst, tp=int(tp), pp=int(pp))
 else:
     mcore_to_hf(src, dst, max_shard_bytes=10**9)
-print(json.dumps({"wall_s": time.time() - start, "baseline_rss": baseline,
-                  "peak_rss": status("VmHWM")}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": time.time() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "baseline_rss": baseline, "peak_rss": status("VmHWM")}))
 """
 
 
@@ -133,17 +137,19 @@ def main() -> None:
                             "/ checkpoint bytes; each direction in a fresh subprocess",
         "round_trip_bit_exact": exact,
         "runs": runs,
-        "host": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
-                 "torch": torch.__version__},
+        "host": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
+                 "python": platform.python_version(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     gb = 1e9
-    print("| direction | checkpoint | wall | baseline RSS | peak RSS | (peak-baseline)/size |")
-    print("|---|---|---|---|---|---|")
+    print("| direction | checkpoint | wall | CPU (process) | baseline RSS | peak RSS | "
+          "(peak-baseline)/size |")
+    print("|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         print(f"| {name} | {size / gb:.2f} GB {args.dtype} | {run['wall_s']:.1f} s | "
+              f"{run['cpu_s']:.1f} s | "
               f"{run['baseline_rss'] / gb:.2f} GB | {run['peak_rss'] / gb:.2f} GB | "
               f"{run['ratio']:.3f} |")
     print(f"round trip bit-exact: {exact}")

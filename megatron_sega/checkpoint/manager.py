@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import pickle
+import queue
 import random
 import shutil
 import signal
@@ -234,6 +235,7 @@ class CheckpointManager:
             (tmp / "model_optim").mkdir(parents=True)
             (tmp / "rng").mkdir()
         dist.barrier()
+        _in_process_write_results()
         model = unwrap(s.model)
         state = {"model": model.sharded_state_dict()}
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
@@ -442,6 +444,18 @@ def _restore_adam_steps(optimizer) -> None:
                     old = state["step"]
                     state["step"] = torch.tensor(float(group["step"]), dtype=old.dtype,
                                                  device=old.device)
+
+
+def _in_process_write_results() -> None:
+    """Megatron's synchronous torch_dist save passes its write results through a
+    ``multiprocessing.Manager`` queue: a helper *process*, spawned at the first save, in our
+    process group. A preemption SIGTERM sent to the group (SLURM, a terminal) kills it, and the
+    emergency save then dies with BrokenPipeError. The writes run in this process's threads, so
+    an ordinary queue serves (and no process is spawned)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", queue.Queue()) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -1,8 +1,9 @@
 """Vocab-parallel ops at TP = 2 and 4 against a float64 single-process full-vocab reference.
 
-One spawn per world size computes everything (entropy, log-probs and their gradients, greedy and
-seeded samples, the top-k/top-p supports, the error paths) on every rank; the tests compare the
-gathered results with float64 math on the full logits and with the same ops at TP = 1.
+One spawn of 4 gloo processes computes everything (entropy, log-probs and their gradients, greedy
+and seeded samples, the top-k/top-p supports, the error paths) twice: at TP = 2 in the groups
+{0, 1} and {2, 3}, and at TP = 4 in {0, 1, 2, 3}. The tests compare the gathered results with
+float64 math on the full logits and with the same ops at TP = 1 (in the test process).
 
 Tolerances: 1e-6 absolute plus 2**-24 relative, i.e. the rounding of an fp32 result (a log-prob
 of -20 is only representable to ~1e-6).
@@ -46,13 +47,28 @@ def targets(case: str) -> torch.Tensor:
     return t
 
 
-def _worker(world: int) -> dict:
+WORLD = 4
+
+
+def _worker() -> dict:
+    import torch.distributed as dist
+
+    groups = {2: [dist.new_group([0, 1]), dist.new_group([2, 3])],
+              4: [dist.new_group(list(range(WORLD)))]}
+    rank = dist.get_rank()
+    out = {}
+    for tp, options in groups.items():
+        group = options[rank // tp]
+        out.update({f"tp{tp}/{k}": v for k, v in _checks(group, tp).items()})
+    return out
+
+
+def _checks(group, world: int) -> dict:
     import torch.distributed as dist
 
     from megatron_sega.ops import entropy, log_probs, log_probs_and_entropy, sample
     from megatron_sega.ops.sampling import _support
 
-    group = dist.new_group(list(range(world)))
     rank, shard = dist.get_rank(group), V_PAD // world
     start = rank * shard
     out: dict = {}
@@ -108,9 +124,23 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.double(), expected.double(), atol=1e-6, rtol=2.0 ** -24)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
-def tp_run(request):
-    return request.param, run_distributed(_worker, request.param, request.param)
+@pytest.fixture(scope="module")
+def spawned() -> list[dict]:
+    return run_distributed(_worker, WORLD)
+
+
+@pytest.fixture(params=[2, 4], ids=lambda w: f"tp{w}")
+def tp_run(request, spawned):
+    """(TP, the results of one TP group by group rank); TP = 2 also checks the second pair."""
+    tp = request.param
+    results = [{k[len(f"tp{tp}/"):]: v for k, v in r.items() if k.startswith(f"tp{tp}/")}
+               for r in spawned]
+    for rank in range(tp, WORLD):  # the other TP = 2 pair computed the same thing
+        for key, value in results[rank].items():
+            expected = results[rank % tp][key]
+            assert torch.equal(value, expected) if isinstance(value, torch.Tensor) \
+                else value == expected, key
+    return tp, results[:tp]
 
 
 def _reference(case: str) -> dict:
