@@ -23,7 +23,9 @@ What is measured, per rank (the table shows the maximum over ranks):
 - ``RSS MiB``: a cross-check including everything: the rise of the process's peak resident set
   (VmHWM, reset through /proc/self/clear_refs) over the resident set before the call; it also
   counts allocator caching and page-granularity effects, so it is noisier;
-- ``time s``: one call's wall time on this (shared, CPU) machine: indicative only.
+- ``time s``: wall time of one untracked call on this (shared, 2-core) CPU machine, the slowest
+  rank; indicative only (TP processes share the cores, and the bisection rounds are latency-bound
+  collectives that a GPU + NCCL runs in microseconds).
 
 Results go to ``benchmarks/results/vocab_parallel.json`` and a markdown table is printed.
 """
@@ -84,6 +86,10 @@ class CommCounter:
         self._orig = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single")}
         dist.all_reduce = self._all_reduce
         dist.all_gather_single = self._all_gather
+
+    def restore(self) -> None:
+        for name, fn in self._orig.items():
+            setattr(dist, name, fn)
 
     def _all_reduce(self, tensor, *args, **kwargs):
         nbytes = tensor.numel() * tensor.element_size()
@@ -171,16 +177,18 @@ def _rank_main(rank: int, world: int, workdir: str, tokens: int, vocab: int) -> 
             fn()  # warm-up (first-call allocations, gloo connections)
             dist.barrier(group)
             counter = CommCounter(world)
+            t0 = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - t0
+            counter.restore()
+            dist.barrier(group)
+            # Memory in a second call: the dispatch-mode tracker slows the ops down.
             tracker = PeakTensorMemory([shard, targets])
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             rss_before = _rss_kib("VmRSS")
-            t0 = time.perf_counter()
             with tracker:
                 out = fn()
-            seconds = time.perf_counter() - t0
             rss_peak = _rss_kib("VmHWM")
-            dist.all_reduce = counter._orig["all_reduce"]
-            dist.all_gather_single = counter._orig["all_gather_single"]
             del out
             results.append(dict(op=op, method=method, tp=world, rank=rank, tokens=tokens,
                                 vocab=vocab, payload_bytes_per_token=counter.payload / tokens,

