@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -55,7 +54,7 @@ class Session:
 def load_tokenizer(config: Config) -> Tokenizer:
     path = config.model.tokenizer
     if path is None and config.model.load:
-        candidate = Path(config.model.load) / "tokenizer"
+        candidate = resolve_checkpoint_dir(config.model.load) / "tokenizer"
         path = str(candidate) if candidate.is_dir() else None
     if path is None:
         if config.model.preset != "tiny":
