@@ -132,7 +132,10 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     """Convert a megatron-sega ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF
     Llama directory: ``config.json``, safetensors (sharded above ``max_shard_bytes``, with
     ``model.safetensors.index.json``) and the tokenizer files. Single process."""
-    mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
+    from megatron_sega.models.resolve import resolve_checkpoint_dir
+
+    # A converted checkpoint, a training checkpoint (step_*/model_optim) or a save directory.
+    mcore_dir, out_dir = resolve_checkpoint_dir(str(mcore_dir)), Path(out_dir)
     info = read_info(mcore_dir)
     spec = info.spec
     target = parse_dtype(dtype) or info.torch_dtype
