@@ -21,8 +21,9 @@ What is measured, per rank (the table shows the maximum over ranks):
   TorchDispatchMode that adds every new storage's size and subtracts it when the storage is
   freed. It does not see kernel-internal scratch buffers or gloo's own buffers;
 - ``RSS MiB``: a cross-check including everything: the rise of the process's peak resident set
-  (VmHWM, reset through /proc/self/clear_refs) over the resident set before the call; it also
-  counts allocator caching and page-granularity effects, so it is noisier;
+  (VmHWM, reset through /proc/self/clear_refs) over the resident set before the (untracked)
+  call; it also sees kernel scratch memory and allocator effects (memory that glibc keeps
+  after the warm-up call is reused without raising the RSS, so it can read lower);
 - ``time s``: wall time of one untracked call on this (shared, 2-core) CPU machine, the slowest
   rank; indicative only (TP processes share the cores, and the bisection rounds are latency-bound
   collectives that a GPU + NCCL runs in microseconds).
@@ -177,18 +178,20 @@ def _rank_main(rank: int, world: int, workdir: str, tokens: int, vocab: int) -> 
             fn()  # warm-up (first-call allocations, gloo connections)
             dist.barrier(group)
             counter = CommCounter(world)
-            t0 = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - t0
-            counter.restore()
-            dist.barrier(group)
-            # Memory in a second call: the dispatch-mode tracker slows the ops down.
-            tracker = PeakTensorMemory([shard, targets])
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             rss_before = _rss_kib("VmRSS")
+            t0 = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - t0
+            rss_peak = _rss_kib("VmHWM")
+            counter.restore()
+            del out
+            dist.barrier(group)
+            # Tensor memory in a second call: the dispatch-mode tracker slows ops down and
+            # perturbs the process's RSS.
+            tracker = PeakTensorMemory([shard, targets])
             with tracker:
                 out = fn()
-            rss_peak = _rss_kib("VmHWM")
             del out
             results.append(dict(op=op, method=method, tp=world, rank=rank, tokens=tokens,
                                 vocab=vocab, payload_bytes_per_token=counter.payload / tokens,

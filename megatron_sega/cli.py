@@ -40,7 +40,11 @@ def _user_error_types() -> tuple[type, ...]:
     types_: list[type] = [UserError, ConfigError, ModelConfigError, ParallelConfigError,
                           FileNotFoundError]
     for module, name in (("megatron_sega.data", "DataError"),
-                         ("megatron_sega.checkpoint.layout", "LayoutError")):
+                         ("megatron_sega.data", "TokenizerError"),
+                         ("megatron_sega.checkpoint.layout", "LayoutError"),
+                         ("megatron_sega.checkpoint.mcore", "CheckpointError"),
+                         ("megatron_sega.checkpoint.hf", "ConversionError"),
+                         ("megatron_sega.sampling", "SamplerMemoryError")):
         try:
             types_.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -241,7 +241,10 @@ class CheckpointManager:
         state = {"model": model.sharded_state_dict()}
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
         # after a --no-load-optim resume) holds the model only.
-        with_optim = s.optimizer is not None and _has_state(s.optimizer)
+        with_optim = torch.tensor([int(s.optimizer is not None and _has_state(s.optimizer))],
+                                  device=s.runtime.device)
+        dist.all_reduce(with_optim, op=dist.ReduceOp.MAX)  # every rank saves the same entries
+        with_optim = bool(with_optim.item())
         if with_optim:
             state["optimizer"] = s.optimizer.sharded_state_dict(state["model"],
                                                                 metadata=_OPTIM_SHARDING)

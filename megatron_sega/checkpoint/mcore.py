@@ -158,8 +158,11 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     model = unwrap(model)
     info = read_info(directory)
     check_compatible(info, model.llama_spec, _model_padded_vocab(model), str(directory))
+    from megatron_sega.checkpoint.manager import safe_loading  # (manager imports this module)
+
     wanted = model.sharded_state_dict()
-    state = dist_checkpointing.load(wanted, str(directory))
+    with safe_loading():  # checkpoints from elsewhere: metadata types only, no arbitrary objects
+        state = dist_checkpointing.load(wanted, str(directory))
     # A training checkpoint also holds optimizer state: keep the model's entries only.
     model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
     return info
@@ -359,7 +362,10 @@ def load_streaming(skeleton, directory: str | Path, names: list[str]) -> dict[st
             request[f"{name}/{j}"] = dataclasses.replace(sh, data=data, local_shape=local,
                                                          prepend_axis_num=0)
             targets[f"{name}/{j}"] = target
-    loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
+    from megatron_sega.checkpoint.manager import safe_loading
+
+    with safe_loading():
+        loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
     for key, target in targets.items():
         value = loaded.pop(key)
         if value.data_ptr() != target.data_ptr():  # not read in place

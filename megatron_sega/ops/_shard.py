@@ -13,7 +13,7 @@ benchmarks can count what is sent, and ``tp_group=None`` (one process) sends not
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,24 @@ def sum64(x: Tensor, block: int = 128) -> Tensor:
     return out
 
 
+def row_reader(t: Tensor) -> Callable[[slice], Tensor]:
+    """``read(rows) -> [len(rows), V]`` for a slice of the flattened leading dims of ``t [..., V]``.
+
+    A view when the leading dims flatten without a copy; otherwise (e.g. ``logits[:, :-1]``)
+    each chunk of rows is gathered on its own, so that no full copy of ``t`` is ever made.
+    """
+    try:
+        flat = t.view(-1, t.shape[-1])
+        return flat.__getitem__
+    except RuntimeError:
+        lead = t.shape[:-1]
+
+        def read(rows: slice) -> Tensor:
+            return t[torch.unravel_index(torch.arange(rows.start, rows.stop, device=t.device), lead)]
+
+        return read
+
+
 def row_chunks(n_rows: int, chunk_size: int) -> Iterator[slice]:
     """Row slices of at most ``chunk_size`` rows (the same on every rank)."""
     for start in range(0, n_rows, chunk_size):
@@ -94,23 +112,32 @@ def all_gather(tensor: Tensor, tp_group) -> Tensor:
     return out.view(size, *tensor.shape)
 
 
-def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group,
-               extra: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group, *, with_min: bool = False,
+               extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row maxima of the true vocab over all ranks, and the checks that need every rank.
 
     ``z`` is a chunk ``[c, width]`` of true-vocab columns in fp32. One MAX all-reduce carries the
-    row maxima (plus the optional ``extra [c, n]`` columns, also max-reduced), a NaN/Inf flag
-    (1 + the highest bad rank) and the end of the covered vocabulary, so that every rank raises
-    the same ValueError instead of one rank raising and the others waiting forever.
+    row maxima, optionally the negated row minima (``with_min``) and ``extra [c, n]`` columns
+    (also max-reduced), a NaN/Inf flag (1 + the highest bad rank) and the end of the covered
+    vocabulary, so that every rank raises the same ValueError instead of one rank raising and
+    the others waiting forever. Returns ``(max [c], other columns [c, n'])``: ``-min`` first.
+
+    The finiteness check reads the row max and min (NaN propagates through both, +Inf shows in
+    the max, -Inf in the min): no extra pass and no temporary, unlike ``torch.isfinite``.
     """
     c, width = z.shape
-    local = z.amax(-1) if width else z.new_full((c,), -math.inf)
+    if width:
+        local_max, local_min = z.amax(-1), z.amin(-1)
+        finite = bool(torch.isfinite(local_max).all() & torch.isfinite(local_min).all())
+    else:
+        local_max = local_min = z.new_full((c,), -math.inf)
+        finite = True
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    bad = float(rank + 1) if width and not bool(torch.isfinite(z).all()) else 0.0
-    flags = z.new_tensor([bad, float(vocab_start + z.shape[1] if width else 0)])
-    parts = [local.unsqueeze(1)] + ([extra] if extra is not None else [])
-    packed = all_reduce(torch.cat([torch.cat(parts, 1).reshape(-1), flags]), tp_group,
-                        dist.ReduceOp.MAX)
+    flags = z.new_tensor([0.0 if finite else float(rank + 1),
+                          float(vocab_start + width if width else 0)])
+    cols = [local_max] + ([-local_min if width else local_min] if with_min else [])
+    table = torch.stack(cols, 1) if extra is None else torch.cat([torch.stack(cols, 1), extra], 1)
+    packed = all_reduce(torch.cat([table.reshape(-1), flags]), tp_group, dist.ReduceOp.MAX)
     if packed[-2] > 0:
         raise ValueError(f"logits_shard contains NaN or Inf in the true vocabulary (TP rank "
                          f"{int(packed[-2]) - 1}): fix the model output (overflow in fp16/bf16? a "
@@ -119,4 +146,4 @@ def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group,
         raise ValueError(f"the shards cover ids [0, {int(packed[-1])}) but vocab_size="
                          f"{vocab_size}: check vocab_start on each rank and vocab_size")
     table = packed[:-2].view(c, -1)
-    return table[:, 0], (table[:, 1:] if extra is not None else None)
+    return table[:, 0], table[:, 1:]

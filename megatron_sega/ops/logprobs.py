@@ -16,10 +16,11 @@ Communication per token: 1 fp32 in a MAX all-reduce and 1 to 3 fp64 in a SUM all
     d log p(t) / d z_j = 1[j = t] - p_j
     d H        / d z_j = -p_j (log p_j + H)
 
-computed in the backward pass from the saved per-token ``m + log S`` and ``H``, for this shard's
+computed in the backward pass from the saved per-token ``m``, ``log S`` and ``H``, for this shard's
 columns only (which is what the vocab-parallel output layer's backward expects); padding columns
-get zero gradient. Everything is computed in fp32 whatever the input dtype, one chunk of tokens at a
-time, so temporaries are ``O(chunk_size x V_shard)``; the input is never modified.
+get zero gradient. The elementwise work is fp32 whatever the input dtype (the per-token sums and
+scalars are fp64: O(tokens)), one chunk of tokens at a time, so temporaries are
+``O(chunk_size x V_shard)``; the input is never modified nor copied whole.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from megatron_sega.ops._shard import (
-    DEFAULT_CHUNK_SIZE, all_reduce, check_shard, global_max, row_chunks, sum64,
+    DEFAULT_CHUNK_SIZE, all_reduce, check_shard, global_max, row_chunks, row_reader, sum64,
 )
 
 
@@ -71,8 +72,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 tp_group, chunk_size: int, want_entropy: bool):
         width = check_shard(logits, vocab_start, vocab_size, tp_group, chunk_size)
         lead = logits.shape[:-1]
-        rows = logits.reshape(-1, logits.shape[-1])
-        n = rows.shape[0]
+        rows, n = row_reader(logits), lead.numel()
         stats = torch.empty(n, 2, dtype=torch.float32, device=logits.device)  # (m, log S)
         logp = stats.new_empty(n) if targets is not None else stats.new_empty(0)
         ent = stats.new_empty(n) if want_entropy else stats.new_empty(0)
@@ -80,7 +80,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         if targets is not None:
             local_t = targets.reshape(-1).to(device=logits.device, dtype=torch.long) - vocab_start
         for sl in row_chunks(n, chunk_size):
-            z = rows[sl, :width].float()
+            z = rows(sl)[:, :width].float()
             m, log_s, lp, h = _forward_chunk(z, None if local_t is None else local_t[sl],
                                              want_entropy, vocab_start, vocab_size, tp_group)
             stats[sl, 0], stats[sl, 1] = m, log_s
@@ -107,24 +107,28 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         width, chunk_size, has_targets, want_entropy = ctx.meta
         g_lp = grad_logp.reshape(-1).float() if has_targets and grad_logp is not None else None
         g_h = grad_ent.reshape(-1).float() if want_entropy and grad_ent is not None else None
-        rows = logits.reshape(-1, logits.shape[-1])
-        grad = torch.zeros_like(rows)  # padding columns keep a zero gradient
+        rows = row_reader(logits)
+        grad = logits.new_zeros(logits.shape)  # padding columns keep a zero gradient
+        flat_grad = grad.view(-1, logits.shape[-1])
         if width and (g_lp is not None or g_h is not None):
-            for sl in row_chunks(rows.shape[0], chunk_size):
+            for sl in row_chunks(flat_grad.shape[0], chunk_size):
                 # (z - m) - log S in fp32: both terms are small where p is not negligible.
-                log_p = (rows[sl, :width].float() - stats[sl, :1]) - stats[sl, 1:]
+                # In place from here on: two chunk-sized temporaries in all.
+                log_p = rows(sl)[:, :width].float() - stats[sl, :1]
+                log_p -= stats[sl, 1:]
                 p = log_p.exp()
-                g = torch.zeros_like(p)
+                g = None
                 if g_h is not None:  # dH/dz_j = -p_j (log p_j + H)
-                    g -= g_h[sl].unsqueeze(1) * p * (log_p + ent[sl].unsqueeze(1))
+                    g = log_p.add_(ent[sl].unsqueeze(1)).mul_(p).mul_(-g_h[sl].unsqueeze(1))
                 if g_lp is not None:  # d log p(t)/dz_j = 1[j = t] - p_j
-                    g -= g_lp[sl].unsqueeze(1) * p
+                    p.mul_(-g_lp[sl].unsqueeze(1))
+                    g = p if g is None else g.add_(p)
                     t = local_t[sl]
                     owned = (t >= 0) & (t < width)
                     rows_idx = torch.nonzero(owned).squeeze(1)
                     g.index_put_((rows_idx, t[owned]), g_lp[sl][owned], accumulate=True)
-                grad[sl, :width] = g.to(grad.dtype)
-        return grad.view(logits.shape), None, None, None, None, None, None
+                flat_grad[sl, :width] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None
 
 
 def _check_targets(logits_shard: Tensor, targets: Tensor, vocab_size: int) -> None:

@@ -31,15 +31,18 @@ fp32 mass). One all-gather of (#ties, F strictly above v*) per rank then gives n
 the ranks' vocab_start, which rank's ties come first. The chosen support equals the
 single-process one except where an fp32 cumulative mass is within rounding of p.
 
-Communication per row (bytes each rank contributes; rows of a chunk share every collective):
+Communication per row (bytes each rank contributes; the rows of a chunk share each collective):
 
-    always:  MAX all-reduce 2 x fp32 (max, -min) and a final all-gather 6 x fp64
-             (best Gumbel score, its id, its logits, the local normalisers)       8 + 48 B
-    top-k:   <= 32 SUM all-reduces x int32, 1 all-gather 2 x fp32                <= 136 B
-    top-p:   1 + <= 32 SUM all-reduces x fp32, 1 all-gather 2 x fp32              <= 140 B
+    always:  1 MAX all-reduce of 2 fp32 (max, -min), a final all-gather of 6 fp64 (best
+             Gumbel score, its id, its two shifted logits, the two local normalisers)   8 + 48 B
+    top-k:   2 more fp32 in the MAX all-reduce (each rank's k-th and ceil(k/TP)-th largest
+             logit: they bracket the global k-th largest), <= 32 SUM all-reduces of an int32
+             (~20 on a 128k vocabulary thanks to the bracket), 1 all-gather of 2 fp32   <= 144 B
+    top-p:   1 + <= 32 SUM all-reduces of an fp32, 1 all-gather of 2 fp32             <= 140 B
 
-independent of V (the all-gather baseline sends V/TP x 4 B). Latency: up to ~70 collectives per
-chunk of rows when both filters are on (the bisection rounds), 2 for greedy or plain temperature.
+independent of V (the all-gather baseline sends V/TP x 4 B: 128 kB at V = 128k, TP = 4). Latency:
+2 collectives per chunk for greedy or plain temperature, up to ~70 with both filters (the
+bisection rounds), which is why rows are processed a whole chunk at a time.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from torch import Tensor
 
 from megatron_sega.ops._shard import (
     DEFAULT_CHUNK_SIZE, all_gather, all_reduce, check_shard, global_max, group_size, row_chunks,
-    sum64,
+    row_reader, sum64,
 )
 
 # Rows per chunk: sampling keeps ~30 bytes of temporaries per logit (int64 hash, fp64 noise,
@@ -249,19 +252,24 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
                   top_p: float, vocab_start: int, vocab_size: int, tp_group) -> tuple[Tensor, ...]:
     """(tokens, logp_sampling, logp_untempered) of one chunk ``z [c, width]`` in fp32."""
     c, width = z.shape
-    extra = [-z.amin(-1, keepdim=True) if width else z.new_full((c, 1), -math.inf)]
+    k_cols = None
     if temperature > 0 and 0 < top_k < vocab_size:
-        extra += [_kth_largest(z, top_k), _kth_largest(z, -(-top_k // group_size(tp_group)))]
-    m0, extra = global_max(z, vocab_start, vocab_size, tp_group, extra=torch.cat(extra, 1))
+        k_cols = torch.cat([_kth_largest(z, top_k),
+                            _kth_largest(z, -(-top_k // group_size(tp_group)))], 1)
+    m0, extra = global_max(z, vocab_start, vocab_size, tp_group, with_min=True, extra=k_cols)
     s0 = sum64((z - m0.unsqueeze(1)).exp_())
     if temperature == 0:
         w, m_w, score, s_supp = z, m0, z, torch.zeros_like(s0)
     else:
         w = z / temperature if temperature != 1 else z
         m_w = m0 / temperature  # = max(w): division by T > 0 is monotone, also after rounding
+        w_min = -extra[:, 0] / temperature
+        if not bool(torch.isfinite(m_w).all() & torch.isfinite(w_min).all()):  # same on all ranks
+            raise ValueError(f"temperature={temperature!r} is so small that logits / temperature "
+                             f"overflows fp32: use temperature=0 (greedy) instead")
         k_bracket = (extra[:, 1] / temperature, extra[:, 2] / temperature) \
             if extra.shape[1] == 3 else None
-        kept = _support(w, m_w, -extra[:, 0] / temperature, top_k, top_p, vocab_size,
+        kept = _support(w, m_w, w_min, top_k, top_p, vocab_size,
                         vocab_start, tp_group, k_bracket)
         e = (w - m_w.unsqueeze(1)).exp_()
         s_supp = sum64(e if kept is None else e.masked_fill_(~kept, 0.0))
@@ -306,14 +314,13 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     _check_sampling_args(temperature, top_k, top_p)
     lead, device = logits_shard.shape[:-1], logits_shard.device
     keys = row_keys(seed, step, lead, device) if temperature > 0 else None
-    rows = logits_shard.detach().reshape(-1, logits_shard.shape[-1])
+    rows, n = row_reader(logits_shard.detach()), lead.numel()
     ids = torch.arange(vocab_start, vocab_start + width, device=device)
-    n = rows.shape[0]
     tokens = torch.empty(n, dtype=torch.long, device=device)
     logp_sampling = torch.empty(n, dtype=torch.float32, device=device)
     logp_untempered = torch.empty_like(logp_sampling)
     for sl in row_chunks(n, chunk_size):
         tokens[sl], logp_sampling[sl], logp_untempered[sl] = _sample_chunk(
-            rows[sl, :width].float(), ids, None if keys is None else keys[sl],
+            rows(sl)[:, :width].float(), ids, None if keys is None else keys[sl],
             float(temperature), top_k, float(top_p), vocab_start, vocab_size, tp_group)
     return Sample(tokens.view(lead), logp_sampling.view(lead), logp_untempered.view(lead))

@@ -37,10 +37,11 @@ TIMEOUT = 240  # seconds for one CLI process (a few seconds of work; slack for a
 # Wall-clock fields of the metrics: everything else must match exactly.
 TIMING_KEYS = {"time", "step_time", "tokens_per_s", "time_sample", "time_score", "time_train"}
 
+DATA = "train: examples/demo_data/train.jsonl, eval: examples/demo_data/eval.jsonl"
 SFT_STEPS, SFT_INTERVAL = 12, 4
 SFT_YAML = f"""\
 model: {{preset: tiny}}
-data: {{train: examples/demo_data/train.jsonl, eval: examples/demo_data/eval.jsonl, max_seq_len: 64}}
+data: {{{DATA}, max_seq_len: 64}}
 sft: {{steps: {SFT_STEPS}, global_batch_size: 16, micro_batch_size: 8, eval_interval: 0}}
 optim: {{lr: 3.0e-3, warmup_steps: 2}}
 logging: {{progress: false, tensorboard: false}}
@@ -50,7 +51,7 @@ checkpoint: {{save_interval: {SFT_INTERVAL}, keep_last: 3}}
 SEGA_STEPS, SEGA_INTERVAL = 4, 2
 SEGA_YAML = f"""\
 model: {{preset: tiny, load: LOAD}}
-data: {{train: examples/demo_data/train.jsonl, eval: examples/demo_data/eval.jsonl, max_seq_len: 96}}
+data: {{{DATA}, max_seq_len: 96}}
 sampling: {{max_new_tokens: 16, temperature: 1.0, top_p: 0.95}}
 sega: {{k: 4, steps: {SEGA_STEPS}, prompts_per_step: 8, micro_batch_size: 8}}
 optim: {{lr: 1.0e-3}}
@@ -90,7 +91,8 @@ class Run:
             pytest.fail(f"{self.name} timed out:\n{self.output()[-3000:]}")
         self._out.close()
         if expect is not None and rc != expect:
-            pytest.fail(f"{self.name} exited with {rc}, expected {expect}:\n{self.output()[-4000:]}")
+            pytest.fail(f"{self.name} exited with {rc}, expected {expect}:\n"
+                        f"{self.output()[-4000:]}")
         self.rc = rc
         return self.output()
 
@@ -146,12 +148,13 @@ def _assert_same_metrics(continuous: Path, resumed: Path, steps: int) -> None:
 
 
 def _assert_same_checkpoint(a: Path, b: Path, prefix: str = "") -> int:
-    """Bitwise-equal tensors (model and, without a prefix, the optimizer state); equal RNG files,
-    scheduler and data position when asked for everything. Returns the number of tensors."""
+    """Bitwise-equal tensors: the model and, without a prefix, the optimizer state (Adam moments
+    and main params). Returns the number of tensors compared."""
     ta, tb = read_tensors(a / "model_optim", prefix), read_tensors(b / "model_optim", prefix)
     assert ta.keys() == tb.keys() and ta
     for key in ta:
-        assert torch.equal(ta[key], tb[key]), f"{key}: max abs diff {(ta[key] - tb[key]).abs().max()}"
+        diff = (ta[key] - tb[key]).abs().max()
+        assert torch.equal(ta[key], tb[key]), f"{key}: max abs diff {diff}"
     return len(ta)
 
 

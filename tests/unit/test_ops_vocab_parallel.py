@@ -219,3 +219,25 @@ def test_nan_in_padding_is_ignored():
     z[..., V + 3] = math.nan
     assert torch.isfinite(entropy(z, 0, V, None)).all()
     assert sample(z, 0, V, None, temperature=1.0, top_k=3).tokens.max() < V
+
+
+def test_strided_inputs_are_read_chunk_by_chunk_with_the_same_results():
+    z = _logits(3, 9)
+    t = torch.randint(0, V, (3, 8), generator=torch.Generator().manual_seed(4))
+    sliced = z[:, :-1]  # leading dims that do not flatten into a view
+    x = sliced.clone().requires_grad_()
+    y = z.clone().requires_grad_()
+    lp_view = log_probs(y[:, :-1], t, 0, V, None, chunk_size=5)
+    lp_copy = log_probs(x, t, 0, V, None, chunk_size=5)
+    assert torch.equal(lp_view, lp_copy)
+    lp_view.sum().backward()
+    lp_copy.sum().backward()
+    assert torch.equal(y.grad[:, :-1], x.grad) and torch.count_nonzero(y.grad[:, -1]) == 0
+    kwargs = dict(temperature=0.9, top_k=20, top_p=0.9, seed=3, chunk_size=4)
+    assert torch.equal(sample(z[:, :-1], 0, V, None, **kwargs).tokens,
+                       sample(sliced.contiguous(), 0, V, None, **kwargs).tokens)
+
+
+def test_temperature_too_small_for_fp32_is_an_error():
+    with pytest.raises(ValueError, match="temperature=1e-40"):
+        sample(_logits(2), 0, V, None, temperature=1e-40)

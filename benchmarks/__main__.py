@@ -1,0 +1,116 @@
+"""Run every benchmark and collect the figures.
+
+    python -m benchmarks                 # all, CPU-sized (about 10 minutes on 2 cores)
+    python -m benchmarks --only sampler  # one of: vocab_parallel, sampler, convert, train_step
+
+Each benchmark runs in a fresh subprocess (so memory figures are its own) and writes
+``benchmarks/results/NAME.json``; this collects them into ``benchmarks/results.json`` and a
+markdown table in ``benchmarks/RESULTS.md``, which the README's performance section quotes.
+Every figure is a ratio against a baseline measured in the same run (or, on a GPU, an absolute
+rate on the named device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+BENCHMARKS = {
+    "vocab_parallel": ["-m", "benchmarks.vocab_parallel"],
+    "sampler": ["-m", "benchmarks.sampler"],
+    "convert": ["-m", "benchmarks.convert"],
+    "train_step": ["-m", "benchmarks.train_step"],
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(results: dict) -> str:
+    rows = ["| benchmark | figure | value | baseline (same run) |", "|---|---|---|---|"]
+    vp = results.get("vocab_parallel") or {}
+    by = {(r["op"], r["method"], r["tp"]): r for r in vp.get("results", [])}
+    for (op, method, tp), ours in sorted(by.items()):
+        if method != "ours" or (op, "gather", tp) not in by:
+            continue
+        gather = by[(op, "gather", tp)]
+        rows.append(f"| vocab-parallel {op}, TP={tp} | bytes sent per token | "
+                    f"{_fmt(ours['sent_bytes_per_token'])} "
+                    f"({gather['sent_bytes_per_token'] / max(ours['sent_bytes_per_token'], 1e-9):.0f}x"
+                    f" fewer) | all-gather {_fmt(gather['sent_bytes_per_token'])} |")
+        rows.append(f"| vocab-parallel {op}, TP={tp} | peak temporary memory | "
+                    f"{ours['peak_temp_bytes'] / 2**20:.1f} MiB "
+                    f"({ours['peak_temp_bytes'] / gather['peak_temp_bytes']:.2f} of gather) | "
+                    f"{gather['peak_temp_bytes'] / 2**20:.1f} MiB |")
+    sampler = results.get("sampler") or {}
+    for key, label in (("vs_transformers", "tokens/s vs transformers generate"),
+                       ("vs_no_cache", "tokens/s vs no-cache recompute")):
+        if key in sampler:
+            rows.append(f"| sampler ({sampler.get('device', 'cpu')}) | {label} | "
+                        f"{_fmt(sampler[key], '.2f')}x | {sampler.get(key + '_detail', '')} |")
+    conv = results.get("convert") or {}
+    for direction, run in (conv.get("runs") or {}).items():
+        rows.append(f"| convert {direction} ({conv.get('checkpoint_bytes', 0) / 1e9:.2f} GB) | "
+                    f"peak RSS / checkpoint size | {_fmt(run.get('ratio'), '.2f')} "
+                    f"({_fmt(run.get('wall_s'), '.1f')} s) | interpreter baseline subtracted |")
+    train = results.get("train_step") or {}
+    if train:
+        rows.append(f"| training step ({train.get('device')}, {train.get('layers')} layers, hidden "
+                    f"{train.get('hidden')}, seq {train.get('seq')}) | tokens/s | "
+                    f"{_fmt(train.get('ours_tokens_per_s'), '.0f')} "
+                    f"({_fmt(train.get('ratio_vs_transformers'), '.2f')}x) | transformers "
+                    f"{_fmt(train.get('transformers_tokens_per_s'), '.0f')} |")
+        if train.get("mfu") is not None:
+            rows.append(f"| training step ({train['device']}) | MFU | {train['mfu']:.1%} | "
+                        f"peak {train['peak_tflops']} TFLOP/s |")
+    return "\n".join(rows)
+
+
+def update_readme(markdown: str) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    marker = "<!-- results -->"
+    if marker in text:
+        head = text.split(marker)[0]
+        readme.write_text(head + marker + "\n" + markdown + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per benchmark")
+    args = parser.parse_args(argv)
+    status = {}
+    for name in args.only or BENCHMARKS:
+        start = time.time()
+        print(f"== {name}", flush=True)
+        proc = subprocess.run([sys.executable, *BENCHMARKS[name]], cwd=REPO,
+                              timeout=args.timeout)
+        status[name] = {"returncode": proc.returncode, "wall_s": round(time.time() - start, 1)}
+    results = {name: _load(name) for name in BENCHMARKS}
+    summary = {"status": status, "results": results}
+    (REPO / "benchmarks" / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    markdown = table(results)
+    (REPO / "benchmarks" / "RESULTS.md").write_text(
+        "# Benchmark results\n\nWritten by `python -m benchmarks`; see the scripts for methods.\n\n"
+        + markdown + "\n")
+    update_readme(markdown)
+    print(markdown)
+    return 0 if all(s["returncode"] == 0 for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
