@@ -8,11 +8,11 @@ One process, TP=1/PP=1, CPU (or the GPU when one is visible), fp32. A random Hug
 same weights, greedily, on the same prompts (random ids, lengths from ``prompt/2`` to
 ``prompt``), for exactly ``--new`` tokens (no stop token; HF with ``min_new_tokens``):
 
-    sampler        ``Sampler.generate`` on the model as the CPU default builds it (Megatron's
-                   local attention): prefill + KV-cached decode with the vocab-parallel ops,
-                   which also compute the untempered log-prob and the entropy of every token;
-    sampler_sdpa   the same on the model built with ``attention="sdpa"`` (what a GPU without
-                   Transformer Engine gets);
+    sampler        ``Sampler.generate`` on the model as ``build_model`` makes it without
+                   Transformer Engine (SDPA core attention): prefill + KV-cached decode with the
+                   vocab-parallel ops, which also compute the untempered log-prob and the
+                   entropy of every token;
+    sampler_local  the same with Megatron's local core attention (``attention="local"``);
     hf_generate    ``model.generate(..., use_cache=True, do_sample=False)``, SDPA attention,
                    left-padded batch (argmax only: no log-probs, no entropies);
     no_cache       the Megatron model on the whole sequence at every step (a sampler without a
@@ -157,13 +157,13 @@ def main() -> None:
     rt = runtime.setup(1, 1)
     hf = hf_model(args.hidden, args.layers, args.vocab).to(rt.device)
     model, spec = megatron_model(hf, rt)
-    sdpa_model, _ = megatron_model(hf, rt, attention="sdpa")
+    local_model, _ = megatron_model(hf, rt, attention="local")
     prompts = prompts_for(args.batch, args.prompt, args.vocab)
     samplers = {name: Sampler(m, rt, spec.vocab_size, pad_id=0)
-                for name, m in (("sampler", model), ("sampler_sdpa", sdpa_model))}
+                for name, m in (("sampler", model), ("sampler_local", local_model))}
     runners = {
         "sampler": lambda n: run_sampler(samplers["sampler"], prompts, n),
-        "sampler_sdpa": lambda n: run_sampler(samplers["sampler_sdpa"], prompts, n),
+        "sampler_local": lambda n: run_sampler(samplers["sampler_local"], prompts, n),
         "hf_generate": lambda n: run_hf(hf, prompts, n),
         "no_cache": lambda n: run_no_cache(model, prompts, n, spec.vocab_size),
     }

@@ -42,8 +42,9 @@ def gpu_peak() -> tuple[str, float | None]:
 def ours(spec, dtype, batch, micro, seq, steps, device):
     from megatron_sega import ops, runtime
     from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.config import OptimConfig
     from megatron_sega.training.engine import (
-        OptimConfig, build_optimizer, build_training_model, forward_backward, optimizer_step,
+        build_optimizer, build_training_model, forward_backward, optimizer_step,
     )
 
     rt = runtime.setup(1, 1, device=device)
@@ -51,7 +52,8 @@ def ours(spec, dtype, batch, micro, seq, steps, device):
     if spec.num_layers * spec.hidden_size ** 2 < 5e8:  # small: identical init to the baseline
         full = random_full_state_dict(spec, spec.padded_vocab_size(1), seed=0)
         load_full_state_dict(chunks[0].module, full, 1, 0)
-    optimizer, scheduler = build_optimizer(chunks, OptimConfig(lr=1e-5), dtype)
+    optimizer, scheduler = build_optimizer(chunks, OptimConfig(lr=1e-5), total_steps=1000,
+                                           dtype=dtype)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1), generator=g).to(rt.device)
 

@@ -16,14 +16,15 @@ What is measured, per rank (the table shows the maximum over ranks):
   (counted by wrapping ``torch.distributed.all_reduce`` and ``all_gather_single``), per token;
 - ``sent B/tok``: what a ring algorithm makes each rank send for that payload:
   ``2 (TP-1)/TP x payload`` for an all-reduce, ``(TP-1) x payload`` for an all-gather;
-- ``peak temp MiB``: the peak of live tensor storage allocated during the call (inputs
-  excluded; outputs, gathered buffers and temporaries included), tracked exactly by a
-  TorchDispatchMode that adds every new storage's size and subtracts it when the storage is
-  freed. It does not see kernel-internal scratch buffers or gloo's own buffers;
-- ``RSS MiB``: a cross-check including everything: the rise of the process's peak resident set
-  (VmHWM, reset through /proc/self/clear_refs) over the resident set before the (untracked)
-  call; it also sees kernel scratch memory and allocator effects (memory that glibc keeps
-  after the warm-up call is reused without raising the RSS, so it can read lower);
+- ``peak RSS MiB``: the rise of the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) over the resident set before the call: everything the call touches,
+  tensors, kernel scratch buffers (e.g. CPU reductions over bool masks copy them to int64) and
+  gloo buffers. The ranks run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go
+  back to the OS and the resident set follows live memory. ``gather/ours (mem)`` uses this;
+- ``tensor MiB``: the peak of live tensor storage created by the call's top-level torch ops
+  (inputs excluded; outputs, gathered buffers and temporaries included), tracked exactly by a
+  TorchDispatchMode (new storage: + its size; storage freed: - its size), in a second call. It
+  misses what kernels allocate inside (hence RSS >= it);
 - ``time s``: wall time of one untracked call on this (shared, 2-core) CPU machine, the slowest
   rank; indicative only (TP processes share the cores, and the bisection rounds are latency-bound
   collectives that a GPU + NCCL runs in microseconds).
@@ -196,7 +197,7 @@ def _rank_main(rank: int, world: int, workdir: str, tokens: int, vocab: int) -> 
             results.append(dict(op=op, method=method, tp=world, rank=rank, tokens=tokens,
                                 vocab=vocab, payload_bytes_per_token=counter.payload / tokens,
                                 sent_bytes_per_token=counter.sent / tokens,
-                                peak_temp_bytes=tracker.peak,
+                                peak_temp_bytes=tracker.peak,  # tensor storage only
                                 rss_peak_delta_bytes=max(0, rss_peak - rss_before) * 1024,
                                 seconds=seconds))
             dist.barrier(group)
@@ -205,6 +206,10 @@ def _rank_main(rank: int, world: int, workdir: str, tokens: int, vocab: int) -> 
 
 
 def run_tp(world: int, tokens: int, vocab: int) -> list[dict]:
+    # Every allocation >= 64 KiB gets its own mmap and goes back to the OS when freed, so that
+    # the resident set follows the live memory (glibc's default, adaptive threshold keeps freed
+    # blocks of up to 32 MiB in the heap and makes the RSS reflect allocation history instead).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     with tempfile.TemporaryDirectory(prefix="msega_bench_") as workdir:
         mp.start_processes(_rank_main, args=(world, workdir, tokens, vocab), nprocs=world,
                            start_method="spawn")
@@ -222,18 +227,18 @@ def run_tp(world: int, tokens: int, vocab: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| op | TP | method | payload B/tok | sent B/tok | gather/ours (sent) | "
-            "peak temp MiB | gather/ours (mem) | RSS MiB | time s |")
+            "peak RSS MiB | gather/ours (mem) | tensor MiB | time s |")
     lines = [head, "|" + "---|" * 10]
     base = {(r["op"], r["tp"]): r for r in rows if r["method"] == "gather"}
     for r in rows:
         b = base[(r["op"], r["tp"])]
         ratio_sent = b["sent_bytes_per_token"] / max(r["sent_bytes_per_token"], 1e-9)
-        ratio_mem = b["peak_temp_bytes"] / max(r["peak_temp_bytes"], 1)
+        ratio_mem = b["rss_peak_delta_bytes"] / max(r["rss_peak_delta_bytes"], 1)
         lines.append(
             f"| {r['op']} | {r['tp']} | {r['method']} | {r['payload_bytes_per_token']:,.0f} | "
             f"{r['sent_bytes_per_token']:,.0f} | {ratio_sent:,.0f}x | "
-            f"{r['peak_temp_bytes'] / 2**20:,.1f} | {ratio_mem:.1f}x | "
-            f"{r['rss_peak_delta_bytes'] / 2**20:,.1f} | {r['seconds']:.2f} |")
+            f"{r['rss_peak_delta_bytes'] / 2**20:,.1f} | {ratio_mem:.1f}x | "
+            f"{r['peak_temp_bytes'] / 2**20:,.1f} | {r['seconds']:.2f} |")
     return "\n".join(lines)
 
 

@@ -35,19 +35,18 @@ class SDPAttention(DotProductAttention):
             raise NotImplementedError("SDPAttention is for attention_dropout = 0 (Llama)")
         # Megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim].
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+        # GQA: SDPA broadcasts each key/value head over its query group (no repeated copies).
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
         if attention_mask is None:
             if q.shape[2] != k.shape[2]:
                 raise ValueError("SDPAttention needs an explicit mask when query and key lengths "
                                  f"differ ({q.shape[2]} vs {k.shape[2]})")
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 enable_gqa=gqa)
         else:
             # Megatron's masks are True where attention is *forbidden*; SDPA's where allowed.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
-                                                 scale=self.softmax_scale)
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
         # [b, heads, s, dim] -> [s, b, heads * dim]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -156,7 +156,7 @@ def _mass_above(w: Tensor, t: Tensor, weight: Tensor | None, strict: bool = Fals
     """Per row, the count (weight None, int32) or fp32 mass of ``w >= t`` (``w > t`` if strict)."""
     above = w > t.unsqueeze(1) if strict else w >= t.unsqueeze(1)
     if weight is None:
-        return torch.count_nonzero(above, dim=-1).int()
+        return above.sum(-1, dtype=torch.int32)  # count_nonzero would make an int64 copy on CPU
     return sum64(torch.where(above, weight, 0.0)).float()
 
 
@@ -179,7 +179,7 @@ def _keep_prefix(w: Tensor, v: Tensor, weight: Tensor | None, target: Tensor, m:
                  vocab_start: int, tp_group) -> Tensor:
     """Mask of ``{w > v}`` plus the ties ``{w == v}`` that the prefix rule keeps, in id order."""
     tie = w == v.unsqueeze(1)
-    local = torch.stack([torch.count_nonzero(tie, dim=-1).float(),
+    local = torch.stack([tie.sum(-1, dtype=torch.int32).float(),
                          _mass_above(w, v, weight, strict=True).float()], 1)
     table = all_gather(torch.cat([local.reshape(-1), local.new_tensor([vocab_start])]), tp_group)
     starts, table = table[:, -1], table[:, :-1].view(table.shape[0], -1, 2)
@@ -191,7 +191,7 @@ def _keep_prefix(w: Tensor, v: Tensor, weight: Tensor | None, target: Tensor, m:
         per_tie = (v - m).exp()  # the same fp32 op that made weight
         n_keep = torch.ceil((target - above) / per_tie).clamp(min=1.0)
     n_keep = torch.minimum(n_keep.float(), n_ties)
-    order = tie.cumsum(-1, dtype=torch.int32) + ties_before.unsqueeze(1)  # 1-based global tie rank
+    order = tie.int().cumsum_(-1).add_(ties_before.int().unsqueeze(1))  # 1-based global tie rank
     return (w > v.unsqueeze(1)) | (tie & (order <= n_keep.unsqueeze(1)))
 
 
@@ -248,6 +248,28 @@ def _support(w: Tensor, m_w: Tensor, w_min: Tensor, top_k: int, top_p: float, vo
     return kept
 
 
+def _gumbel_argmax(w: Tensor, kept: Tensor | None, keys: Tensor, ids: Tensor,
+                   block: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(max score [c, 1] fp64, its column [c, 1])`` of ``w + Gumbel`` over the kept columns.
+
+    Column blocks bound the int64/fp64 noise temporaries to ``c x block``; ties go to the
+    smallest column (strict ``>`` across blocks, first index within one).
+    """
+    c, width = w.shape
+    best_score = w.new_full((c, 1), -math.inf, dtype=torch.float64)
+    best = torch.zeros((c, 1), dtype=torch.long, device=w.device)
+    for start in range(0, width, block):
+        cols = slice(start, min(start + block, width))
+        score = gumbel_noise(keys, ids[cols]).add_(w[:, cols])
+        if kept is not None:
+            score.masked_fill_(~kept[:, cols], -math.inf)
+        value, index = score.max(-1, keepdim=True)
+        better = value > best_score
+        best_score = torch.where(better, value, best_score)
+        best = torch.where(better, index + start, best)
+    return best_score, best
+
+
 def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: float, top_k: int,
                   top_p: float, vocab_start: int, vocab_size: int, tp_group) -> tuple[Tensor, ...]:
     """(tokens, logp_sampling, logp_untempered) of one chunk ``z [c, width]`` in fp32."""
@@ -258,8 +280,9 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
                             _kth_largest(z, -(-top_k // group_size(tp_group)))], 1)
     m0, extra = global_max(z, vocab_start, vocab_size, tp_group, with_min=True, extra=k_cols)
     s0 = sum64((z - m0.unsqueeze(1)).exp_())
+    kept = None
     if temperature == 0:
-        w, m_w, score, s_supp = z, m0, z, torch.zeros_like(s0)
+        w, m_w, s_supp = z, m0, torch.zeros_like(s0)
     else:
         w = z / temperature if temperature != 1 else z
         m_w = m0 / temperature  # = max(w): division by T > 0 is monotone, also after rounding
@@ -274,13 +297,14 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
         e = (w - m_w.unsqueeze(1)).exp_()
         s_supp = sum64(e if kept is None else e.masked_fill_(~kept, 0.0))
         del e
-        score = gumbel_noise(keys, ids).add_(w)
-        if kept is not None:
-            score.masked_fill_(~kept, -math.inf)
     # Each rank's best candidate, then the best of all: largest score, then smallest id.
     if width:
-        best = score.argmax(-1, keepdim=True)
-        local = [score.gather(1, best).double(), ids[best].double(),
+        if temperature == 0:
+            best = z.argmax(-1, keepdim=True)  # the first of equal maxima: the smallest id
+            best_score = z.gather(1, best).double()
+        else:
+            best_score, best = _gumbel_argmax(w, kept, keys, ids)
+        local = [best_score, ids[best].double(),
                  z.gather(1, best).double() - m0.double().unsqueeze(1),
                  w.gather(1, best).double() - m_w.double().unsqueeze(1)]
     else:

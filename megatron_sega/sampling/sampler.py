@@ -8,7 +8,7 @@ One generation batch:
 3. pipeline stages exchange activations with point-to-point send/recv every step; the last stage
    samples with the vocab-parallel ops (no vocabulary gather: Megatron's output layer runs with
    ``parallel_output=True`` outside its inference mode, and only on the last position) and
-   broadcasts the new tokens and "done" flags to the other stages;
+   broadcasts the new tokens to the other stages, which apply the same stopping rules;
 4. finished rows are dropped from the batch (and their KV cache) once enough have finished.
 
 The KV-cache size is computed up front; a request larger than the memory budget is split into
@@ -254,7 +254,7 @@ class Sampler:
 
     def _sample_and_share(self, logits, state: "_DecodeState", active: torch.Tensor, step: int,
                           decode) -> torch.Tensor:
-        """Sample on the last stage, then broadcast the tokens and done flags to every stage."""
+        """Sample on the last stage, broadcast the tokens, update every stage's state alike."""
         stats = None
         if self.rt.is_last_stage:
             start = self.rt.tp_rank * logits.shape[-1]

@@ -10,13 +10,13 @@ microbatch of DP rank 0) so that ``finalize_model_grads`` divides by exactly 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_sega.config import OptimConfig
 from megatron_sega.models.builder import build_model
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime
@@ -24,20 +24,6 @@ from megatron_sega.runtime import Runtime
 # A loss function gets this rank's vocab-parallel logits shard [b, s, V_pad/TP] and the
 # microbatch dict, and returns (loss already divided by the global normaliser, metrics).
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    use_distributed_optimizer: bool = True
 
 
 def causal_mask(seq_len: int, device) -> torch.Tensor:
@@ -64,14 +50,18 @@ def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32,
     return [wrapped]
 
 
-def build_optimizer(model_chunks: list, optim: OptimConfig, dtype=torch.float32):
-    """Megatron's Adam (distributed over DP when asked) and an LR scheduler."""
+def build_optimizer(model_chunks: list, optim: OptimConfig, *, total_steps: int,
+                    use_distributed_optimizer: bool = True, lr: Optional[float] = None,
+                    dtype=torch.float32):
+    """Megatron's Adam (distributed over DP when asked) and a warmup + cosine LR scheduler
+    over ``total_steps``; ``lr`` overrides ``optim.lr`` (per-stage learning rates)."""
+    lr = lr or optim.lr
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = OptimizerConfig(
         optimizer="adam",
-        lr=optim.lr,
+        lr=lr,
         min_lr=optim.min_lr,
         weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1,
@@ -80,21 +70,21 @@ def build_optimizer(model_chunks: list, optim: OptimConfig, dtype=torch.float32)
         clip_grad=optim.clip_grad,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        use_distributed_optimizer=optim.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, model_chunks,
                                        use_gloo_process_groups=torch.cuda.is_available())
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if optim.warmup_steps else optim.lr,
-        max_lr=optim.lr,
+        init_lr=0.0 if optim.warmup_steps else lr,
+        max_lr=lr,
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=max(optim.total_steps, optim.warmup_steps + 1),
+        lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
         lr_decay_style="cosine",
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
-        wd_incr_steps=max(optim.total_steps, 1),
+        wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
     for chunk in model_chunks:

@@ -13,7 +13,7 @@ from megatron_sega.data import PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR
 from megatron_sega.models.resolve import resolve_checkpoint_dir, resolve_spec
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime, choose_device, setup
-from megatron_sega.training.engine import OptimConfig, build_optimizer, build_training_model
+from megatron_sega.training.engine import build_optimizer, build_training_model
 
 # Layout-independent random init (identical weights at every TP/PP) holds the full model once;
 # beyond this size a run must start from a converted checkpoint instead.
@@ -103,13 +103,9 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     session = Session(config, runtime, spec, tokenizer,
                       PromptFormatter(tokenizer, template=config.data.template), chunks, dtype)
     if train:
-        o = config.optim
-        optim = OptimConfig(lr=lr_override or o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                            clip_grad=o.clip_grad, warmup_steps=o.warmup_steps,
-                            total_steps=total_steps,
-                            use_distributed_optimizer=par.distributed_optimizer)
-        session.optimizer, session.scheduler = build_optimizer(chunks, optim, dtype)
+        session.optimizer, session.scheduler = build_optimizer(
+            chunks, config.optim, total_steps=total_steps, lr=lr_override, dtype=dtype,
+            use_distributed_optimizer=par.distributed_optimizer)
         session.optimizer.reload_model_params()
     return session
 

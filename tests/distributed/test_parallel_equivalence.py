@@ -42,8 +42,9 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
 
     from megatron_sega import runtime
     from megatron_sega.checkpoint.layout import gather_tp, load_full_state_dict, random_full_state_dict
+    from megatron_sega.config import OptimConfig
     from megatron_sega.training.engine import (
-        OptimConfig, build_optimizer, build_training_model, forward_backward, optimizer_step,
+        build_optimizer, build_training_model, forward_backward, optimizer_step,
     )
 
     spec = _spec()
@@ -54,7 +55,8 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
     if misplace:
         _misplace_fc2_shards(chunks[0].module, full, rt.tp, rt.tp_rank)
     optimizer, scheduler = build_optimizer(
-        chunks, OptimConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6, use_distributed_optimizer=use_distributed_optimizer))
+        chunks, OptimConfig(lr=1e-3, clip_grad=0.0, adam_eps=1e-6), total_steps=1000,
+        use_distributed_optimizer=use_distributed_optimizer)
     optimizer.reload_model_params()  # fp32 main params from the loaded weights
 
     result = {"losses": [], "grads": None}
