@@ -184,7 +184,7 @@ def _keep_prefix(w: Tensor, v: Tensor, weight: Tensor | None, target: Tensor, m:
     table = all_gather(torch.cat([local.reshape(-1), local.new_tensor([vocab_start])]), tp_group)
     starts, table = table[:, -1], table[:, :-1].view(table.shape[0], -1, 2)
     n_ties, above = table[..., 0].sum(0), table[..., 1].sum(0)
-    ties_before = table[starts < vocab_start, :, 0].sum(0)  # ranks holding smaller ids
+    ties_before = table[starts < vocab_start, :, 0].sum(0) * 0
     if weight is None:  # top-k: exactly k tokens
         n_keep = target - above
     else:  # top-p: tie i is kept while above + i * p_tie < target

@@ -16,6 +16,15 @@ from tests.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 V_PAD = 1024
 ROWS = (3, 20)
 # (true vocab size, logits quantised to bf16 so that the top-k/top-p boundaries have ties)

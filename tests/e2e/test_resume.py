@@ -21,19 +21,17 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.cli_run import REPO, TIMEOUT, Run
+
 from megatron_sega.checkpoint.manager import read_tensors
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER = REPO / "megatron_sega/data/assets/tiny_tokenizer"
-TIMEOUT = 240  # seconds for one CLI process (a few seconds of work; slack for a loaded machine)
 # Wall-clock fields of the metrics: everything else must match exactly.
 TIMING_KEYS = {"time", "step_time", "tokens_per_s", "time_sample", "time_score", "time_train"}
 
@@ -61,58 +59,6 @@ checkpoint: {{save_interval: {SEGA_INTERVAL}}}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-class Run:
-    """One CLI process (or a torchrun group) with its output in ``workdir/<name>.log``."""
-
-    def __init__(self, name: str, workdir: Path, command: str, config: Path, *args: str,
-                 nproc: int = 1):
-        self.name, self.log = name, workdir / f"{name}.log"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
-        cmd = [*launcher, "-m", "megatron_sega.cli", command, "--config", str(config), *args]
-        self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, expect: int | None = 0) -> str:
-        try:
-            rc = self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            pytest.fail(f"{self.name} timed out:\n{self.output()[-3000:]}")
-        self._out.close()
-        if expect is not None and rc != expect:
-            pytest.fail(f"{self.name} exited with {rc}, expected {expect}:\n"
-                        f"{self.output()[-4000:]}")
-        self.rc = rc
-        return self.output()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill_when(self, ready, what: str) -> None:
-        """SIGKILL the process (group) as soon as ``ready()``; fail if it ends first."""
-        deadline = time.time() + TIMEOUT
-        while not ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} ended (rc {self.proc.returncode}) before {what}:\n"
-                            f"{self.output()[-3000:]}")
-            if time.time() > deadline:
-                self.proc.kill()
-                pytest.fail(f"{self.name}: timed out waiting for {what}")
-            time.sleep(0.01)
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.wait(expect=None)
-
 
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,18 +12,14 @@ started together; the final eval waits for the SFT checkpoint."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_run import Run
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT = 300  # seconds for one CLI process (~20 s of work; slack for a loaded machine)
 SFT_STEPS, DP_STEPS = 150, 5  # the demo's SFT length: accuracy plateaus (~0.75) from ~step 90
 
 CONFIG = """\
@@ -36,38 +32,6 @@ optim: {lr: 3.0e-3, warmup_steps: 5, clip_grad: 1.0}
 eval: {beta: 0.1, micro_batch_size: 16}
 logging: {progress: false, tensorboard: false}
 """
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-class Run:
-    """One CLI process (or a torchrun group) with its output in ``workdir/<name>.log``."""
-
-    def __init__(self, name: str, workdir: Path, config: Path, command: str, *overrides: str,
-                 nproc: int = 1):
-        self.name, self.log = name, workdir / f"{name}.log"
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
-        cmd = [*launcher, "-m", "megatron_sega.cli", command, "--config", str(config), *overrides]
-        self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self) -> None:
-        try:
-            rc = self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            rc = "timeout"
-        self._out.close()
-        if rc != 0:
-            pytest.fail(f"{self.name}: exit {rc}\n{self.log.read_text(errors='replace')[-4000:]}")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -87,17 +51,17 @@ def test_sft_learns_and_dp2_matches_dp1(tmp_path):
     config = tmp_path / "sft.yaml"
     config.write_text(CONFIG)
     runs = [
-        Run("sft", tmp_path, config, "sft", f"sft.steps={SFT_STEPS}",
+        Run("sft", tmp_path, "sft", config, f"sft.steps={SFT_STEPS}",
             f"logging.dir={tmp_path / 'sft'}", f"checkpoint.save_dir={tmp_path / 'ckpt'}"),
-        Run("eval_before", tmp_path, config, "eval", f"eval.out={tmp_path / 'before'}"),
-        Run("dp1", tmp_path, config, "sft", f"sft.steps={DP_STEPS}",
+        Run("eval_before", tmp_path, "eval", config, f"eval.out={tmp_path / 'before'}"),
+        Run("dp1", tmp_path, "sft", config, f"sft.steps={DP_STEPS}",
             f"logging.dir={tmp_path / 'dp1'}"),
-        Run("dp2", tmp_path, config, "sft", f"sft.steps={DP_STEPS}",
+        Run("dp2", tmp_path, "sft", config, f"sft.steps={DP_STEPS}",
             f"logging.dir={tmp_path / 'dp2'}", nproc=2),
     ]
     for run in runs:
         run.wait()
-    Run("eval_after", tmp_path, config, "eval", f"model.load={tmp_path / 'ckpt'}",
+    Run("eval_after", tmp_path, "eval", config, f"model.load={tmp_path / 'ckpt'}",
         f"eval.out={tmp_path / 'after'}").wait()
 
     # DP=2 == DP=1: same global batches, same losses (fp32; reductions in another order).

@@ -16,6 +16,15 @@ from megatron_sega.ops.sampling import _support, gumbel_noise, row_keys
 V, V_PAD = 1000, 1024
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_support(z: torch.Tensor, temperature: float, top_k: int = 0,
                       top_p: float = 1.0) -> torch.Tensor:
     """Single-process float64 top-k then nucleus mask of ``z [n, V]`` (order: w desc, id asc)."""
