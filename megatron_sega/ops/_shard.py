@@ -79,7 +79,8 @@ def row_reader(t: Tensor) -> Callable[[slice], Tensor]:
         lead = t.shape[:-1]
 
         def read(rows: slice) -> Tensor:
-            return t[torch.unravel_index(torch.arange(rows.start, rows.stop, device=t.device), lead)]
+            index = torch.arange(rows.start, rows.stop, device=t.device)
+            return t[torch.unravel_index(index, lead)]
 
         return read
 

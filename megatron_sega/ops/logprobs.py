@@ -34,7 +34,8 @@ from megatron_sega.ops._shard import (
 
 
 def _forward_chunk(z: Tensor, local_t: Tensor | None, want_entropy: bool, vocab_start: int,
-                   vocab_size: int, tp_group) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+                   vocab_size: int, tp_group
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(m, log S, log p(target) or None, H or None) for one chunk ``z [c, width]`` in fp32.
 
     The per-token scalars are summed and combined in fp64 (cheap: O(c)); only the bulk

@@ -58,8 +58,9 @@ from megatron_sega.ops._shard import (
     row_reader, sum64,
 )
 
-# Rows per chunk: sampling keeps ~30 bytes of temporaries per logit (int64 hash, fp64 noise,
-# masks), ~4x the log-prob path, hence a smaller default chunk for the same memory bound.
+# Rows per chunk: the top-p search keeps ~20 bytes of temporaries per logit (masks, the exp
+# weights, a masked copy), ~2.5x the log-prob path, and every chunk costs the same number of
+# collectives whatever its size; 64 rows keep both the memory and the latency modest.
 SAMPLE_CHUNK_SIZE = DEFAULT_CHUNK_SIZE // 4
 
 # SplitMix64 constants (Steele, Lea, Flood 2014), as signed int64.
@@ -184,7 +185,7 @@ def _keep_prefix(w: Tensor, v: Tensor, weight: Tensor | None, target: Tensor, m:
     table = all_gather(torch.cat([local.reshape(-1), local.new_tensor([vocab_start])]), tp_group)
     starts, table = table[:, -1], table[:, :-1].view(table.shape[0], -1, 2)
     n_ties, above = table[..., 0].sum(0), table[..., 1].sum(0)
-    ties_before = table[starts < vocab_start, :, 0].sum(0) * 0
+    ties_before = table[starts < vocab_start, :, 0].sum(0)  # ranks holding smaller ids
     if weight is None:  # top-k: exactly k tokens
         n_keep = target - above
     else:  # top-p: tie i is kept while above + i * p_tie < target
@@ -263,7 +264,8 @@ def _gumbel_argmax(w: Tensor, kept: Tensor | None, keys: Tensor, ids: Tensor,
         score = gumbel_noise(keys, ids[cols]).add_(w[:, cols])
         if kept is not None:
             score.masked_fill_(~kept[:, cols], -math.inf)
-        value, index = score.max(-1, keepdim=True)
+        index = score.argmax(-1, keepdim=True)  # the first of equal maxima
+        value = score.gather(1, index)
         better = value > best_score
         best_score = torch.where(better, value, best_score)
         best = torch.where(better, index + start, best)
