@@ -105,10 +105,12 @@ def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
         use_te = have_transformer_engine()
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if attention in ("sdpa", "auto"):
-        from megatron_sega.models.sdpa import SDPAttention
+    from megatron_sega.models.sdpa import CachedRotarySelfAttention, SDPAttention
 
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Decoding: keys enter the KV cache already rotated (see CachedRotarySelfAttention).
+    spec.submodules.self_attention.module = CachedRotarySelfAttention
+    if attention in ("sdpa", "auto"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
@@ -50,3 +52,28 @@ class SDPAttention(DotProductAttention):
         # [b, heads, s, dim] -> [s, b, heads * dim]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+class CachedRotarySelfAttention(SelfAttention):
+    """Megatron-Core ``SelfAttention`` whose static KV cache holds keys *after* RoPE.
+
+    Megatron's static-batching path stores raw keys and re-applies the rotary embedding to the
+    whole cache at every decode step (O(sequence) extra work per layer per token). Here the new
+    keys are rotated once, at their own positions, before they are cached, and the forward is told
+    that the keys are done. Identical results; training (no inference context) is untouched."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value,
+                                        rotary_pos_emb, *args, **kwargs):
+        rotate_here = (inference_context is not None and inference_context.is_static_batching()
+                       and isinstance(rotary_pos_emb, tuple) and rotary_pos_emb[1] is not None
+                       and not self.config.flash_decode)
+        if rotate_here:
+            start = inference_context.sequence_len_offset
+            key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start:start + key.shape[0]],
+                                       config=self.config, cp_group=self.pg_collection.cp)
+        out = super()._adjust_key_value_for_inference(inference_context, query, key, value,
+                                                      rotary_pos_emb, *args, **kwargs)
+        if rotate_here:
+            query, key, value, rope, mask_type, block_table = out
+            out = (query, key, value, (rope[0], None), mask_type, block_table)
+        return out
