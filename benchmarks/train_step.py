@@ -25,18 +25,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets, SXM parts.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
 def gpu_peak() -> tuple[str, float | None]:
-    if not torch.cuda.is_available():
-        return "cpu", None
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_TFLOPS.items():
-        if key in name:
-            return name, peak
-    return name, None
+    from megatron_sega.logging import gpu_peak_tflops
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return name, gpu_peak_tflops()
 
 
 def ours(spec, dtype, batch, micro, seq, steps, device):

@@ -29,6 +29,29 @@ def training_flops_per_token(spec: LlamaSpec, seq_len: int) -> float:
     return 3.0 * forward
 
 
+# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets (SXM parts).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def gpu_peak_tflops() -> Optional[float]:
+    """This GPU's dense bf16 peak, or None (CPU, or a GPU not in the table)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def mfu(spec: LlamaSpec, seq_len: int, tokens: float, seconds: float, world_size: int
+        ) -> Optional[float]:
+    """Model FLOPs utilisation of a training step on GPUs (None on CPU)."""
+    peak = gpu_peak_tflops()
+    if peak is None or seconds <= 0:
+        return None
+    return training_flops_per_token(spec, seq_len) * tokens / seconds / (peak * 1e12 * world_size)
+
+
 class MetricsLogger:
     def __init__(self, directory: Optional[str], *, enabled: bool = True, tensorboard: bool = True,
                  jsonl: bool = True, wandb: bool = False, progress_total: Optional[int] = None,

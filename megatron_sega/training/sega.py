@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sega import ops
+from megatron_sega.logging import mfu
 from megatron_sega.data import GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
@@ -217,6 +218,9 @@ def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], tim
         "time_score": timer["score"] - timer["sample"],
         "time_train": timer["train"] - timer["score"],
         "tokens_per_s": global_tokens / max(elapsed, 1e-9),
+        # Training FLOPs only (the update's forward/backward over the response tokens).
+        "mfu": mfu(session.spec, int(rollout.response_ids.shape[1]), global_tokens,
+                   timer["train"] - timer["score"], session.runtime.world_size),
     }
 
 

@@ -68,13 +68,14 @@ def sft_step(session: Session, shard) -> dict:
     step = optimizer_step(session.optimizer, session.scheduler)
     nll = sum(float(o["nll_sum"]) for o in outputs)
     nll, = dp_all_reduce([nll], session)
-    return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens, **step}
+    return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens,
+            "seq_len": batch.tokens.shape[1], **step}
 
 
 def run_sft(config, args) -> int:
     """``megatron-sega sft``: the SFT loop with evaluation, logging and checkpoints."""
     from megatron_sega.checkpoint.manager import CheckpointManager
-    from megatron_sega.logging import MetricsLogger
+    from megatron_sega.logging import MetricsLogger, mfu
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
     if not config.data.train:
@@ -99,6 +100,8 @@ def run_sft(config, args) -> int:
         metrics = sft_step(session, next(batches))
         metrics["step_time"] = time.time() - t0
         metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["tokens"],
+                             metrics["step_time"], rt.world_size)
         if sft.eval_interval and eval_pairs and (step + 1) % sft.eval_interval == 0:
             _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
             metrics["eval_accuracy"] = summary["accuracy"]
