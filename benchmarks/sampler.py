@@ -41,13 +41,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def hf_model(hidden: int, layers: int, vocab: int, seed: int = 0):
+def hf_model(hidden: int, layers: int, vocab: int, seed: int = 0, heads: int = 0,
+             kv_heads: int = 0, ffn: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
-                         num_key_value_heads=max(hidden // 128, 1), vocab_size=vocab,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn or hidden * 11 // 4,
+                         num_hidden_layers=layers,
+                         num_attention_heads=heads or max(hidden // 64, 1),
+                         num_key_value_heads=kv_heads or max(hidden // 128, 1), vocab_size=vocab,
                          max_position_embeddings=2048, rms_norm_eps=1e-5,
                          initializer_range=0.05, attn_implementation="sdpa",
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -55,14 +57,14 @@ def hf_model(hidden: int, layers: int, vocab: int, seed: int = 0):
     return LlamaForCausalLM(config).float().eval()
 
 
-def megatron_model(hf, rt, attention: str = "auto"):
+def megatron_model(hf, rt, attention: str = "auto", dtype=None):
     from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict
     from megatron_sega.checkpoint.layout import load_full_state_dict
     from megatron_sega.models.builder import build_model
     from megatron_sega.models.spec import from_hf_config
 
     spec = from_hf_config(hf.config.to_dict())
-    model = build_model(spec, rt, attention=attention)
+    model = build_model(spec, rt, attention=attention, **({"dtype": dtype} if dtype else {}))
     full = hf_to_megatron_state_dict(hf.state_dict(), spec, spec.padded_vocab_size(rt.tp))
     load_full_state_dict(model, full, rt.tp, rt.tp_rank)
     return model.eval(), spec
@@ -92,6 +94,7 @@ def run_hf(hf, prompts, new: int):
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         attn[row, width - len(p):] = 1
+    ids, attn = ids.to(hf.device), attn.to(hf.device)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new,
                           min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0,
@@ -111,13 +114,15 @@ def run_no_cache(model, prompts, new: int, vocab: int):
     for row, p in enumerate(prompts):
         tokens[row, width - len(p):] = torch.tensor(p)
         is_pad[row, : width - len(p)] = True
+    device = next(model.parameters()).device
+    tokens, is_pad = tokens.to(device), is_pad.to(device)
     out = []
     with torch.no_grad(), _last_position_logits(model):
         for _ in range(new):
             n = tokens.shape[1]
-            mask = torch.ones(n, n, dtype=torch.bool).triu(1) | is_pad[:, None, :n]
-            mask &= ~torch.eye(n, dtype=torch.bool)
-            positions = torch.arange(n).unsqueeze(0).expand(len(prompts), -1)
+            mask = torch.ones(n, n, dtype=torch.bool, device=device).triu(1) | is_pad[:, None, :n]
+            mask &= ~torch.eye(n, dtype=torch.bool, device=device)
+            positions = torch.arange(n, device=device).unsqueeze(0).expand(len(prompts), -1)
             logits = model(tokens, positions, mask.unsqueeze(1))
             nxt = logits[:, -1, :vocab].argmax(-1)
             out.append(nxt)
@@ -127,8 +132,12 @@ def run_no_cache(model, prompts, new: int, vocab: int):
 
 def timed(fn, *args):
     """(wall seconds, CPU seconds, result)."""
+    import torch
+
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
@@ -143,6 +152,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--skip", nargs="*", default=[], help="decoders to leave out")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--heads", type=int, default=0, help="0: hidden / 64")
+    parser.add_argument("--kv-heads", type=int, default=0, help="0: hidden / 128")
+    parser.add_argument("--ffn", type=int, default=0, help="0: 11/4 hidden")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/sampler.json"))
     args = parser.parse_args()
 
@@ -155,9 +168,11 @@ def main() -> None:
     from megatron_sega.sampling import Sampler
 
     rt = runtime.setup(1, 1)
-    hf = hf_model(args.hidden, args.layers, args.vocab).to(rt.device)
-    model, spec = megatron_model(hf, rt)
-    local_model, _ = megatron_model(hf, rt, attention="local")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    hf = hf_model(args.hidden, args.layers, args.vocab, heads=args.heads,
+                  kv_heads=args.kv_heads, ffn=args.ffn).to(rt.device, dtype)
+    model, spec = megatron_model(hf, rt, dtype=dtype)
+    local_model, _ = megatron_model(hf, rt, attention="local", dtype=dtype)
     prompts = prompts_for(args.batch, args.prompt, args.vocab)
     samplers = {name: Sampler(m, rt, spec.vocab_size, pad_id=0)
                 for name, m in (("sampler", model), ("sampler_local", local_model))}

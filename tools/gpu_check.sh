@@ -41,7 +41,7 @@ if [ "$DRY" = 1 ]; then
   BATCHES=(1 8)
 else
   TRAIN=(--preset llama3-8b --layers 4 --seq 4096 --batch 4 --micro-batch 1 --steps 3 --dtype bf16 --no-baseline)
-  SAMPLE=(--hidden 4096 --layers 4 --vocab 128256 --prompt 128 --new 256 --repeats 1 --dtype bf16)
+  SAMPLE=(--hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --layers 4 --vocab 128256 --prompt 128 --new 256 --repeats 1 --dtype bf16 --skip no_cache sampler_local)
   ENTROPY=(--tokens 8192 --vocab 128256 --dtype bf16 --repeats 5)
   BATCHES=(1 8 64)
 fi
