@@ -18,6 +18,7 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="$ROOT/benchmarks/results"
+[ "$DRY" = 1 ] && OUT="$(mktemp -d)"  # rehearsal figures are not GPU figures: keep them out
 mkdir -p "$OUT"
 start=$(date +%s)
 

@@ -68,3 +68,12 @@ def test_launcher_dry_run_validates_config_and_world_size(script, tmp_path):
                          text=True, timeout=300)
     assert bad.returncode != 0
     assert "tp(3) * pp(1) = 3 does not divide WORLD_SIZE(8)" in bad.stderr
+
+
+def test_gpu_check_dry_run_works_on_cpu():
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for step in ("== gpu tests", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
+                 "gpu check done"):
+        assert step in result.stdout
