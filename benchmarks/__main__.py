@@ -56,11 +56,18 @@ def table(results: dict) -> str:
                     f"({ours['peak_temp_bytes'] / gather['peak_temp_bytes']:.2f} of gather) | "
                     f"{gather['peak_temp_bytes'] / 2**20:.1f} MiB |")
     sampler = results.get("sampler") or {}
-    for key, label in (("vs_transformers", "tokens/s vs transformers generate"),
-                       ("vs_no_cache", "tokens/s vs no-cache recompute")):
-        if key in sampler:
-            rows.append(f"| sampler ({sampler.get('device', 'cpu')}) | {label} | "
-                        f"{_fmt(sampler[key], '.2f')}x | {sampler.get(key + '_detail', '')} |")
+    decoders = {r["decoder"]: r for r in sampler.get("results", [])}
+    ours = decoders.get("sampler")
+    cfg = sampler.get("config", {})
+    for name, label in (("hf_generate", "transformers generate (KV cache)"),
+                        ("no_cache", "no-cache recompute")):
+        if ours and name in decoders:
+            base = decoders[name]
+            rows.append(
+                f"| sampler ({sampler.get('device')}, batch {cfg.get('batch')}, "
+                f"{cfg.get('new')} new tokens) | tokens per CPU-second vs {label} | "
+                f"{ours['tokens_per_cpu_s']:.0f} ({ours['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x)"
+                f" | {base['tokens_per_cpu_s']:.0f} |")
     conv = results.get("convert") or {}
     for direction, run in (conv.get("runs") or {}).items():
         rows.append(f"| convert {direction} ({conv.get('checkpoint_bytes', 0) / 1e9:.2f} GB) | "
