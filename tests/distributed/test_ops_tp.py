@@ -18,12 +18,8 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see tests/conftest.py."""
 
 V_PAD = 1024
 ROWS = (3, 20)

@@ -17,12 +17,8 @@ V, V_PAD = 1000, 1024
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see tests/conftest.py."""
 
 
 def reference_support(z: torch.Tensor, temperature: float, top_k: int = 0,
