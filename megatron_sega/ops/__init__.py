@@ -16,11 +16,12 @@ fp32 whatever the input dtype, never modify their input and raise ValueError on 
 (on every rank at once). log-probs and entropy are differentiable.
 """
 
-from megatron_sega.ops._shard import DEFAULT_CHUNK_SIZE
+from megatron_sega.ops._shard import DEFAULT_CHUNK_SIZE, NonFiniteLogitsError
 from megatron_sega.ops.logprobs import entropy, log_probs, log_probs_and_entropy
 from megatron_sega.ops.sampling import SAMPLE_CHUNK_SIZE, Sample, sample
 
 __all__ = [
+    "NonFiniteLogitsError",
     "DEFAULT_CHUNK_SIZE", "SAMPLE_CHUNK_SIZE", "Sample", "entropy", "log_probs",
     "log_probs_and_entropy", "sample",
 ]

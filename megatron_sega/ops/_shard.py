@@ -26,6 +26,10 @@ DEFAULT_CHUNK_SIZE = 256
 _MAX_VOCAB = 1 << 24
 
 
+class NonFiniteLogitsError(ValueError):
+    """NaN or Inf in the logits (raised on every TP rank of the group together)."""
+
+
 def check_shard(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group,
                 chunk_size: int) -> int:
     """Validate the shard arguments; return ``width``, the number of true-vocab columns here."""
@@ -140,7 +144,7 @@ def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group, *, with_m
     table = torch.stack(cols, 1) if extra is None else torch.cat([torch.stack(cols, 1), extra], 1)
     packed = all_reduce(torch.cat([table.reshape(-1), flags]), tp_group, dist.ReduceOp.MAX)
     if packed[-2] > 0:
-        raise ValueError(f"logits_shard contains NaN or Inf in the true vocabulary (TP rank "
+        raise NonFiniteLogitsError(f"logits_shard contains NaN or Inf in the true vocabulary (TP rank "
                          f"{int(packed[-2]) - 1}): fix the model output (overflow in fp16/bf16? a "
                          f"-inf mask?) before computing entropies, log-probs or samples")
     if packed[-1] < vocab_size:

@@ -114,11 +114,12 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 
 def run_eval(config, args) -> int:
     """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
-    from megatron_sega.training.session import open_session
+    from megatron_sega.training.session import announce, open_session
 
     if not config.data.eval:
         raise FileNotFoundError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
     session = open_session(config, train=False)
+    announce(session, "eval")
     pairs = load_eval_pairs(session, config.data.eval)
     reference = None
     if config.eval.reference:

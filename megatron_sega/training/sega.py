@@ -26,7 +26,7 @@ from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
 )
 from megatron_sega.training.engine import forward_backward, optimizer_step
-from megatron_sega.training.session import Session, dp_all_reduce, open_session
+from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
@@ -278,6 +278,7 @@ def run_sega(config, args) -> int:
     cfg = config.sega
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
+    announce(session, "sega")
     rt = session.runtime
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
@@ -295,7 +296,16 @@ def run_sega(config, args) -> int:
     batches = iter(iterator)
     for step in range(start, cfg.steps):
         index = next(batches)
-        metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step, reference)
+        try:
+            metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step,
+                                reference)
+        except ops.NonFiniteLogitsError as err:
+            if rt.pp > 1:  # the other stages cannot know; torchrun stops them when this exits
+                raise
+            # Every rank of the replica raised together (the ops agree over TP); the weights
+            # are broken, so this counts as a bad step and the run stops after max_bad_steps.
+            session.print(f"step {step + 1}: {err}")
+            metrics = {"loss": float("nan"), "skipped_update": True}
         bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
         metrics["bad_steps_in_a_row"] = bad_in_a_row
         logger.log(step + 1, metrics, progress_keys=("loss", "score_mean"))

@@ -110,6 +110,20 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     return session
 
 
+def announce(session: Session, stage: str) -> None:
+    """Print the resolved config once (rank 0) and keep a copy in the logging directory."""
+    if not session.is_main:
+        return
+    text = session.config.to_yaml()
+    print(f"== {stage}: resolved config\n{text}", flush=True)
+    if session.config.logging.dir:
+        from pathlib import Path
+
+        directory = Path(session.config.logging.dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{stage}_config.yaml").write_text(text)
+
+
 def dp_all_reduce(values: list[float], session: Session) -> list[float]:
     """Sum a few scalars over the data-parallel group (float64)."""
     t = torch.tensor(values, dtype=torch.float64, device=session.runtime.device)

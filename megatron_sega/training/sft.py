@@ -14,7 +14,7 @@ import torch
 from megatron_sega import ops
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
 from megatron_sega.training.engine import forward_backward, optimizer_step
-from megatron_sega.training.session import Session, dp_all_reduce, open_session
+from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
 from megatron_sega.training.teacher_forced import vocab_shard_info
 
 
@@ -82,6 +82,7 @@ def run_sft(config, args) -> int:
         raise FileNotFoundError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
     sft = config.sft
     session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
+    announce(session, "sft")
     rt = session.runtime
     examples = load_sft_examples(session, config.data.train)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,

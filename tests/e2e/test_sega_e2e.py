@@ -57,3 +57,18 @@ def test_sft_then_sega_then_eval(tmp_path):
     for name in ("eval_sft", "eval_sega"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["pairs"] == 160 and 0.0 <= summary["accuracy"] <= 1.0
+
+
+def test_broken_weights_skip_steps_then_stop(tmp_path):
+    """An absurd learning rate turns the weights into Inf/NaN: the steps are skipped and logged,
+    and the run stops after sega.max_bad_steps of them in a row (exit code 1, a clear line)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    run = Run("sega_nan", tmp_path, "sega", config, f"logging.dir={tmp_path}", "sega.lr=1e30",
+              "optim.clip_grad=0.0", "sega.steps=8", "sega.max_bad_steps=2",
+              "sampling.max_new_tokens=8")
+    output = run.wait(expect=1)
+    assert "consecutive steps with a NaN/Inf loss (sega.max_bad_steps=2)" in output
+    rows = _jsonl(tmp_path / "sega_metrics.jsonl")
+    assert rows[0]["skipped_update"] is False
+    assert [r["skipped_update"] for r in rows[-2:]] == [True, True] and len(rows) < 8
