@@ -75,6 +75,7 @@ class Sample(NamedTuple):
     tokens: Tensor  # int64 global ids < vocab_size
     logp_sampling: Tensor  # fp32 log q(token): tempered, renormalised on the support (0 if greedy)
     logp_untempered: Tensor  # fp32 log softmax(z)[token] over the full true vocabulary, T = 1
+    entropy: Tensor  # fp32 entropy of softmax(z) over the true vocabulary, T = 1 (same pass)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,14 +275,18 @@ def _gumbel_argmax(w: Tensor, kept: Tensor | None, keys: Tensor, ids: Tensor,
 
 def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: float, top_k: int,
                   top_p: float, vocab_start: int, vocab_size: int, tp_group) -> tuple[Tensor, ...]:
-    """(tokens, logp_sampling, logp_untempered) of one chunk ``z [c, width]`` in fp32."""
+    """(tokens, logp_sampling, logp_untempered, entropy) of one chunk ``z [c, width]``."""
     c, width = z.shape
     k_cols = None
     if temperature > 0 and 0 < top_k < vocab_size:
         k_cols = torch.cat([_kth_largest(z, top_k),
                             _kth_largest(z, -(-top_k // group_size(tp_group)))], 1)
     m0, extra = global_max(z, vocab_start, vocab_size, tp_group, with_min=True, extra=k_cols)
-    s0 = sum64((z - m0.unsqueeze(1)).exp_())
+    shifted = z - m0.unsqueeze(1)
+    p0 = shifted.exp()
+    # Untempered entropy in the same pass: H = log s0 - s1 / s0 with s1 = sum exp(z - m) (z - m).
+    s0, s1 = sum64(p0), sum64(p0.mul_(shifted))
+    del shifted, p0
     kept = None
     if temperature == 0:
         w, m_w, s_supp = z, m0, torch.zeros_like(s0)
@@ -312,15 +317,17 @@ def _sample_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, temperature: floa
     else:
         local = [z.new_full((c, 1), -math.inf).double(), z.new_full((c, 1), vocab_size).double(),
                  z.new_zeros((c, 2)).double()]
-    local += [s0.unsqueeze(1), s_supp.unsqueeze(1)]
-    table = all_gather(torch.cat(local, 1), tp_group)  # [TP, c, 6]
+    local += [s0.unsqueeze(1), s_supp.unsqueeze(1), s1.unsqueeze(1)]
+    table = all_gather(torch.cat(local, 1), tp_group)  # [TP, c, 7]
     best_score = table[..., 0].amax(0)
     contender_ids = torch.where(table[..., 0] == best_score, table[..., 1], math.inf)
-    winner = table.gather(0, contender_ids.argmin(0).view(1, c, 1).expand(1, c, 6))[0]
-    s0, s_supp = table[..., 4].sum(0), table[..., 5].sum(0)
+    winner = table.gather(0, contender_ids.argmin(0).view(1, c, 1).expand(1, c, 7))[0]
+    s0, s_supp, s1 = table[..., 4].sum(0), table[..., 5].sum(0), table[..., 6].sum(0)
     logp_untempered = winner[:, 2] - s0.log()
     logp_sampling = winner[:, 3] - s_supp.log() if temperature else torch.zeros_like(s0)
-    return winner[:, 1].long(), logp_sampling.float(), logp_untempered.float()
+    entropy = s0.log() - s1 / s0
+    return (winner[:, 1].long(), logp_sampling.float(), logp_untempered.float(),
+            entropy.float())
 
 
 def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
@@ -345,8 +352,10 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     tokens = torch.empty(n, dtype=torch.long, device=device)
     logp_sampling = torch.empty(n, dtype=torch.float32, device=device)
     logp_untempered = torch.empty_like(logp_sampling)
+    entropy = torch.empty_like(logp_sampling)
     for sl in row_chunks(n, chunk_size):
-        tokens[sl], logp_sampling[sl], logp_untempered[sl] = _sample_chunk(
+        tokens[sl], logp_sampling[sl], logp_untempered[sl], entropy[sl] = _sample_chunk(
             rows(sl)[:, :width].float(), ids, None if keys is None else keys[sl],
             float(temperature), top_k, float(top_p), vocab_start, vocab_size, tp_group)
-    return Sample(tokens.view(lead), logp_sampling.view(lead), logp_untempered.view(lead))
+    return Sample(tokens.view(lead), logp_sampling.view(lead), logp_untempered.view(lead),
+                  entropy.view(lead))

@@ -260,11 +260,12 @@ class Sampler:
             start = self.rt.tp_rank * logits.shape[-1]
             tp_group = self.rt.tp_group if self.rt.tp > 1 else None
             params = state.params
-            token, logp_s, logp = ops.sample(
+            # One pass over the logits: the token, both log-probs and the untempered entropy.
+            drawn = ops.sample(
                 logits, start, self.vocab_size, tp_group, temperature=params.temperature,
                 top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active], step=step)
-            entropy = ops.entropy(logits, start, self.vocab_size, tp_group)
-            stats = torch.stack([logp, logp_s, entropy]).float()
+            token = drawn.tokens
+            stats = torch.stack([drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
         else:
             token = torch.empty(len(active), dtype=torch.long, device=self.rt.device)
         token = self._broadcast_from_last(token)

@@ -246,3 +246,16 @@ def test_strided_inputs_are_read_chunk_by_chunk_with_the_same_results():
 def test_temperature_too_small_for_fp32_is_an_error():
     with pytest.raises(ValueError, match="temperature=1e-40"):
         sample(_logits(2), 0, V, None, temperature=1e-40)
+
+
+def test_sample_returns_the_untempered_entropy():
+    """The entropy computed in the sampling pass equals the standalone op and float64 math."""
+    from megatron_sega.ops import entropy
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 300, generator=g) * 3
+    for kwargs in (dict(temperature=0), dict(temperature=0.7, top_k=20, top_p=0.9)):
+        s = sample(z, 0, 300, None, seed=3, **kwargs)
+        torch.testing.assert_close(s.entropy, entropy(z, 0, 300, None), rtol=0, atol=1e-6)
+        p = torch.softmax(z.double(), -1)
+        torch.testing.assert_close(s.entropy.double(), -(p * p.log()).sum(-1), rtol=0, atol=1e-6)
