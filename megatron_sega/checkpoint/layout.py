@@ -128,10 +128,9 @@ def named_stage_tensors(model, what: str = "param") -> Iterable[tuple[str, torch
 
 def stage_offset(model) -> int:
     """Global index of this stage's first layer."""
-    inner = model
-    while hasattr(inner, "module") and not hasattr(inner, "decoder"):
-        inner = inner.module
-    layers = inner.decoder.layers
+    from megatron_sega.models.builder import unwrap_model
+
+    layers = unwrap_model(model).decoder.layers
     return layers[0].layer_number - 1 if len(layers) else 0
 
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_sega.checkpoint.hf import ConversionError
 from megatron_sega.checkpoint.hf_io import DTYPES, dtype_name
+from megatron_sega.models.builder import unwrap_model as unwrap
 from megatron_sega.models.spec import LlamaSpec, spec_from_dict, spec_to_dict
 
 METADATA_FILE = "megatron_sega.json"
@@ -118,13 +119,6 @@ def check_compatible(info: CheckpointInfo, spec: LlamaSpec, padded_vocab: int,
             f"{where}: padded vocab {info.padded_vocab_size} in the checkpoint != {padded_vocab} "
             "for this model's TP; the padding is lcm(128, tp)-aligned, so pick a TP that gives "
             "the same padded size or re-convert with --tp set to the target TP")
-
-
-def unwrap(model):
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while not hasattr(model, "decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _model_padded_vocab(model) -> int:

@@ -12,6 +12,13 @@ from megatron_sega.models.spec import LlamaSpec, RopeScaling
 from megatron_sega.runtime import Runtime
 
 
+def unwrap_model(model):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def have_transformer_engine() -> bool:
     try:
         import transformer_engine  # noqa: F401

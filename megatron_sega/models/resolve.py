@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_sega.models.spec import LlamaSpec, ModelConfigError, from_hf_config, preset, spec_from_dict
-
-METADATA_FILE = "megatron_sega.json"
+from megatron_sega.models.spec import LlamaSpec, ModelConfigError, from_hf_config, preset
 
 
 def checkpoint_spec(directory: str | Path) -> Optional[LlamaSpec]:
     """The LlamaSpec recorded in a megatron-sega checkpoint directory, if any."""
-    path = Path(directory) / METADATA_FILE
-    if not path.is_file():
+    from megatron_sega.checkpoint.mcore import METADATA_FILE, read_info
+
+    if not (Path(directory) / METADATA_FILE).is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        return spec_from_dict(meta["spec"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ModelConfigError(f"{path}: unreadable checkpoint metadata ({err}); "
-                               "re-convert the checkpoint with tools/convert.py")
+    return read_info(directory).spec
 
 
 def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega import ops
+from megatron_sega.models.builder import unwrap_model
 from megatron_sega.runtime import Runtime
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
 
@@ -49,12 +50,6 @@ def _available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30
-
-
-def _inner(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
@@ -90,7 +85,7 @@ class Sampler:
         max_batch_tokens: int = 0,
         bucket_by_length: bool = False,
     ):
-        self.model = _inner(model)
+        self.model = unwrap_model(model)
         self.rt = runtime
         self.vocab_size = vocab_size
         self.pad_id = pad_id

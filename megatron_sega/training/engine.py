@@ -14,7 +14,6 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_sega.config import OptimConfig
 from megatron_sega.models.builder import build_model
@@ -165,9 +164,3 @@ def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:
         scheduler.step(increment=increment)
     lr = optimizer.param_groups[0]["lr"]
     return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "lr": float(lr)}
-
-
-def all_reduce_sum(value: float, group: Optional[dist.ProcessGroup], device) -> float:
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, group=group)
-    return float(tensor.item())

@@ -20,7 +20,9 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
-from megatron_sega.data import GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts
+from megatron_sega.data import (
+    Batch, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
+)
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
@@ -71,25 +73,32 @@ def score_rollout(session: Session, rollout: Rollout, k: int) -> Scored:
                   used, reward.flatten())
 
 
-def training_microbatches(session: Session, rollout: Rollout, adv: torch.Tensor,
-                          extra: dict[str, torch.Tensor]) -> list[dict]:
-    """Rows -> microbatches of prompt+response with per-token response masks and advantages.
-    Rows are padded to a multiple of the micro batch size with zero-weight copies."""
-    mbs = session.config.sega.micro_batch_size
+def rollout_batch(session: Session, rollout: Rollout) -> Batch:
+    """The rollout's rows as prompt+response sequences (one collate for the whole step)."""
     examples = [TokenizedExample(str(int(i)), p, r[: int(n)].tolist())
                 for i, p, r, n in zip(rollout.sample_ids, rollout.prompt_ids,
                                       rollout.response_ids, rollout.lengths)]
-    batch = collate(examples, session.tokenizer.pad_id)
-    n, seq = batch.tokens.shape
-    # Per-token tensors aligned with labels: response token t of row i sits at label position
-    # prompt_len - 1 + t.
-    aligned = {name: torch.zeros(n, seq) for name in extra}
+    return collate(examples, session.tokenizer.pad_id)
+
+
+def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> torch.Tensor:
+    """Per-response-token values [N, T] moved to the batch's label positions [N, S]: response
+    token t of row i is the label at position prompt_len - 1 + t."""
+    out = torch.zeros(batch.tokens.shape)
     for i, plen in enumerate(batch.prompt_lengths.tolist()):
         length = int(rollout.lengths[i])
-        for name, values in extra.items():
-            aligned[name][i, plen - 1: plen - 1 + length] = values[i, :length].float()
+        out[i, plen - 1: plen - 1 + length] = values[i, :length].float()
+    return out
+
+
+def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
+                          per_token: dict[str, torch.Tensor]) -> list[dict]:
+    """Microbatches of the step's batch with per-row advantages and label-aligned per-token
+    tensors. Rows are padded to a multiple of the micro batch size with zero-weight copies."""
+    mbs = session.config.sega.micro_batch_size
+    n = batch.tokens.shape[0]
     rows = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
-            "advantage": adv.float(), **aligned}
+            "advantage": adv.float(), **per_token}
     pad = (-n) % mbs
     if pad:
         rows = {k: torch.cat([v, torch.zeros_like(v[:pad])]) if k != "tokens"
@@ -136,10 +145,12 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
     scored = score_rollout(session, rollout, k)
     timer["score"] = time.time()
     # 4. batch; the old log-probs are the sampler's untempered ones (ratio 1 on the first update).
-    extra = {"old_logp": rollout.logp}
+    batch = rollout_batch(session, rollout)
+    per_token = {"old_logp": at_label_positions(batch, rollout, rollout.logp)}
     if reference is not None:
-        extra["ref_logp"] = _reference_logp(session, reference, rollout)
-    micro = training_microbatches(session, rollout, scored.advantage, extra)
+        per_token["ref_logp"] = token_stats(reference, rt, batch, session.spec.vocab_size,
+                                            micro_batch_size=cfg.micro_batch_size)["logp"]
+    micro = training_microbatches(session, batch, scored.advantage, per_token)
     tokens_here = float(rollout.response_mask.sum())
     n_groups, n_tokens = dp_all_reduce([len(prompts), tokens_here], session)
     normaliser = n_groups if cfg.normalization == "sequence_sum" else max(n_tokens, 1.0)
@@ -163,19 +174,6 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
                                                                  session.scheduler)})
     timer["train"] = time.time()
     return _metrics(session, rollout, scored, results, timer, n_tokens)
-
-
-def _reference_logp(session: Session, reference: list, rollout: Rollout) -> torch.Tensor:
-    examples = [TokenizedExample(str(i), p, r[: int(n)].tolist()) for i, (p, r, n) in
-                enumerate(zip(rollout.prompt_ids, rollout.response_ids, rollout.lengths))]
-    batch = collate(examples, session.tokenizer.pad_id)
-    stats = token_stats(reference, session.runtime, batch, session.spec.vocab_size,
-                        micro_batch_size=session.config.sega.micro_batch_size)
-    out = torch.zeros_like(rollout.logp)
-    for i, plen in enumerate(batch.prompt_lengths.tolist()):
-        n = int(rollout.lengths[i])
-        out[i, :n] = stats["logp"][i, plen - 1: plen - 1 + n]
-    return out
 
 
 def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], timer: dict,

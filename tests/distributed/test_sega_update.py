@@ -48,7 +48,9 @@ def _sega_update(tp: int, pp: int) -> dict:
     from megatron_sega.checkpoint.layout import gather_tp
     from megatron_sega.config import load_config
     from megatron_sega.training.engine import forward_backward, optimizer_step
-    from megatron_sega.training.sega import score_rollout, sega_loss_fn, training_microbatches
+    from megatron_sega.training.sega import (
+        at_label_positions, rollout_batch, score_rollout, sega_loss_fn, training_microbatches,
+    )
     from megatron_sega.training.session import open_session
 
     config = load_config(None, [
@@ -64,7 +66,9 @@ def _sega_update(tp: int, pp: int) -> dict:
     groups = range(rt.dp_rank * per_rank, (rt.dp_rank + 1) * per_rank)
     mine = _rows(full, [g * K + j for g in groups for j in range(K)])
     scored = score_rollout(session, mine, K)
-    micro = training_microbatches(session, mine, scored.advantage, {"old_logp": mine.logp})
+    batch = rollout_batch(session, mine)
+    micro = training_microbatches(session, batch, scored.advantage,
+                                  {"old_logp": at_label_positions(batch, mine, mine.logp)})
     before = gather_tp(session.chunks[0].module, rt.tp_group, "param")
     grads = {}
     for norm in ("token_mean", "sequence_sum"):  # the last one's gradients feed the step
