@@ -58,6 +58,14 @@ def test_sft_then_sega_then_eval(tmp_path):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["pairs"] == 160 and 0.0 <= summary["accuracy"] <= 1.0
 
+    # The optional extras: KL to a frozen reference and a rollout reused for two clipped updates.
+    extras = tmp_path / "sega_kl"
+    Run("sega_kl", tmp_path, "sega", config, f"model.load={sft / 'ckpt'}", f"logging.dir={extras}",
+        "sega.steps=2", "sega.kl_coef=0.1", f"sega.reference={sft / 'ckpt'}",
+        "sega.updates_per_rollout=2", "sega.clip_eps=0.2").wait()
+    rows = _jsonl(extras / "sega_metrics.jsonl")
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] and not r["skipped_update"] for r in rows)
+
 
 def test_broken_weights_skip_steps_then_stop(tmp_path):
     """An absurd learning rate turns the weights into Inf/NaN: the steps are skipped and logged,
