@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_sega.errors import ConfigError
 from megatron_sega.models.spec import LlamaSpec
 
 
@@ -78,8 +79,12 @@ class MetricsLogger:
                 except ImportError:
                     print("note: tensorboard is not installed; TensorBoard logging is off")
             if wandb:
-                import wandb as wandb_module  # optional dependency, asked for explicitly
-
+                try:
+                    import wandb as wandb_module  # optional dependency, asked for explicitly
+                except ImportError:
+                    raise ConfigError("logging.wandb = true but the wandb package is not "
+                                      "installed; pip install wandb, or set logging.wandb=false"
+                                      ) from None
                 self._wandb = wandb_module.init(project="megatron-sega", name=name,
                                                 config=run_config or {}, dir=str(path))
         if progress and progress_total:

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-
-class ModelConfigError(ValueError):
-    """A model preset or ``config.json`` this project cannot build."""
+from megatron_sega.errors import ModelConfigError
 
 
 @dataclass(frozen=True)

@@ -114,10 +114,12 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 
 def run_eval(config, args) -> int:
     """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
-    from megatron_sega.training.session import announce, open_session
+    from megatron_sega.config import ConfigError
+    from megatron_sega.training.session import announce, open_session, preflight
 
     if not config.data.eval:
-        raise FileNotFoundError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+        raise ConfigError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "eval")
     session = open_session(config, train=False)
     announce(session, "eval")
     pairs = load_eval_pairs(session, config.data.eval)

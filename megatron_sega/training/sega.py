@@ -20,15 +20,20 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
+from megatron_sega.config import ConfigError
 from megatron_sega.data import (
-    Batch, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
+    Batch, DataError, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
 )
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
 )
+from megatron_sega.runtime.stages import broadcast_from_last_stage
 from megatron_sega.training.engine import forward_backward, optimizer_step
-from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
+from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, open_session, preflight,
+)
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
@@ -94,17 +99,10 @@ def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> 
 def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
                           per_token: dict[str, torch.Tensor]) -> list[dict]:
     """Microbatches of the step's batch with per-row advantages and label-aligned per-token
-    tensors. Rows are padded to a multiple of the micro batch size with zero-weight copies."""
-    mbs = session.config.sega.micro_batch_size
-    n = batch.tokens.shape[0]
+    tensors (padding rows: zero advantage and loss mask)."""
     rows = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
             "advantage": adv.float(), **per_token}
-    pad = (-n) % mbs
-    if pad:
-        rows = {k: torch.cat([v, torch.zeros_like(v[:pad])]) if k != "tokens"
-                else torch.cat([v, v[:pad]]) for k, v in rows.items()}
-    total = n + pad
-    return [{k: v[i:i + mbs] for k, v in rows.items()} for i in range(0, total, mbs)]
+    return split_microbatches(rows, session.config.sega.micro_batch_size)
 
 
 def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool,
@@ -162,11 +160,8 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         outputs = forward_backward(session.chunks, rt, micro, loss_fn)
         loss = sum(float(o["loss_sum"]) for o in outputs) if outputs else 0.0
         loss, = dp_all_reduce([loss], session)
-        loss_t = torch.tensor([loss], device=rt.device)
-        if rt.pp > 1:  # the loss lives on the last stage; every stage must agree to skip
-            torch.distributed.broadcast(
-                loss_t, src=torch.distributed.get_global_rank(rt.pp_group, rt.pp - 1),
-                group=rt.pp_group)
+        # The loss lives on the last stage; every stage must agree to skip.
+        loss_t = broadcast_from_last_stage(torch.tensor([loss], device=rt.device), rt)
         if not math.isfinite(float(loss_t)):
             results.append({"loss": float("nan"), "skipped": True})
             continue
@@ -251,8 +246,11 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
         session.print(f"{path}: dropped {len(prompts) - len(kept)} prompts longer than "
                       f"data.max_seq_len - sampling.max_new_tokens = {limit} tokens")
     if not kept:
-        raise FileNotFoundError(f"{path}: no prompt fits data.max_seq_len={data.max_seq_len} with "
-                                f"sampling.max_new_tokens={session.config.sampling.max_new_tokens}")
+        shortest = min(len(p.prompt_ids) for p in prompts) if prompts else 0
+        raise DataError(f"{path}: no prompt fits data.max_seq_len({data.max_seq_len}) - "
+                        f"sampling.max_new_tokens({session.config.sampling.max_new_tokens}) = "
+                        f"{limit} tokens (the shortest has {shortest}); raise data.max_seq_len "
+                        f"or lower sampling.max_new_tokens")
     return kept
 
 
@@ -272,7 +270,8 @@ def run_sega(config, args) -> int:
     from megatron_sega.training.evaluate import load_reference
 
     if not config.data.train:
-        raise FileNotFoundError("sega needs data.train (prompts; chosen/rejected are not used)")
+        raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
+    preflight(config, "sega")
     cfg = config.sega
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
@@ -280,7 +279,8 @@ def run_sega(config, args) -> int:
     rt = session.runtime
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
-                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed)
+                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,
+                                   name="sega.prompts_per_step")
     reference = load_reference(session, cfg.reference) if cfg.reference else None
     ckpt = CheckpointManager(session, config.checkpoint, stage="sega")
     start = ckpt.resume(iterator)
