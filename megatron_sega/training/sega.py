@@ -289,7 +289,7 @@ def run_sega(config, args) -> int:
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sega",
                            progress_total=cfg.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), interval=config.logging.interval)
     bad_in_a_row, step = 0, start
     batches = iter(iterator)
     for step in range(start, cfg.steps):

@@ -95,7 +95,7 @@ def run_sft(config, args) -> int:
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sft",
                            progress_total=sft.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), interval=config.logging.interval)
     batches = iter(iterator)
     for step in range(start, sft.steps):
         t0 = time.time()
