@@ -36,7 +36,7 @@ class LlamaSpec:
     ffn_hidden_size: int
     num_attention_heads: int
     num_query_groups: int
-    vocab_size: int  # the tokenizer's true vocabulary; padding columns are never scored
+    vocab_size: int  # the model's rows before TP padding; >= the tokenizer's (Session.vocab_size)
     max_position_embeddings: int
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None

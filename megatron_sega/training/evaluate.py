@@ -41,7 +41,7 @@ def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> 
     for start in range(0, len(pairs), micro):
         part = collate_pairs(pairs[start:start + micro], session.tokenizer.pad_id)
         both = part.concat()
-        stats = token_stats(chunks, session.runtime, both, session.spec.vocab_size,
+        stats = token_stats(chunks, session.runtime, both, session.vocab_size,
                             micro_batch_size=min(2 * micro, both.tokens.shape[0]))
         logp = stats["logp"].double().sum(dim=1)
         count = both.loss_mask.sum(dim=1).double()

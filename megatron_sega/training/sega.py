@@ -113,7 +113,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
+        logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         mask = mb["loss_mask"].to(logits.device) > 0
         loss, metrics = sega_loss(
             logp, mask, mb["advantage"].to(logits.device), normalization=normalization,
@@ -146,7 +146,7 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
     batch = rollout_batch(session, rollout)
     per_token = {"old_logp": at_label_positions(batch, rollout, rollout.logp)}
     if reference is not None:
-        per_token["ref_logp"] = token_stats(reference, rt, batch, session.spec.vocab_size,
+        per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
                                             micro_batch_size=cfg.micro_batch_size)["logp"]
     micro = training_microbatches(session, batch, scored.advantage, per_token)
     tokens_here = float(rollout.response_mask.sum())
@@ -257,7 +257,7 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
 def make_sampler(session: Session) -> Sampler:
     from megatron_sega.models.builder import have_transformer_engine
 
-    return Sampler(session.model, session.runtime, session.spec.vocab_size,
+    return Sampler(session.model, session.runtime, session.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
                    bucket_by_length=have_transformer_engine())

@@ -37,6 +37,13 @@ class Session:
         return self.chunks[0]
 
     @property
+    def vocab_size(self) -> int:
+        """The true vocabulary: the ids the tokenizer can produce. Entropies, log-probs and
+        sampling run over these columns only; the model's rows beyond them (a model vocabulary
+        larger than its tokenizer's, which no token reaches) and the TP padding never enter."""
+        return min(self.spec.vocab_size, self.tokenizer.vocab_size)
+
+    @property
     def is_metrics_rank(self) -> bool:
         """The rank that holds the DP-reduced metrics: last stage, TP rank 0, DP rank 0."""
         rt = self.runtime
@@ -107,6 +114,10 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
                     sequence_parallel=par.sequence_parallel, num_layers=spec.num_layers,
                     num_attention_heads=spec.num_attention_heads,
                     num_query_groups=spec.num_query_groups, seed=config.model.init_seed)
+    if tokenizer.vocab_size < spec.vocab_size and runtime.rank == 0:
+        print(f"note: the model has {spec.vocab_size} vocabulary rows but the tokenizer "
+              f"{tokenizer.vocab_size} tokens; rows {tokenizer.vocab_size}..{spec.vocab_size - 1} "
+              "are unreachable and are left out of entropies, log-probs and sampling", flush=True)
     dtype = torch_dtype(config, device)
     chunks = build_training_model(spec, runtime, dtype, attention=config.model.attention,
                                   use_distributed_optimizer=par.distributed_optimizer,

@@ -61,7 +61,7 @@ def sft_step(session: Session, shard) -> dict:
     sft = session.config.sft
     batch = collate(shard, session.tokenizer.pad_id)
     global_tokens, = dp_all_reduce([float(batch.loss_mask.sum())], session)
-    loss_fn = sft_loss_fn(session.spec.vocab_size, max(global_tokens, 1.0), session.runtime)
+    loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
     outputs = forward_backward(session.chunks, session.runtime,
                                sft_microbatches(batch, sft.micro_batch_size), loss_fn)
     step = optimizer_step(session.optimizer, session.scheduler)
