@@ -1,7 +1,8 @@
 """Preference accuracy with the implicit reward ``r(q, a) = beta * log pi(a|q)`` (METHOD.md).
 
 A pair is correct when ``r(q, chosen) > r(q, rejected)`` with log-probs summed over the response
-tokens (beta does not change the winner). Also reported: the length-normalised variant
+tokens and the end-of-turn token that closes them, as SFT and SEGA train on it (beta does not
+change the winner). Also reported: the length-normalised variant
 (mean token log-prob) and, with a reference model, ``beta * (log pi - log pi_ref)``.
 Pairs are sharded over data-parallel ranks; the per-pair records are gathered on rank 0.
 """
@@ -22,12 +23,13 @@ from megatron_sega.training.teacher_forced import token_stats
 
 
 def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``)."""
+    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``);
+    each response ends with the template's end-of-turn token, as in training."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
-    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=False)
+    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=True)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:

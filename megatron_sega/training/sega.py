@@ -32,7 +32,7 @@ from megatron_sega.runtime.stages import broadcast_from_last_stage
 from megatron_sega.training.engine import forward_backward, optimizer_step
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
-    Session, announce, dp_all_reduce, open_session, preflight,
+    Session, announce, dp_all_reduce, dp_sum, open_session, preflight,
 )
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
@@ -162,58 +162,100 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         loss, = dp_all_reduce([loss], session)
         # The loss lives on the last stage; every stage must agree to skip.
         loss_t = broadcast_from_last_stage(torch.tensor([loss], device=rt.device), rt)
+        result = {"loss": float(loss_t), "sums": _update_sums(outputs)}
         if not math.isfinite(float(loss_t)):
-            results.append({"loss": float("nan"), "skipped": True})
+            results.append({**result, "loss": float("nan"), "skipped": True})
             continue
-        results.append({"loss": float(loss_t), **optimizer_step(session.optimizer,
-                                                                 session.scheduler)})
+        results.append({**result, **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
-    return _metrics(session, rollout, scored, results, timer, n_tokens)
+    return _metrics(session, rollout, scored, batch, results, timer)
 
 
-def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], timer: dict,
-             global_tokens: float) -> dict:
+def _update_sums(outputs: list[dict]) -> dict[str, float]:
+    """Token sums of one update's loss metrics on this rank (the last stage holds them)."""
+    tokens = [float(o["num_tokens"]) for o in outputs]
+    return {"update_tokens": sum(tokens),
+            "kl_sum": sum(float(o["kl_mean"]) * n for o, n in zip(outputs, tokens)),
+            "clipped_tokens": sum(float(o["clip_fraction"]) * n for o, n in zip(outputs, tokens))}
+
+
+def step_sums(rollout: Rollout, scored: Scored, batch: Batch) -> dict[str, float]:
+    """This rank's additive statistics of a step, by name (summed over DP by the caller)."""
     valid = scored.valid
-    n_valid = max(int(valid.sum()), 1)
-    local = [
-        float(scored.score[valid].sum()), float((scored.score[valid] ** 2).sum()),
-        float(scored.h_final[valid].sum()), float(scored.fork[valid].sum()), float(valid.sum()),
-        float(rollout.lengths.float().sum()), float(rollout.num_samples),
-        float((~scored.group_used).sum()), float(len(scored.group_used)),
-        float(scored.advantage.abs().sum()), float((scored.advantage ** 2).sum()),
-        float(sum(r == "length" for r in rollout.finish_reason)),
-        float((rollout.lengths == 0).sum() + (rollout.content_mask.sum(1) == 0).sum()),
-        float(scored.reward[valid].sum()),
-    ]
-    s = dp_all_reduce(local, session)
-    n_valid = max(s[4], 1.0)
-    mean = s[0] / n_valid
+    k = rollout.num_samples // max(len(scored.group_used), 1)
+    # The candidates whose advantage enters the loss: valid members of used groups.
+    active = valid & scored.group_used.repeat_interleave(k)
+    adv = scored.advantage.double()[active]
+    empty = (rollout.lengths == 0) | (rollout.content_mask.sum(1) == 0)
+    return {
+        "samples": float(rollout.num_samples),
+        "valid": float(valid.sum()),
+        "score_sum": float(scored.score[valid].sum()),
+        "score_sq_sum": float((scored.score[valid] ** 2).sum()),
+        "h_final_sum": float(scored.h_final[valid].sum()),
+        "fork_sum": float(scored.fork[valid].sum()),
+        "reward_sum": float(scored.reward[valid].sum()),
+        "active": float(active.sum()),
+        "advantage_sum": float(adv.sum()),
+        "advantage_abs_sum": float(adv.abs().sum()),
+        "advantage_sq_sum": float((adv ** 2).sum()),
+        "length_sum": float(rollout.lengths.float().sum()),
+        "groups": float(len(scored.group_used)),
+        "groups_skipped": float((~scored.group_used).sum()),
+        "truncated": float(sum(r == "length" for r in rollout.finish_reason)),
+        "empty": float(empty.sum()),
+        "response_tokens": float(rollout.response_mask.sum()),
+        # What the update trains on: prompt + response tokens, in sequences this wide.
+        "train_tokens": float(batch.lengths.sum()),
+        "seq_len_sum": float(batch.tokens.shape[1]),
+        "ranks": 1.0,
+    }
+
+
+def step_metrics(s: dict[str, float]) -> dict[str, float]:
+    """The logged statistics from DP-summed :func:`step_sums` (and the last update's sums)."""
+    n, n_valid, n_active = max(s["samples"], 1.0), max(s["valid"], 1.0), max(s["active"], 1.0)
+    score_mean = s["score_sum"] / n_valid
+    adv_mean = s["advantage_sum"] / n_active  # 0 up to rounding: advantages are group-centred
+    return {
+        "score_mean": score_mean,
+        "score_std": math.sqrt(max(s["score_sq_sum"] / n_valid - score_mean ** 2, 0.0)),
+        "h_final_mean": s["h_final_sum"] / n_valid,
+        "fork_entropy_mean": s["fork_sum"] / n_valid,
+        "reward_mean": s["reward_sum"] / n_valid,
+        # Over the candidates in the update (skipped groups and invalid members have A = 0).
+        "advantage_abs_mean": s["advantage_abs_sum"] / n_active,
+        "advantage_std": math.sqrt(max(s["advantage_sq_sum"] / n_active - adv_mean ** 2, 0.0)),
+        "response_length_mean": s["length_sum"] / n,
+        "valid_fraction": s["valid"] / n,
+        "groups_skipped_fraction": s["groups_skipped"] / max(s["groups"], 1.0),
+        "truncated_fraction": s["truncated"] / n,
+        "empty_responses": s["empty"],
+        "seq_len": s["seq_len_sum"] / max(s["ranks"], 1.0),
+        "kl_mean": s.get("kl_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+        "clip_fraction": s.get("clipped_tokens", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+    }
+
+
+def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: list[dict],
+             timer: dict) -> dict:
     last = results[-1]
+    s = dp_sum({**step_sums(rollout, scored, batch), **last["sums"]}, session)
     elapsed = timer["train"] - timer["t0"]
+    train_time = timer["train"] - timer["score"]
     return {
         "loss": last.get("loss"),
-        "score_mean": mean,
-        "score_std": math.sqrt(max(s[1] / n_valid - mean ** 2, 0.0)),
-        "h_final_mean": s[2] / n_valid,
-        "fork_entropy_mean": s[3] / n_valid,
-        "reward_mean": s[13] / n_valid,
-        "advantage_abs_mean": s[9] / max(s[6], 1.0),
-        "advantage_std": math.sqrt(s[10] / max(s[6], 1.0)),
-        "response_length_mean": s[5] / max(s[6], 1.0),
-        "valid_fraction": s[4] / max(s[6], 1.0),
-        "groups_skipped_fraction": s[7] / max(s[8], 1.0),
-        "truncated_fraction": s[11] / max(s[6], 1.0),
-        "empty_responses": s[12],
+        **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped", False)),
         "time_sample": timer["sample"] - timer["t0"],
         "time_score": timer["score"] - timer["sample"],
-        "time_train": timer["train"] - timer["score"],
-        "tokens_per_s": global_tokens / max(elapsed, 1e-9),
-        # Training FLOPs only (the update's forward/backward over the response tokens).
-        "mfu": mfu(session.spec, int(rollout.response_ids.shape[1]), global_tokens,
-                   timer["train"] - timer["score"], session.runtime.world_size),
+        "time_train": train_time,
+        "tokens_per_s": s["response_tokens"] / max(elapsed, 1e-9),
+        # Training FLOPs only: forward/backward over prompt + response tokens, per update.
+        "mfu": mfu(session.spec, int(round(s["seq_len_sum"] / s["ranks"])),
+                   s["train_tokens"] * len(results), train_time, session.runtime.world_size),
     }
 
 

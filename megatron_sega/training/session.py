@@ -158,3 +158,10 @@ def dp_all_reduce(values: list[float], session: Session) -> list[float]:
     if session.runtime.dp > 1:
         dist.all_reduce(t, group=session.runtime.dp_group)
     return t.tolist()
+
+
+def dp_sum(values: dict[str, float], session: Session) -> dict[str, float]:
+    """Sum named scalars over the data-parallel group: one collective over the sorted keys
+    (every rank passes the same names), float64."""
+    keys = sorted(values)
+    return dict(zip(keys, dp_all_reduce([float(values[k]) for k in keys], session)))
