@@ -29,8 +29,20 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
     assert "| stage | preference accuracy | length-normalised | mean entropy score |" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["initial", "after SFT", "after SEGA"]
-    for stage in summary.values():
-        assert 0.0 <= stage["accuracy"] <= 1.0 and stage["pairs"] == 160
+    for stage, name in zip(summary.values(), ("initial", "sft", "sega")):
+        # Each row of the table is the stage's own eval, computed from its per-pair records.
+        records = [json.loads(line) for line in
+                   (out / f"eval_{name}" / "pairs.jsonl").read_text().splitlines()]
+        assert stage["pairs"] == len(records) == 160
+        won = sum(r["logp_chosen"] > r["logp_rejected"] for r in records) / len(records)
+        assert stage["accuracy"] == won
+        assert stage == json.loads((out / f"eval_{name}" / "summary.json").read_text())
+    initial, after_sft, after_sega = summary.values()
+    # SFT on the chosen responses raises their log-probability by a wide margin; SEGA then moves
+    # the weights again (3 quick steps: a small change).
+    assert after_sft["mean_logp_chosen"] > initial["mean_logp_chosen"] + 20
+    assert after_sft["accuracy"] > initial["accuracy"] + 0.2
+    assert abs(after_sega["mean_logp_chosen"] - after_sft["mean_logp_chosen"]) > 1e-3
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "sft" / "ckpt" / "latest").is_file() and (out / "sega" / "ckpt" / "latest").is_file()
     sega = [json.loads(line) for line in (out / "sega" / "sega_metrics.jsonl").read_text().splitlines()]
