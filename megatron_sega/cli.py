@@ -1,4 +1,4 @@
-"""``megatron-sega {sft,sega,eval,generate,demo,check}``: run under torchrun (or alone on CPU).
+"""``megatron-sega {sft,sega,dpo,eval,generate,demo,check}``: run under torchrun (or alone on CPU).
 
 Every subcommand takes ``--config FILE`` and dotted overrides (``sega.k=8``). User errors (bad
 config, bad data, bad parallel sizes, missing files) print one line naming the problem and exit 2.
@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("megatron_sega.training.sft", "run_sft", "reflective SFT on prompt -> chosen"),
     "sega": ("megatron_sega.training.sega", "run_sega",
              "SEGA: sample k candidates, entropy-score them, update the policy"),
+    "dpo": ("megatron_sega.training.dpo", "run_dpo",
+            "the DPO / IPO baselines on preference pairs, from a frozen reference"),
     "eval": ("megatron_sega.training.evaluate", "run_eval",
              "preference accuracy with the implicit reward beta * log pi(a|q)"),
     "generate": ("megatron_sega.training.generate", "run_generate",

@@ -21,17 +21,19 @@ from megatron_sega.data import (
 from megatron_sega.training.teacher_forced import token_stats
 
 
-def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``)."""
+def load_eval_pairs(session, path: str, *, append_eos: bool = False) -> list[TokenizedPair]:
+    """Read, validate and tokenise preference pairs (template ``data.template``): for evaluation
+    as the response text only; for training (DPO) with ``append_eos``, the end-of-turn token
+    as each response's last target, as in SFT."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
-    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=False)
+    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=append_eos)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:
-        session.print(f"eval data {path}: {overlong}")
+        session.print(f"{'train' if append_eos else 'eval'} data {path}: {overlong}")
     return kept
 
 
@@ -135,16 +137,20 @@ def run_eval(config, args) -> int:
     return 0
 
 
-def load_reference(session, path: str) -> list:
-    """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
+def load_reference(session, path: Optional[str] = None) -> list:
+    """A frozen model (same layout as the policy) loaded from ``path``, or without a path a
+    copy of the policy's current weights (DPO's default reference: its starting weights)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model, unwrap_model
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
     model = build_model(session.spec, session.runtime, dtype=session.dtype,
                         attention=session.config.model.attention)
     model.config.calculate_per_token_loss = True
-    load_model_checkpoint(model, resolve_checkpoint_dir(path))
+    if path is None:
+        model.load_state_dict(unwrap_model(session.model).state_dict(), strict=True)
+    else:
+        load_model_checkpoint(model, resolve_checkpoint_dir(path))
     for p in model.parameters():
         p.requires_grad_(False)
     return [model]
