@@ -136,15 +136,16 @@ def run_eval(config, args) -> int:
 
 
 def load_reference(session, path: str) -> list:
-    """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
+    """A frozen copy of the model loaded from ``path`` (same layout and chunks as the policy)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model_chunks
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
-    model = build_model(session.spec, session.runtime, dtype=session.dtype,
-                        attention=session.config.model.attention)
-    model.config.calculate_per_token_loss = True
-    load_model_checkpoint(model, resolve_checkpoint_dir(path))
-    for p in model.parameters():
+    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
+                                attention=session.config.model.attention)
+    for model in chunks:
+        model.config.calculate_per_token_loss = True
+    load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
+    for p in (p for model in chunks for p in model.parameters()):
         p.requires_grad_(False)
-    return [model]
+    return chunks

@@ -259,7 +259,7 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
 def make_sampler(session: Session) -> Sampler:
     from megatron_sega.models.builder import have_transformer_engine
 
-    return Sampler(session.model, session.runtime, session.spec.vocab_size,
+    return Sampler(session.chunks, session.runtime, session.spec.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
                    bucket_by_length=have_transformer_engine())
