@@ -43,6 +43,12 @@ def transformer_config(
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
+    if runtime.vpp is not None:
+        # The interleaved schedule sends and receives in both directions at once; at pp=2 both
+        # peers are the same rank, and batched p2p would pair a gradient with an activation
+        # (seen on gloo: wrong losses at pp=2 x vpp=2). Megatron's unbatched p2p keeps the two
+        # directions in two process groups; overlapping it with compute is Megatron-LM's default.
+        extra.update(batch_p2p_comm=False, overlap_p2p_comm=True)
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -132,12 +138,22 @@ def build_model(
     sequence_parallel: bool = False,
     recompute: bool = False,
     vocab_multiple: int = 128,
+    vp_stage: Optional[int] = None,
 ):
     """The ``GPTModel`` chunk of this rank's pipeline stage, on ``runtime.device``.
 
     The embedding is built on the first stage, the output layer on the last; the vocabulary is
-    padded (see ``LlamaSpec.padded_vocab_size``) and the true size stays in ``spec``."""
+    padded (see ``LlamaSpec.padded_vocab_size``) and the true size stays in ``spec``. With
+    virtual pipelining (``runtime.vpp``) this is model chunk ``vp_stage`` of this rank: its
+    layers, and with them its embedding/output layer, come from Megatron's interleaved
+    assignment (:func:`build_model_chunks` builds them all)."""
     from megatron.core.models.gpt import GPTModel
+
+    if (runtime.vpp is None) != (vp_stage is None):
+        raise ValueError(f"vp_stage={vp_stage} does not fit parallel.vpp={runtime.vpp}: pass "
+                         "vp_stage in range(vpp) exactly when virtual pipelining is on")
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == runtime.vpp - 1
 
     config = transformer_config(spec, runtime, dtype=dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute)
@@ -146,16 +162,25 @@ def build_model(
         transformer_layer_spec=layer_spec(use_te, attention),
         vocab_size=spec.padded_vocab_size(runtime.tp, vocab_multiple),
         max_sequence_length=spec.max_position_embeddings,
-        pre_process=runtime.is_first_stage,
-        post_process=runtime.is_last_stage,
+        pre_process=runtime.is_first_stage and first_chunk,
+        post_process=runtime.is_last_stage and last_chunk,
         parallel_output=True,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta),
         rope_scaling=False,
+        vp_stage=vp_stage,
     )
     if spec.rope_scaling is not None:
         rope = model.rotary_pos_emb
         rope.inv_freq = llama3_scaled_inv_freq(rope.inv_freq, spec.rope_scaling)
     model.llama_spec = spec
     return model.to(runtime.device)
+
+
+def build_model_chunks(spec: LlamaSpec, runtime: Runtime, **kwargs) -> list:
+    """This rank's model chunks in pipeline order: one ``GPTModel``, or ``runtime.vpp`` of them
+    under virtual pipelining (chunk ``i`` holds Megatron's virtual stage ``i`` of this rank)."""
+    if runtime.vpp is None:
+        return [build_model(spec, runtime, **kwargs)]
+    return [build_model(spec, runtime, vp_stage=i, **kwargs) for i in range(runtime.vpp)]

@@ -100,9 +100,10 @@ def validate_parallel_sizes(
             f"choose a pipeline size that divides the number of layers"
         )
     if vpp is not None:
-        if not on_gpu:
+        if not isinstance(vpp, int) or vpp < 2:
             raise ParallelConfigError(
-                "parallel.vpp (virtual pipeline) is supported on GPU only; unset it for CPU runs"
+                f"parallel.vpp must be an integer >= 2 (model chunks per pipeline stage), got "
+                f"{vpp!r}; unset it for no virtual pipelining"
             )
         if pp < 2:
             raise ParallelConfigError(

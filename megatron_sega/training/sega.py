@@ -27,7 +27,7 @@ from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
 )
-from megatron_sega.training.engine import forward_backward, optimizer_step
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
@@ -105,6 +105,17 @@ def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
                 else torch.cat([v, v[:pad]]) for k, v in rows.items()}
     total = n + pad
     return [{k: v[i:i + mbs] for k, v in rows.items()} for i in range(0, total, mbs)]
+
+
+def check_sega_microbatches(config, dp: int) -> None:
+    """Refuse an update split that the pipeline schedule cannot run (see check_microbatch_count);
+    the rows of a step are padded up to whole microbatches (training_microbatches)."""
+    cfg = config.sega
+    rows = cfg.prompts_per_step // dp * cfg.k
+    check_microbatch_count(
+        -(-rows // cfg.micro_batch_size), config.parallel.pp, config.parallel.vpp,
+        f"sega.prompts_per_step({cfg.prompts_per_step}) / dp({dp}) * sega.k({cfg.k}) / "
+        f"sega.micro_batch_size({cfg.micro_batch_size}), rounded up,")
 
 
 def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool,
@@ -259,7 +270,7 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
 def make_sampler(session: Session) -> Sampler:
     from megatron_sega.models.builder import have_transformer_engine
 
-    return Sampler(session.model, session.runtime, session.spec.vocab_size,
+    return Sampler(session.chunks, session.runtime, session.spec.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
                    bucket_by_length=have_transformer_engine())
@@ -278,6 +289,7 @@ def run_sega(config, args) -> int:
                            lr_override=cfg.lr)
     announce(session, "sega")
     rt = session.runtime
+    check_sega_microbatches(config, rt.dp)
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
                                    dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed)
