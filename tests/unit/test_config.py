@@ -104,7 +104,7 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_help_lists_subcommands():
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("sft", "sega", "eval", "generate", "demo", "check"):
+    for command in ("sft", "sega", "dpo", "eval", "generate", "demo", "check"):
         assert command in result.stdout
 
 

@@ -4,6 +4,8 @@ and the ``dpo`` config section's validation."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +137,15 @@ def test_dpo_config_section():
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
+
+
+def test_dpo_cli_errors_are_one_line():
+    for args, expected in (
+        (("dpo", "dpo.beta=-1"), "dpo.beta must be > 0, got -1.0"),
+        (("dpo", "parallel.device=cpu"), "dpo needs data.train"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "megatron_sega.cli", *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert lines and expected in lines[-1] and "Traceback" not in result.stderr, args
