@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_sega.config import OptimConfig
-from megatron_sega.models.builder import build_model
+from megatron_sega.models.builder import build_model, wrap_mixed_precision
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime
 
@@ -33,10 +33,11 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
 
 def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32, *,
                          use_distributed_optimizer: bool = True, **kwargs):
-    """This stage's model wrapped in Megatron DDP (grads in fp32 buffers), as a 1-chunk list."""
+    """This stage's model wrapped as Megatron does on GPU: ``Float16Module`` when bf16 (see
+    ``wrap_mixed_precision``), then DDP (grads in fp32 buffers); a 1-chunk list."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model(spec, runtime, dtype=dtype, **kwargs)
+    model = wrap_mixed_precision(build_model(spec, runtime, dtype=dtype, **kwargs))
     model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -122,6 +123,9 @@ def forward_backward(
 
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
+    seq = microbatches[0]["tokens"].shape[1]
+    if model_chunks[0].config.sequence_parallel:  # TP ranks split the sequence: pad it
+        microbatches = [_pad_positions(mb, seq, (-seq) % runtime.tp) for mb in microbatches]
     batch, seq_len = microbatches[0]["tokens"].shape
     device = runtime.device
     mask = causal_mask(seq_len, device)
@@ -146,7 +150,7 @@ def forward_backward(
             # would then accumulate into it *and* DDP's hook would add it again (double grads).
             for param in chunk.parameters():
                 param.grad = None
-    return get_forward_backward_func()(
+    outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=model_chunks,
@@ -155,6 +159,24 @@ def forward_backward(
         micro_batch_size=batch,
         forward_only=forward_only,
     )
+    if seq_len != seq:  # per-position metrics back to the caller's length
+        outputs = [_pad_positions(out, seq_len, seq - seq_len) for out in outputs]
+    return outputs
+
+
+def _pad_positions(values: dict, seq: int, extra: int) -> dict:
+    """``values`` with every tensor of positions (dim 1 of size ``seq``) zero-padded by ``extra``
+    positions at the end (or cut, when ``extra < 0``). Right padding with a zero loss mask
+    changes nothing at the real positions under causal attention."""
+    if extra == 0:
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
+            value = (torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
+                     if extra > 0 else value[:, :seq + extra])
+        out[key] = value
+    return out
 
 
 def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:

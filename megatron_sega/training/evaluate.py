@@ -138,11 +138,12 @@ def run_eval(config, args) -> int:
 def load_reference(session, path: str) -> list:
     """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model, wrap_mixed_precision
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
-    model = build_model(session.spec, session.runtime, dtype=session.dtype,
-                        attention=session.config.model.attention)
+    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
+    model = wrap_mixed_precision(build_model(session.spec, session.runtime, dtype=session.dtype,
+                                             attention=session.config.model.attention))
     model.config.calculate_per_token_loss = True
     load_model_checkpoint(model, resolve_checkpoint_dir(path))
     for p in model.parameters():
