@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega import ops
-from megatron_sega.models.builder import unwrap_model
+from megatron_sega.models.builder import sequence_parallel_off, unwrap_model
 from megatron_sega.runtime import Runtime
 from megatron_sega.sampling.pipeline import pipeline_forward
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
@@ -174,7 +174,9 @@ class Sampler:
             chunk.eval()
         try:
             parts, order = [], []
-            with _last_position_logits(self.model):
+            # Decoding feeds one position per step: TP ranks cannot split it (GPU only, not
+            # yet verified: sequence parallelism needs Transformer Engine).
+            with _last_position_logits(self.model), sequence_parallel_off(self.model):
                 for rows in plan:
                     parts.append(self._generate_batch([list(prompts[i]) for i in rows],
                                                       [ids[i] for i in rows], params, decode))
@@ -250,14 +252,26 @@ class Sampler:
             tp_group = self.rt.tp_group if self.rt.tp > 1 else None
             params = state.params
             # One pass over the logits: the token, both log-probs and the untempered entropy.
-            drawn = ops.sample(
-                logits, start, self.vocab_size, tp_group, temperature=params.temperature,
-                top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active], step=step)
-            token = drawn.tokens
-            stats = torch.stack([drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
+            try:
+                drawn = ops.sample(
+                    logits, start, self.vocab_size, tp_group, temperature=params.temperature,
+                    top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active],
+                    step=step)
+            except ops.NonFiniteLogitsError:
+                if self.rt.pp == 1:  # every rank of the replica raised together
+                    raise
+                # The other stages wait in the broadcast below: send them -1 (stop), then
+                # every stage raises at the same point.
+                token = torch.full((len(active),), -1, dtype=torch.long, device=self.rt.device)
+            else:
+                token = drawn.tokens
+                stats = torch.stack([drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
         else:
             token = torch.empty(len(active), dtype=torch.long, device=self.rt.device)
         token = self._broadcast_from_last(token)
+        if self.rt.pp > 1 and bool(token[0] < 0):
+            raise ops.NonFiniteLogitsError("the last pipeline stage met NaN or Inf logits while "
+                                           "sampling")
         state.advance(active, step, token, stats, decode)
         return token
 

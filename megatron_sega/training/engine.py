@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_sega.config import OptimConfig
-from megatron_sega.models.builder import build_model_chunks
+from megatron_sega.models.builder import build_model_chunks, wrap_mixed_precision
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime
 
@@ -34,7 +34,8 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
 def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32, *,
                          use_distributed_optimizer: bool = True, **kwargs):
     """This stage's model chunks (one, or ``runtime.vpp`` under virtual pipelining), each
-    wrapped in Megatron DDP (grads in fp32 buffers)."""
+    wrapped as Megatron does on GPU: ``Float16Module`` when bf16 (see ``wrap_mixed_precision``),
+    then DDP (grads in fp32 buffers)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -46,6 +47,7 @@ def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32,
     )
     wrapped = []
     for i, model in enumerate(build_model_chunks(spec, runtime, dtype=dtype, **kwargs)):
+        model = wrap_mixed_precision(model)
         model.config.calculate_per_token_loss = True
         # As Megatron's own get_model: only the first chunk's buffer is split into buckets.
         wrapped.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
@@ -142,6 +144,9 @@ def forward_backward(
 
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
+    seq = microbatches[0]["tokens"].shape[1]
+    if model_chunks[0].config.sequence_parallel:  # TP ranks split the sequence: pad it
+        microbatches = [_pad_positions(mb, seq, (-seq) % runtime.tp) for mb in microbatches]
     n_real = len(microbatches)
     if len(model_chunks) > 1 and forward_only and n_real % runtime.pp:
         # A forward pass may repeat a microbatch to fill the interleaved schedule's groups; its
@@ -182,7 +187,25 @@ def forward_backward(
         micro_batch_size=batch,
         forward_only=forward_only,
     )
-    return outputs[:n_real]
+    outputs = outputs[:n_real]
+    if seq_len != seq:  # per-position metrics back to the caller's length
+        outputs = [_pad_positions(out, seq_len, seq - seq_len) for out in outputs]
+    return outputs
+
+
+def _pad_positions(values: dict, seq: int, extra: int) -> dict:
+    """``values`` with every tensor of positions (dim 1 of size ``seq``) zero-padded by ``extra``
+    positions at the end (or cut, when ``extra < 0``). Right padding with a zero loss mask
+    changes nothing at the real positions under causal attention."""
+    if extra == 0:
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
+            value = (torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
+                     if extra > 0 else value[:, :seq + extra])
+        out[key] = value
+    return out
 
 
 def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:
