@@ -151,7 +151,8 @@ def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
     if use_te is None:
         use_te = uses_transformer_engine(attention)
     if use_te:
-        spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # (megatron-core 0.19 takes no 'normalization' here: TE's norms read config.normalization)
+        spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # Decoding: keys enter the KV cache already rotated (see CachedRotarySelfAttention; it only

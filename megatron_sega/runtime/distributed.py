@@ -213,7 +213,7 @@ def setup(
     validate_parallel_sizes(
         tp, pp, world, num_layers=num_layers, num_attention_heads=num_attention_heads,
         num_query_groups=num_query_groups, vpp=vpp, sequence_parallel=sequence_parallel,
-        on_gpu=device == "cuda",
+        on_gpu=device == "cuda", transformer_engine=have_transformer_engine(),
     )
     if device == "cpu":
         cpu_bridge.apply()
