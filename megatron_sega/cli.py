@@ -79,12 +79,18 @@ def run_check(config, args) -> int:
     if config.sft.global_batch_size % dp != 0:
         raise UserError(f"sft.global_batch_size({config.sft.global_batch_size}) is not divisible "
                         f"by dp({dp}); make it a multiple of {dp}")
+    from megatron_sega.training.sega import check_sega_microbatches
+    from megatron_sega.training.sft import check_sft_microbatches
+
+    check_sft_microbatches(config, dp)
+    check_sega_microbatches(config, dp)
     for option in ("data.train", "data.eval", "model.load", "model.tokenizer"):
         section, key = option.split(".")
         value = getattr(getattr(config, section), key)
         if value and not os.path.exists(value) and "$" not in value:
             print(f"note: {option} = {value} does not exist on this machine (yet)")
-    print(f"ok: tp={config.parallel.tp} pp={config.parallel.pp} dp={dp} world={world}; "
+    vpp = f" vpp={config.parallel.vpp}" if config.parallel.vpp else ""
+    print(f"ok: tp={config.parallel.tp} pp={config.parallel.pp}{vpp} dp={dp} world={world}; "
           f"model {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}")
     return 0
 

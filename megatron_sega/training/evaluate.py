@@ -138,19 +138,23 @@ def run_eval(config, args) -> int:
 
 
 def load_reference(session, path: Optional[str] = None) -> list:
-    """A frozen model (same layout as the policy) loaded from ``path``, or without a path a
-    copy of the policy's current weights (DPO's default reference: its starting weights)."""
+    """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
+    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model, unwrap_model
+    from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
-    model = build_model(session.spec, session.runtime, dtype=session.dtype,
-                        attention=session.config.model.attention)
-    model.config.calculate_per_token_loss = True
+    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
+                                attention=session.config.model.attention)
     if path is None:
-        model.load_state_dict(unwrap_model(session.model).state_dict(), strict=True)
+        for model, policy in zip(chunks, session.chunks):
+            model.load_state_dict(unwrap_model(policy).state_dict(), strict=True)
     else:
-        load_model_checkpoint(model, resolve_checkpoint_dir(path))
-    for p in model.parameters():
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
+    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
+    chunks = [wrap_mixed_precision(model) for model in chunks]
+    for model in chunks:
+        model.config.calculate_per_token_loss = True
+    for p in (p for model in chunks for p in model.parameters()):
         p.requires_grad_(False)
-    return [model]
+    return chunks

@@ -41,7 +41,10 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
     def loss_fn(logits, mb):
         start, group = vocab_shard_info(logits, runtime)
         labels = mb["labels"].to(logits.device)
-        logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        try:
+            logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        except ops.NonFiniteLogitsError:  # raised below on every stage at once, not mid-pipeline
+            logp = entropy = torch.full(labels.shape, float("nan"), device=logits.device)
         return logits.new_zeros(()), {"logp": logp.detach(), "entropy": entropy.detach()}
 
     for chunk in model_chunks:
@@ -59,5 +62,8 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
     if runtime.pp > 1:
         last = dist.get_global_rank(runtime.pp_group, runtime.pp - 1)
         dist.broadcast(stats, src=last, group=runtime.pp_group)
-    stats = stats[:, :n].cpu() * mask.float()
+    stats = stats[:, :n, :seq].cpu()
+    if torch.isnan(stats).any():  # the same on every rank of the model-parallel group
+        raise ops.NonFiniteLogitsError("NaN or Inf logits in a teacher-forced forward pass")
+    stats = stats * mask.float()
     return {"logp": stats[0], "entropy": stats[1]}

@@ -86,6 +86,10 @@ def test_cli_errors_are_one_line(tmp_path):
         (("check", "--world-size", "6", "parallel.tp=2", "parallel.pp=2"),
          "tp(2) * pp(2) = 4 does not divide WORLD_SIZE(6)"),
         (("check", "model.preset=llama4-8b"), "valid presets: llama2-7b"),
+        (("check", "--world-size", "2", "parallel.pp=2", "parallel.vpp=2",
+          "sft.global_batch_size=6", "sft.micro_batch_size=2"),
+         "sft.global_batch_size(6) / dp(1) / sft.micro_batch_size(2) gives 3 microbatches per "
+         "rank, not a multiple of pp(2)"),
         (("sft", "data.train=" + str(tmp_path / "none.jsonl"), "parallel.device=cpu"),
          "none.jsonl"),
     ]
@@ -102,3 +106,23 @@ def test_cli_help_lists_subcommands():
     assert result.returncode == 0
     for command in ("sft", "sega", "dpo", "eval", "generate", "demo", "check"):
         assert command in result.stdout
+
+
+def test_vpp_needs_whole_microbatch_groups():
+    """The interleaved schedule runs microbatches in groups of pp: SFT and SEGA splits that
+    give another count are refused before a model is built (padded SEGA rows count whole)."""
+    from megatron_sega.runtime import ParallelConfigError
+    from megatron_sega.training.sega import check_sega_microbatches
+    from megatron_sega.training.sft import check_sft_microbatches
+
+    config = load_config(None, ["parallel.pp=2", "parallel.vpp=2", "sft.global_batch_size=8",
+                                "sft.micro_batch_size=2", "sega.prompts_per_step=2", "sega.k=3",
+                                "sega.micro_batch_size=2"])
+    check_sft_microbatches(config, 1)  # 4 microbatches
+    with pytest.raises(ParallelConfigError, match=r"gives 1 microbatches per rank, not a multi"):
+        check_sft_microbatches(config, 4)
+    with pytest.raises(ParallelConfigError, match=r"sega.k\(3\) / sega.micro_batch_size\(2\), "
+                                                  r"rounded up, gives 3 microbatches"):
+        check_sega_microbatches(config, 1)  # 6 rows -> 3 microbatches
+    check_sega_microbatches(config.with_overrides("sega.k=4"), 1)  # 8 rows -> 4
+    check_sega_microbatches(config.with_overrides("parallel.vpp=null", "sega.k=3"), 1)
