@@ -119,7 +119,7 @@ class SegaConfig:
     normalization: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     updates_per_rollout: int = 1
     kl_coef: float = 0.0
-    reference: Optional[str] = None  # checkpoint of the frozen reference (KL)
+    reference: Optional[str] = None  # frozen reference of the KL (default: the starting weights)
     clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
     max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
@@ -130,8 +130,7 @@ class SegaConfig:
         _check(self.steps >= 1, f"sega.steps must be >= 1, got {self.steps}")
         _check(self.updates_per_rollout >= 1,
                f"sega.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
-        _check(self.kl_coef == 0 or self.reference,
-               "sega.kl_coef > 0 needs sega.reference (a checkpoint of the frozen reference)")
+        _check(self.kl_coef >= 0, f"sega.kl_coef must be >= 0 (0 = off), got {self.kl_coef}")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,11 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("authors' code", ["sega.normalize_std=true", "sega.normalization=token_mean"]),
     ("KL 0.1", ["sega.kl_coef=0.1", "sega.reference={sft}"]),
     ("KL 1.0", ["sega.kl_coef=1.0", "sega.reference={sft}"]),
+    # second round, around the best of the first (KL 0.1)
+    ("KL 0.03", ["sega.kl_coef=0.03", "sega.reference={sft}"]),
+    ("KL 0.1, lam 0.4", ["sega.kl_coef=0.1", "sega.reference={sft}", "scoring.lam=0.4"]),
+    ("KL 0.1, z-scored", ["sega.kl_coef=0.1", "sega.reference={sft}", "sega.normalize_std=true"]),
+    ("KL 0.1, lr 1e-3", ["sega.kl_coef=0.1", "sega.reference={sft}", "sega.lr=1.0e-3"]),
 ]
 START, END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 MARKER = "Final Answer:"

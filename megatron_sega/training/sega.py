@@ -329,7 +329,9 @@ def run_sega(config, args) -> int:
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
                                    dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed)
-    reference = load_reference(session, cfg.reference) if cfg.reference else None
+    # Before any resume: without sega.reference, the KL's reference is the starting weights.
+    use_reference = cfg.kl_coef > 0 or cfg.reference is not None
+    reference = load_reference(session, cfg.reference) if use_reference else None
     ckpt = CheckpointManager(session, config.checkpoint, stage="sega")
     start = ckpt.resume(iterator)
     sampler = make_sampler(session)

@@ -53,8 +53,8 @@ def test_cross_field_rules():
         load_config(None, ["sega.k=1"])
     with pytest.raises(ConfigError, match=r"sampling.top_p must be in \(0, 1\]"):
         load_config(None, ["sampling.top_p=1.5"])
-    with pytest.raises(ConfigError, match=r"sega.kl_coef > 0 needs sega.reference"):
-        load_config(None, ["sega.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"sega.kl_coef must be >= 0"):
+        load_config(None, ["sega.kl_coef=-0.1"])
 
 
 def test_missing_and_malformed_files(tmp_path):
