@@ -126,8 +126,10 @@ def _assert_close(got: dict, ref: dict, what: str, rel=1e-5):
 @pytest.mark.parametrize(
     "world,tp,pp,distopt,vpp",
     [(2, 2, 1, False, None), (2, 1, 2, False, None), (2, 1, 1, False, None),
-     (2, 1, 1, True, None), (4, 2, 2, False, None), (4, 2, 2, True, None), (2, 1, 2, False, 2)],
-    ids=["tp2", "pp2", "dp2", "dp2-distopt", "tp2xpp2", "tp2xpp2-distopt", "pp2xvpp2"],
+     (2, 1, 1, True, None), (4, 2, 2, False, None), (4, 2, 2, True, None), (2, 1, 2, False, 2),
+     (4, 1, 2, True, 2)],
+    ids=["tp2", "pp2", "dp2", "dp2-distopt", "tp2xpp2", "tp2xpp2-distopt", "pp2xvpp2",
+         "pp2xvpp2xdp2-distopt"],
 )
 def test_layout_matches_single_process(reference, world, tp, pp, distopt, vpp):
     got = _merge(run_distributed(_run_layout, world, tp, pp, distopt, False, vpp))
