@@ -23,7 +23,7 @@ from megatron_sega import ops
 from megatron_sega.config import ConfigError
 from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
 from megatron_sega.dpo import preference_loss, sequence_logps
-from megatron_sega.training.engine import forward_backward, optimizer_step
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
 from megatron_sega.training.sft import split_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
@@ -98,12 +98,16 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
 
 
 def _check_batch_split(session: Session) -> None:
-    cfg, dp = session.config.dpo, session.runtime.dp
+    cfg, dp, par = session.config.dpo, session.runtime.dp, session.config.parallel
     if cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batch_size:
         raise ConfigError(
             f"dpo.global_batch_size({cfg.global_batch_size}) must split into dp({dp}) equal "
             f"shares that are multiples of dpo.micro_batch_size({cfg.micro_batch_size}); "
             f"use a multiple of {dp * cfg.micro_batch_size}")
+    check_microbatch_count(
+        cfg.global_batch_size // dp // cfg.micro_batch_size, par.pp, par.vpp,
+        f"dpo.global_batch_size({cfg.global_batch_size}) / dp({dp}) / "
+        f"dpo.micro_batch_size({cfg.micro_batch_size})")
 
 
 def run_dpo(config, args) -> int:

@@ -1,4 +1,5 @@
-"""Two DPO steps and two IPO steps at TP=2, PP=2 and DP=2 against TP=PP=DP=1 (fp32, CPU): the
+"""Two DPO steps and two IPO steps at TP=2, PP=2, DP=2 and PP=2 x VPP=2 against TP=PP=DP=1
+(fp32, CPU): the
 same metrics (loss, reward accuracy, chosen/rejected rewards, margin), gradients and weights.
 
 Each run goes through the real loop pieces (``open_session``, the default reference = a frozen
@@ -6,7 +7,7 @@ copy of the starting weights, ``GlobalBatchIterator``, ``dpo_step``: microbatch 
 log-probs, the loss through Megatron's schedule, the optimizer). Step 1 starts from
 policy == reference (loss log 2); step 2 has a policy that moved. At TP=PP=DP=1 the step-2 loss
 is also recomputed here in float64 from teacher-forced log-probs of the policy and the reference.
-Two spawns: 1/1/1 (1 process), then TP=2, PP=2, DP=2 in turn (2 processes)."""
+Two spawns: 1/1/1 (1 process), then TP=2, PP=2, DP=2, PP=2 x VPP=2 in turn (2 processes)."""
 
 import math
 
@@ -42,7 +43,7 @@ def _expected_loss(session, reference, shard, kind: str) -> float:
     return total / len(shard)
 
 
-def _dpo_two_steps(tp: int, pp: int, kind: str) -> dict:
+def _dpo_two_steps(tp: int, pp: int, vpp: int | None, kind: str) -> dict:
     from megatron_sega.checkpoint.layout import gather_tp
     from megatron_sega.config import load_config
     from megatron_sega.data import GlobalBatchIterator
@@ -51,7 +52,8 @@ def _dpo_two_steps(tp: int, pp: int, kind: str) -> dict:
     from megatron_sega.training.session import open_session
 
     config = load_config(None, [
-        f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.device=cpu", "model.preset=tiny",
+        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp or 'null'}",
+        "parallel.device=cpu", "model.preset=tiny",
         "model.init_seed=5", "optim.lr=1e-3", "optim.clip_grad=0.0", "optim.adam_eps=1e-4",
         f"dpo.loss={kind}", f"dpo.beta={BETA}", f"dpo.global_batch_size={PAIRS}",
         f"dpo.micro_batch_size={MICRO}", "data.max_seq_len=64",
@@ -59,10 +61,11 @@ def _dpo_two_steps(tp: int, pp: int, kind: str) -> dict:
         "parallel.distributed_optimizer=false"])
     session = open_session(config, train=True, total_steps=10)
     rt = session.runtime
+    assert len(session.chunks) == (vpp or 1)
     reference = load_reference(session)
     pairs = load_eval_pairs(session, "examples/demo_data/train.jsonl", append_eos=True)[:4 * PAIRS]
     batches = iter(GlobalBatchIterator(pairs, PAIRS, dp_rank=rt.dp_rank, dp_size=rt.dp, seed=3))
-    before = gather_tp(session.chunks[0].module, rt.tp_group, "param")
+    before = gather_tp(session.chunks, rt.tp_group, "param")
     steps, expected = [], None
     for step in range(2):
         shard = next(batches)
@@ -70,21 +73,23 @@ def _dpo_two_steps(tp: int, pp: int, kind: str) -> dict:
             expected = _expected_loss(session, reference, shard, kind)
         steps.append({k: v for k, v in dpo_step(session, reference, shard).items()
                       if k in METRICS})
-    grads = gather_tp(session.chunks[0].module, rt.tp_group, "grad")  # step 2's
-    after = gather_tp(session.chunks[0].module, rt.tp_group, "param")
+    grads = gather_tp(session.chunks, rt.tp_group, "grad")  # step 2's
+    after = gather_tp(session.chunks, rt.tp_group, "param")
     if rt.tp_rank != 0 or rt.dp_rank != 0:
         return {}
     return {"steps": steps if rt.is_last_stage else None, "expected": expected, "grads": grads,
             "update": {k: after[k] - before[k] for k in after}}
 
 
-def _both_losses(tp: int, pp: int) -> dict:
-    return {kind: _dpo_two_steps(tp, pp, kind) for kind in ("sigmoid", "ipo")}
+def _both_losses(tp: int, pp: int, vpp: int | None = None) -> dict:
+    return {kind: _dpo_two_steps(tp, pp, vpp, kind) for kind in ("sigmoid", "ipo")}
+
+
+LAYOUTS = {"tp2": (2, 1, None), "pp2": (1, 2, None), "dp2": (1, 1, None), "pp2xvpp2": (1, 2, 2)}
 
 
 def _layouts() -> dict:
-    return {name: _both_losses(tp, pp) for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2),
-                                                            ("dp2", 1, 1))}
+    return {name: _both_losses(*layout) for name, layout in LAYOUTS.items()}
 
 
 def _merge(per_rank: list[dict]) -> dict:
@@ -126,7 +131,7 @@ def test_single_process_dpo_and_ipo_losses_are_right(runs):
     assert abs(sigmoid["expected"] - math.log(2)) > 1e-3
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
 def test_dpo_steps_match_single_process(runs, layout, kind):
     reference, layouts = runs
