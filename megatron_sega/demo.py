@@ -77,6 +77,10 @@ def run_demo(config: Config, args) -> int:
     from megatron_sega.training.sega import run_sega
     from megatron_sega.training.sft import run_sft
 
+    from megatron_sega.config import STAGES
+    from megatron_sega.training.session import preflight
+
+    preflight(config, *STAGES)
     out = Path(args.out or "outputs/demo")
     quick = bool(args.quick)
     base = config.with_overrides("checkpoint.resume=none")

@@ -24,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from megatron_sega.errors import LayoutError
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
@@ -35,10 +37,6 @@ _LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
 
 _ROW_DIM0 = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
 _COL_DIM1 = ("linear_proj.weight", "linear_fc2.weight")
-
-
-class LayoutError(ValueError):
-    """A parameter name or shape that does not fit the Llama layout."""
 
 
 def canonical_name(name: str) -> str:

@@ -96,42 +96,75 @@ _METADATA_GLOBALS = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, refused: list[str]):
+        super().__init__(file)
+        self.refused = refused
+
     def find_class(self, module: str, name: str):
         allowed = name in _METADATA_GLOBALS.get(module, ())
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             allowed = True
         if not allowed:
-            raise pickle.UnpicklingError(
-                f"checkpoint metadata names '{module}.{name}', which is not a checkpoint "
-                "metadata type; refusing to unpickle it (untrusted or unsupported checkpoint)")
+            message = (f"names '{module}.{name}', which is not a checkpoint metadata type; "
+                       "refused to unpickle it (untrusted or unsupported checkpoint)")
+            self.refused.append(message)
+            raise pickle.UnpicklingError(f"checkpoint metadata {message}")
         return super().find_class(module, name)
 
 
 class _RestrictedPickle:
     """Stands in for the ``pickle`` module inside torch's DCP file-system reader."""
 
+    def __init__(self):
+        self.refused: list[str] = []  # what the unpickler refused (DCP rewraps its errors)
+
     def __getattr__(self, name: str):
         return getattr(pickle, name)
 
-    @staticmethod
-    def load(file, **_ignored):
-        return _MetadataUnpickler(file).load()
+    def load(self, file, **_ignored):
+        return _MetadataUnpickler(file, self.refused).load()
+
+
+def _vet_metadata(path: Path) -> None:
+    """Unpickle a DCP ``.metadata`` file with the allow-list unpickler; raise on a refusal."""
+    if not path.is_file():
+        return  # not a DCP checkpoint, or a layout DCP reports itself
+    refused: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f, refused).load()
+    except Exception as err:  # noqa: BLE001 - any unreadable pickle is a bad checkpoint
+        detail = refused[0] if refused else f"is unreadable ({type(err).__name__}: {err})"
+        raise CheckpointError(f"{path} {detail}") from None
 
 
 @contextlib.contextmanager
-def safe_loading() -> Iterator[None]:
+def safe_loading(directory: str | Path | None = None) -> Iterator[None]:
     """Within this context, reading a torch_dist checkpoint unpickles nothing arbitrary: the DCP
     ``.metadata`` file goes through an allow-list unpickler and every ``torch.load`` (DCP's
-    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``."""
+    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``.
+
+    With ``directory``, its ``.metadata`` is vetted before anything reads it: a refused one is a
+    :class:`CheckpointError` naming the file (inside DCP, the refusal would be logged with two
+    tracebacks and rewrapped on its way up)."""
     from torch.distributed.checkpoint import filesystem
+
+    if directory is not None:
+        _vet_metadata(Path(directory) / ".metadata")
 
     env_key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
     saved_env = os.environ.get(env_key)
     saved_pickle = getattr(filesystem, "pickle", None)
     os.environ[env_key] = "1"
-    filesystem.pickle = _RestrictedPickle()
+    restricted = _RestrictedPickle()
+    filesystem.pickle = restricted
     try:
         yield
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        if not restricted.refused or isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        where = Path(directory) / ".metadata" if directory is not None else "checkpoint .metadata"
+        raise CheckpointError(f"{where} {restricted.refused[0]}") from None
     finally:
         filesystem.pickle = saved_pickle
         if saved_env is None:
@@ -146,7 +179,7 @@ def read_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Ten
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with safe_loading(), warnings.catch_warnings():
+    with safe_loading(directory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
         reader = dcp.FileSystemReader(str(directory))
         metadata = reader.read_metadata()
@@ -328,7 +361,7 @@ class CheckpointManager:
             _ensure_optimizer_state(s.optimizer)
             state["optimizer"] = s.optimizer.sharded_state_dict(wanted, is_loading=True,
                                                                 metadata=_OPTIM_SHARDING)
-        with safe_loading():
+        with safe_loading(path / "model_optim"):
             loaded = dist_checkpointing.load(state, str(path / "model_optim"))
         load_model_state(s.chunks, wanted, loaded)
         if load_optim:

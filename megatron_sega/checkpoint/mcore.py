@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_sega.checkpoint.hf import ConversionError
 from megatron_sega.checkpoint.hf_io import DTYPES, dtype_name
+from megatron_sega.errors import CheckpointError
 from megatron_sega.models.builder import unwrap_model as unwrap
 from megatron_sega.models.spec import LlamaSpec, spec_from_dict, spec_to_dict
 
@@ -40,10 +41,6 @@ FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"  # tokenizer files travel inside the checkpoint, in this subdir
 # LlamaSpec fields that do not change the computation: a mismatch is not an error.
 _NON_ARCH_FIELDS = ("bos_token_id", "eos_token_id", "init_std", "max_position_embeddings")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, malformed or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +178,7 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     from megatron_sega.checkpoint.manager import safe_loading  # (manager imports this module)
 
     wanted = sharded_model_state(model)
-    with safe_loading():  # checkpoints from elsewhere: metadata types only, no arbitrary objects
+    with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))
     load_model_state(model, wanted, state)
     return info
@@ -383,7 +380,7 @@ def load_streaming(skeleton, directory: str | Path, names: list[str]) -> dict[st
             targets[f"{name}/{j}"] = target
     from megatron_sega.checkpoint.manager import safe_loading
 
-    with safe_loading():
+    with safe_loading(directory):
         loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
     for key, target in targets.items():
         value = loaded.pop(key)

@@ -18,11 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sega.errors import ParallelConfigError
 from megatron_sega.runtime import cpu_bridge
-
-
-class ParallelConfigError(ValueError):
-    """Parallel sizes that cannot work with the world size or the model shape."""
 
 
 @dataclass(frozen=True)
@@ -156,11 +153,12 @@ def choose_device(device: Optional[str] = None) -> str:
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "device 'cuda' was requested but no GPU is visible; use device 'cpu' or 'auto'"
+        raise ParallelConfigError(
+            "parallel.device = cuda but no GPU is visible on this machine; set "
+            "parallel.device=cpu (or auto), or run where a GPU is visible"
         )
     if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise ParallelConfigError(f"parallel.device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     return device
 
 

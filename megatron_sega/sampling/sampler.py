@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega import ops
+from megatron_sega.errors import SamplerMemoryError
 from megatron_sega.models.builder import sequence_parallel_off, unwrap_model
 from megatron_sega.runtime import Runtime
 from megatron_sega.sampling.pipeline import pipeline_forward
@@ -33,10 +34,6 @@ from megatron_sega.sampling.rollout import Rollout, SamplingParams
 _MEMORY_FRACTION = 0.5
 # Compact the batch when at least this fraction of its rows has finished.
 _COMPACT_FRACTION = 0.25
-
-
-class SamplerMemoryError(RuntimeError):
-    """A generation request that cannot fit the configured memory."""
 
 
 def _available_memory(device: torch.device) -> int:

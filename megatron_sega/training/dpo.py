@@ -50,7 +50,7 @@ def dpo_loss_fn(session: Session, global_pairs: float):
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
+        logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         seq = sequence_logps(logp, mb["loss_mask"].to(logits.device) > 0)
         ref = mb["ref_logp"].to(seq.device)
         m = seq.shape[0] // 2
@@ -78,7 +78,7 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
     batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
     # The reference runs on the same 2m-row microbatches as the policy, so that at the first
     # step (policy == reference) both give the same log-probs and the loss is exactly DPO's log 2.
-    ref_tokens = token_stats(reference, rt, batch, session.spec.vocab_size,
+    ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
                              micro_batch_size=2 * m)["logp"]
     ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
     micro = split_microbatches(batch, 2 * m)

@@ -1,7 +1,8 @@
 """Preference accuracy with the implicit reward ``r(q, a) = beta * log pi(a|q)`` (METHOD.md).
 
 A pair is correct when ``r(q, chosen) > r(q, rejected)`` with log-probs summed over the response
-tokens (beta does not change the winner). Also reported: the length-normalised variant
+tokens and the end-of-turn token that closes them, as SFT and SEGA train on it (beta does not
+change the winner). Also reported: the length-normalised variant
 (mean token log-prob) and, with a reference model, ``beta * (log pi - log pi_ref)``.
 Pairs are sharded over data-parallel ranks; the per-pair records are gathered on rank 0.
 """
@@ -21,10 +22,10 @@ from megatron_sega.data import (
 from megatron_sega.training.teacher_forced import token_stats
 
 
-def load_eval_pairs(session, path: str, *, append_eos: bool = False) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs (template ``data.template``): for evaluation
-    as the response text only; for training (DPO) with ``append_eos``, the end-of-turn token
-    as each response's last target, as in SFT."""
+def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
+    """Read, validate and tokenise preference pairs (template ``data.template``); each response
+    ends with the template's end-of-turn token as its last target, as in training (SFT, SEGA and
+    DPO score it too)."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
@@ -43,7 +44,7 @@ def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> 
     for start in range(0, len(pairs), micro):
         part = collate_pairs(pairs[start:start + micro], session.tokenizer.pad_id)
         both = part.concat()
-        stats = token_stats(chunks, session.runtime, both, session.spec.vocab_size,
+        stats = token_stats(chunks, session.runtime, both, session.vocab_size,
                             micro_batch_size=min(2 * micro, both.tokens.shape[0]))
         logp = stats["logp"].double().sum(dim=1)
         count = both.loss_mask.sum(dim=1).double()
@@ -116,10 +117,12 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 
 def run_eval(config, args) -> int:
     """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
-    from megatron_sega.training.session import announce, open_session
+    from megatron_sega.config import ConfigError
+    from megatron_sega.training.session import announce, open_session, preflight
 
     if not config.data.eval:
-        raise FileNotFoundError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+        raise ConfigError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "eval")
     session = open_session(config, train=False)
     announce(session, "eval")
     pairs = load_eval_pairs(session, config.data.eval)

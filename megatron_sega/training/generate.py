@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from megatron_sega.config import ConfigError
 from megatron_sega.data import TokenizedExample
 from megatron_sega.training.sega import load_prompts, make_sampler, sampling_params, score_rollout
-from megatron_sega.training.session import open_session
+from megatron_sega.training.session import open_session, preflight
 
 _SHOWN = 4  # prompts sampled (from data.eval, else data.train)
 
@@ -12,7 +13,8 @@ _SHOWN = 4  # prompts sampled (from data.eval, else data.train)
 def run_generate(config, args) -> int:
     source = config.data.eval or config.data.train
     if not source:
-        raise FileNotFoundError("generate needs prompts: set data.eval or data.train")
+        raise ConfigError("generate needs prompts: set data.eval or data.train")
+    preflight(config, "generate")
     session = open_session(config, train=False)
     prompts: list[TokenizedExample] = load_prompts(session, source)[:_SHOWN]
     k = config.sega.k

@@ -20,8 +20,9 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
+from megatron_sega.config import ConfigError
 from megatron_sega.data import (
-    Batch, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
+    Batch, DataError, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
 )
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
@@ -29,7 +30,10 @@ from megatron_sega.sega import (
 )
 from megatron_sega.runtime import any_rank
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
-from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
+from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, dp_sum, open_session, preflight,
+)
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
@@ -95,17 +99,10 @@ def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> 
 def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
                           per_token: dict[str, torch.Tensor]) -> list[dict]:
     """Microbatches of the step's batch with per-row advantages and label-aligned per-token
-    tensors. Rows are padded to a multiple of the micro batch size with zero-weight copies."""
-    mbs = session.config.sega.micro_batch_size
-    n = batch.tokens.shape[0]
+    tensors (padding rows: zero advantage and loss mask)."""
     rows = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
             "advantage": adv.float(), **per_token}
-    pad = (-n) % mbs
-    if pad:
-        rows = {k: torch.cat([v, torch.zeros_like(v[:pad])]) if k != "tokens"
-                else torch.cat([v, v[:pad]]) for k, v in rows.items()}
-    total = n + pad
-    return [{k: v[i:i + mbs] for k, v in rows.items()} for i in range(0, total, mbs)]
+    return split_microbatches(rows, session.config.sega.micro_batch_size)
 
 
 def check_sega_microbatches(config, dp: int) -> None:
@@ -133,7 +130,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         labels = mb["labels"].to(logits.device)
         mask = mb["loss_mask"].to(logits.device) > 0
         try:
-            logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
+            logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         except ops.NonFiniteLogitsError:
             # Raised on every TP rank together. A NaN loss still connected to the graph keeps the
             # pipeline's schedule (and its backward) the same as on the other ranks; the step is
@@ -142,6 +139,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
             return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
                                                                             dtype=torch.float32),
                          "clip_tokens": nan.detach(), "ratio_dev_sum": nan.detach(),
+                         "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
                          "num_tokens": mask.sum().float()}
         old = mb["old_logp"].to(logits.device) if use_old else None
         loss, metrics = sega_loss(
@@ -178,7 +176,7 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         batch = rollout_batch(session, rollout)
         per_token = {}
         if reference is not None:
-            per_token["ref_logp"] = token_stats(reference, rt, batch, session.spec.vocab_size,
+            per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
                                                 micro_batch_size=cfg.micro_batch_size)["logp"]
         failure = None
     except ops.NonFiniteLogitsError as err:  # raised on every rank of this replica together
@@ -208,64 +206,105 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         sums = [sum(float(o[key]) for o in outputs)
                 for key in ("loss_sum", "clip_tokens", "ratio_dev_sum", "num_tokens")]
         loss, clip_tokens, ratio_dev, counted = dp_all_reduce(sums, session)
+        sums = _update_sums(outputs)
         # The losses live on the last stage: agree over the world before anyone skips.
         if any_rank(not math.isfinite(loss), rt.device):
-            results.append({"loss": float("nan"), "skipped": True})
+            results.append({"loss": float("nan"), "skipped": True, "sums": sums})
             break
         counted = max(counted, 1.0)
-        results.append({"loss": loss, "clip_fraction": clip_tokens / counted,
-                        "ratio_abs_dev": ratio_dev / counted,
+        results.append({"loss": loss, "ratio_abs_dev": ratio_dev / counted, "sums": sums,
                         **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
-    return _metrics(session, rollout, scored, results, timer, n_tokens)
+    return _metrics(session, rollout, scored, batch, results, timer)
 
 
-def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], timer: dict,
-             global_tokens: float) -> dict:
+def _update_sums(outputs: list[dict]) -> dict[str, float]:
+    """Token sums of one update's loss metrics on this rank (the last stage holds them)."""
+    tokens = [float(o["num_tokens"]) for o in outputs]
+    return {"update_tokens": sum(tokens),
+            "kl_sum": sum(float(o["kl_mean"]) * n for o, n in zip(outputs, tokens)),
+            "clipped_tokens": sum(float(o["clip_fraction"]) * n for o, n in zip(outputs, tokens))}
+
+
+def step_sums(rollout: Rollout, scored: Scored, batch: Batch) -> dict[str, float]:
+    """This rank's additive statistics of a step, by name (summed over DP by the caller)."""
     valid = scored.valid
-    n_valid = max(int(valid.sum()), 1)
-    local = [
-        float(scored.score[valid].sum()), float((scored.score[valid] ** 2).sum()),
-        float(scored.h_final[valid].sum()), float(scored.fork[valid].sum()), float(valid.sum()),
-        float(rollout.lengths.float().sum()), float(rollout.num_samples),
-        float((~scored.group_used).sum()), float(len(scored.group_used)),
-        float(scored.advantage.abs().sum()), float((scored.advantage ** 2).sum()),
-        float(sum(r == "length" for r in rollout.finish_reason)),
-        float((rollout.lengths == 0).sum() + (rollout.content_mask.sum(1) == 0).sum()),
-        float(scored.reward[valid].sum()),
-    ]
-    s = dp_all_reduce(local, session)
-    n_valid = max(s[4], 1.0)
-    mean = s[0] / n_valid
+    k = rollout.num_samples // max(len(scored.group_used), 1)
+    # The candidates whose advantage enters the loss: valid members of used groups.
+    active = valid & scored.group_used.repeat_interleave(k)
+    adv = scored.advantage.double()[active]
+    empty = (rollout.lengths == 0) | (rollout.content_mask.sum(1) == 0)
+    return {
+        "samples": float(rollout.num_samples),
+        "valid": float(valid.sum()),
+        "score_sum": float(scored.score[valid].sum()),
+        "score_sq_sum": float((scored.score[valid] ** 2).sum()),
+        "h_final_sum": float(scored.h_final[valid].sum()),
+        "fork_sum": float(scored.fork[valid].sum()),
+        "reward_sum": float(scored.reward[valid].sum()),
+        "active": float(active.sum()),
+        "advantage_sum": float(adv.sum()),
+        "advantage_abs_sum": float(adv.abs().sum()),
+        "advantage_sq_sum": float((adv ** 2).sum()),
+        "length_sum": float(rollout.lengths.float().sum()),
+        "groups": float(len(scored.group_used)),
+        "groups_skipped": float((~scored.group_used).sum()),
+        "truncated": float(sum(r == "length" for r in rollout.finish_reason)),
+        "empty": float(empty.sum()),
+        "response_tokens": float(rollout.response_mask.sum()),
+        # What the update trains on: prompt + response tokens, in sequences this wide.
+        "train_tokens": float(batch.lengths.sum()),
+        "seq_len_sum": float(batch.tokens.shape[1]),
+        "ranks": 1.0,
+    }
+
+
+def step_metrics(s: dict[str, float]) -> dict[str, float]:
+    """The logged statistics from DP-summed :func:`step_sums` (and the last update's sums)."""
+    n, n_valid, n_active = max(s["samples"], 1.0), max(s["valid"], 1.0), max(s["active"], 1.0)
+    score_mean = s["score_sum"] / n_valid
+    adv_mean = s["advantage_sum"] / n_active  # 0 up to rounding: advantages are group-centred
+    return {
+        "score_mean": score_mean,
+        "score_std": math.sqrt(max(s["score_sq_sum"] / n_valid - score_mean ** 2, 0.0)),
+        "h_final_mean": s["h_final_sum"] / n_valid,
+        "fork_entropy_mean": s["fork_sum"] / n_valid,
+        "reward_mean": s["reward_sum"] / n_valid,
+        # Over the candidates in the update (skipped groups and invalid members have A = 0).
+        "advantage_abs_mean": s["advantage_abs_sum"] / n_active,
+        "advantage_std": math.sqrt(max(s["advantage_sq_sum"] / n_active - adv_mean ** 2, 0.0)),
+        "response_length_mean": s["length_sum"] / n,
+        "valid_fraction": s["valid"] / n,
+        "groups_skipped_fraction": s["groups_skipped"] / max(s["groups"], 1.0),
+        "truncated_fraction": s["truncated"] / n,
+        "empty_responses": s["empty"],
+        "seq_len": s["seq_len_sum"] / max(s["ranks"], 1.0),
+        "kl_mean": s.get("kl_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+        "clip_fraction": s.get("clipped_tokens", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+    }
+
+
+def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: list[dict],
+             timer: dict) -> dict:
     last = results[-1]
+    s = dp_sum({**step_sums(rollout, scored, batch), **last["sums"]}, session)
     elapsed = timer["train"] - timer["t0"]
+    train_time = timer["train"] - timer["score"]
     return {
         "loss": last.get("loss"),
-        "score_mean": mean,
-        "score_std": math.sqrt(max(s[1] / n_valid - mean ** 2, 0.0)),
-        "h_final_mean": s[2] / n_valid,
-        "fork_entropy_mean": s[3] / n_valid,
-        "reward_mean": s[13] / n_valid,
-        "advantage_abs_mean": s[9] / max(s[6], 1.0),
-        "advantage_std": math.sqrt(s[10] / max(s[6], 1.0)),
-        "response_length_mean": s[5] / max(s[6], 1.0),
-        "valid_fraction": s[4] / max(s[6], 1.0),
-        "groups_skipped_fraction": s[7] / max(s[8], 1.0),
-        "truncated_fraction": s[11] / max(s[6], 1.0),
-        "empty_responses": s[12],
+        **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
         # Of the last update; on a reused rollout, ratio_abs_dev = mean |ratio - 1| per token.
-        "clip_fraction": last.get("clip_fraction"),
         "ratio_abs_dev": last.get("ratio_abs_dev"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped", False)),
         "time_sample": timer["sample"] - timer["t0"],
         "time_score": timer["score"] - timer["sample"],
-        "time_train": timer["train"] - timer["score"],
-        "tokens_per_s": global_tokens / max(elapsed, 1e-9),
-        # Training FLOPs only (the update's forward/backward over the response tokens).
-        "mfu": mfu(session.spec, int(rollout.response_ids.shape[1]), global_tokens,
-                   timer["train"] - timer["score"], session.runtime.world_size),
+        "time_train": train_time,
+        "tokens_per_s": s["response_tokens"] / max(elapsed, 1e-9),
+        # Training FLOPs only: forward/backward over prompt + response tokens, per update.
+        "mfu": mfu(session.spec, int(round(s["seq_len_sum"] / s["ranks"])),
+                   s["train_tokens"] * len(results), train_time, session.runtime.world_size),
     }
 
 
@@ -298,15 +337,18 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
         session.print(f"{path}: dropped {len(prompts) - len(kept)} prompts longer than "
                       f"data.max_seq_len - sampling.max_new_tokens = {limit} tokens")
     if not kept:
-        raise FileNotFoundError(f"{path}: no prompt fits data.max_seq_len={data.max_seq_len} with "
-                                f"sampling.max_new_tokens={session.config.sampling.max_new_tokens}")
+        shortest = min(len(p.prompt_ids) for p in prompts) if prompts else 0
+        raise DataError(f"{path}: no prompt fits data.max_seq_len({data.max_seq_len}) - "
+                        f"sampling.max_new_tokens({session.config.sampling.max_new_tokens}) = "
+                        f"{limit} tokens (the shortest has {shortest}); raise data.max_seq_len "
+                        f"or lower sampling.max_new_tokens")
     return kept
 
 
 def make_sampler(session: Session) -> Sampler:
     from megatron_sega.models.builder import unwrap_model
 
-    return Sampler(session.chunks, session.runtime, session.spec.vocab_size,
+    return Sampler(session.chunks, session.runtime, session.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
                    bucket_by_length=unwrap_model(session.model).uses_transformer_engine)
@@ -319,7 +361,8 @@ def run_sega(config, args) -> int:
     from megatron_sega.training.evaluate import load_reference
 
     if not config.data.train:
-        raise FileNotFoundError("sega needs data.train (prompts; chosen/rejected are not used)")
+        raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
+    preflight(config, "sega")
     cfg = config.sega
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
@@ -328,7 +371,8 @@ def run_sega(config, args) -> int:
     check_sega_microbatches(config, rt.dp)
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
-                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed)
+                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,
+                                   name="sega.prompts_per_step")
     # Before any resume: without sega.reference, the KL's reference is the starting weights.
     use_reference = cfg.kl_coef > 0 or cfg.reference is not None
     reference = load_reference(session, cfg.reference) if use_reference else None
@@ -339,7 +383,7 @@ def run_sega(config, args) -> int:
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sega",
                            progress_total=cfg.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), interval=config.logging.interval)
     bad_in_a_row, step = 0, start
     batches = iter(iterator)
     for step in range(start, cfg.steps):
