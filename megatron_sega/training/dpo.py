@@ -24,7 +24,9 @@ from megatron_sega.config import ConfigError
 from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
 from megatron_sega.dpo import preference_loss, sequence_logps
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
-from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, open_session, preflight,
+)
 from megatron_sega.training.sft import split_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
@@ -117,7 +119,8 @@ def run_dpo(config, args) -> int:
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs, load_reference
 
     if not config.data.train:
-        raise FileNotFoundError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+        raise ConfigError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "dpo")
     cfg = config.dpo
     session = open_session(config, train=True, total_steps=cfg.steps, lr_override=cfg.lr)
     announce(session, "dpo")

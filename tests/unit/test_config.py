@@ -96,6 +96,7 @@ def test_option_ranges_accept_their_bounds():
 
 def test_stage_rules_join_sections_and_the_data_parallel_size():
     config = load_config(None, ["sft.global_batch_size=12", "sega.prompts_per_step=6",
+                                "dpo.global_batch_size=12", "dpo.micro_batch_size=2",
                                 "data.max_seq_len=64"])  # sampling.max_new_tokens: 256
     check_stages(config, 3, ("sft", "eval"))  # SFT and eval do not sample: no length rule
     with pytest.raises(ConfigError, match=r"sft.global_batch_size\(12\) is not divisible by "
@@ -104,6 +105,9 @@ def test_stage_rules_join_sections_and_the_data_parallel_size():
     with pytest.raises(ConfigError, match=r"sega.prompts_per_step\(6\) is not divisible by the "
                                           r"data-parallel size dp\(4\)"):
         check_stages(config, 4, ("sega",))
+    with pytest.raises(ConfigError, match=r"dpo.global_batch_size\(12\) is not divisible by the "
+                                          r"data-parallel size dp\(8\)"):
+        check_stages(config, 8, ("dpo",))
     for stage in ("sega", "generate"):
         with pytest.raises(ConfigError, match=r"data.max_seq_len\(64\) must exceed "
                                               r"sampling.max_new_tokens\(256\)"):
