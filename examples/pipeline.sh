@@ -8,7 +8,8 @@
 #   --train FILE       preference pairs for SFT and SEGA prompts (JSONL / HF datasets dir)
 #   --eval FILE        held-out preference pairs
 #   --config FILE      (default examples/configs/sega_llama3_8b.yaml)
-#   --stages LIST      subset of convert,sft,sega,eval,export (default: all, in order)
+#   --stages LIST      subset of convert,sft,sega,dpo,eval,export (default: all but dpo, in
+#                      order); dpo (the DPO/IPO baseline) starts from the SFT checkpoint too
 #   --dry-run          validate the config for each stage against the world size; no GPU needed
 #   extra KEY=VALUE    dotted config overrides for every stage (e.g. sega.k=8)
 set -euo pipefail
@@ -69,8 +70,13 @@ pipeline_main() {
     megatron sega "${common[@]}" "model.load=$sft/ckpt" "logging.dir=$sega" "checkpoint.save_dir=$sega/ckpt"
     done_stage sega
   fi
+  if stage dpo; then
+    megatron dpo "${common[@]}" "model.load=$sft/ckpt" "logging.dir=$work/dpo" "checkpoint.save_dir=$work/dpo/ckpt"
+    done_stage dpo
+  fi
   if stage eval; then
-    for name in sft sega; do
+    for name in sft sega dpo; do  # what this run trains or an earlier one left
+      [[ ",$stages," == *",$name,"* ]] || [ -d "$work/$name/ckpt" ] || continue
       megatron eval "${common[@]}" "model.load=$work/$name/ckpt" "eval.out=$work/eval_$name" \
         "eval.reference=$mcore"
     done

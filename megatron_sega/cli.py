@@ -1,4 +1,4 @@
-"""``megatron-sega {sft,sega,eval,generate,demo,check}``: run under torchrun (or alone on CPU).
+"""``megatron-sega {sft,sega,dpo,eval,generate,demo,check}``: run under torchrun (or alone on CPU).
 
 Every subcommand takes ``--config FILE`` and dotted overrides (``sega.k=8``), plus its own flags
 (:data:`FLAGS`). A user error (:class:`megatron_sega.errors.UserError`: bad config, data,
@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("megatron_sega.training.sft", "run_sft", "reflective SFT on prompt -> chosen"),
     "sega": ("megatron_sega.training.sega", "run_sega",
              "SEGA: sample k candidates, entropy-score them, update the policy"),
+    "dpo": ("megatron_sega.training.dpo", "run_dpo",
+            "the DPO / IPO baselines on preference pairs, from a frozen reference"),
     "eval": ("megatron_sega.training.evaluate", "run_eval",
              "preference accuracy with the implicit reward beta * log pi(a|q)"),
     "generate": ("megatron_sega.training.generate", "run_generate",
@@ -57,12 +59,18 @@ def run_check(config, args) -> int:
         on_gpu=config.parallel.device != "cpu",
     )
     check_stages(config, dp, (args.command,) if args.command in STAGES else STAGES)
+    from megatron_sega.training.sega import check_sega_microbatches
+    from megatron_sega.training.sft import check_sft_microbatches
+
+    check_sft_microbatches(config, dp)
+    check_sega_microbatches(config, dp)
     for option in ("data.train", "data.eval", "model.load", "model.tokenizer"):
         section, key = option.split(".")
         value = getattr(getattr(config, section), key)
         if value and not os.path.exists(value) and "$" not in value:
             print(f"note: {option} = {value} does not exist on this machine (yet)")
-    print(f"ok: tp={config.parallel.tp} pp={config.parallel.pp} dp={dp} world={world}; "
+    vpp = f" vpp={config.parallel.vpp}" if config.parallel.vpp else ""
+    print(f"ok: tp={config.parallel.tp} pp={config.parallel.pp}{vpp} dp={dp} world={world}; "
           f"model {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}")
     return 0
 

@@ -1,7 +1,7 @@
 """Typed, frozen, strict configuration.
 
 A run is configured by one YAML file of sections (model, parallel, data, sampling, scoring, sega,
-sft, optim, eval, checkpoint, logging) plus dotted command-line overrides (``sega.k=8``).
+sft, dpo, optim, eval, checkpoint, logging) plus dotted command-line overrides (``sega.k=8``).
 Unknown keys fail and name the closest valid key; wrong types fail naming the option, its value
 and the expected type; cross-field rules are checked once, at construction. The object is
 read-only afterwards.
@@ -132,7 +132,7 @@ class SegaConfig:
     normalization: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     updates_per_rollout: int = 1
     kl_coef: float = 0.0
-    reference: Optional[str] = None  # checkpoint of the frozen reference (KL)
+    reference: Optional[str] = None  # frozen reference of the KL (default: the starting weights)
     clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
     max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
@@ -158,8 +158,6 @@ class SegaConfig:
                                         f"{self.max_bad_steps}")
         if self.lr is not None:
             _positive(self.lr, "sega.lr")
-        _check(self.kl_coef == 0 or self.reference,
-               "sega.kl_coef > 0 needs sega.reference (a checkpoint of the frozen reference)")
 
 
 @dataclass(frozen=True)
@@ -180,6 +178,33 @@ class SFTConfig:
                f"sft.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
         if self.lr is not None:
             _positive(self.lr, "sft.lr")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The DPO / IPO baselines (``megatron-sega dpo``) on preference pairs."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: IPO
+    beta: float = 0.1
+    steps: int = 100
+    global_batch_size: int = 16  # pairs, across data-parallel ranks
+    micro_batch_size: int = 4  # pairs per microbatch (its chosen and rejected rows: 2x rows)
+    eval_interval: int = 0
+    lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
+    reference: Optional[str] = None  # frozen reference checkpoint (default: the starting weights)
+
+    def __post_init__(self):
+        _check(math.isfinite(self.beta) and self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        _check(self.steps >= 1, f"dpo.steps must be >= 1, got {self.steps}")
+        _check(self.micro_batch_size >= 1,
+               f"dpo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.global_batch_size >= 1 and
+               self.global_batch_size % self.micro_batch_size == 0,
+               f"dpo.global_batch_size({self.global_batch_size}) must be a positive multiple of "
+               f"dpo.micro_batch_size({self.micro_batch_size})")
+        _check(self.eval_interval >= 0,
+               f"dpo.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
+        _check(self.lr is None or self.lr > 0, f"dpo.lr must be > 0 (or null), got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -251,6 +276,7 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     sega: SegaConfig = field(default_factory=SegaConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -267,7 +293,7 @@ class Config:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
 
 
-STAGES = ("sft", "sega", "eval", "generate")
+STAGES = ("sft", "sega", "dpo", "eval", "generate")
 
 
 def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> None:
@@ -277,6 +303,10 @@ def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> N
     if "sft" in stages:
         gbs = config.sft.global_batch_size
         _check(gbs % dp == 0, f"sft.global_batch_size({gbs}) is not divisible by the "
+                              f"data-parallel size dp({dp}); make it a multiple of {dp}")
+    if "dpo" in stages:
+        gbs = config.dpo.global_batch_size
+        _check(gbs % dp == 0, f"dpo.global_batch_size({gbs}) is not divisible by the "
                               f"data-parallel size dp({dp}); make it a multiple of {dp}")
     if "sega" in stages:
         prompts = config.sega.prompts_per_step

@@ -45,7 +45,8 @@ import torch.distributed as dist
 
 from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint.mcore import (
-    CheckpointError, CheckpointInfo, check_compatible, read_info, unwrap, write_info,
+    CheckpointError, CheckpointInfo, check_compatible, load_model_state, read_info,
+    sharded_model_state, unwrap, write_info,
 )
 
 COMPLETE = "COMPLETE"
@@ -250,7 +251,7 @@ class CheckpointManager:
 
     def _layout(self) -> dict:
         rt = self.session.runtime
-        return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp,
+        return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp,
                 "distributed_optimizer": self.session.config.parallel.distributed_optimizer}
 
     # ------------------------------------------------------------------ saving
@@ -271,7 +272,7 @@ class CheckpointManager:
         dist.barrier()
         _in_process_write_results()
         model = unwrap(s.model)
-        state = {"model": model.sharded_state_dict()}
+        state = sharded_model_state(s.chunks)  # 'model', or 'model0', 'model1'... under VPP
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
         # after a --no-load-optim resume) holds the model only.
         with_optim = torch.tensor([int(s.optimizer is not None and _has_state(s.optimizer))],
@@ -279,7 +280,7 @@ class CheckpointManager:
         dist.all_reduce(with_optim, op=dist.ReduceOp.MAX)  # every rank saves the same entries
         with_optim = bool(with_optim.item())
         if with_optim:
-            state["optimizer"] = s.optimizer.sharded_state_dict(state["model"],
+            state["optimizer"] = s.optimizer.sharded_state_dict(dict(state),
                                                                 metadata=_OPTIM_SHARDING)
         dist_checkpointing.save(state, str(tmp / "model_optim"), content_metadata=_OPTIM_SHARDING)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{s.runtime.rank:05d}.pt")
@@ -354,14 +355,15 @@ class CheckpointManager:
             s.print(f"note: {path} holds no optimizer state (saved before the first step)")
         elif load_optim:
             self._check_optimizer_layout(path, train_state)
-        state = {"model": model.sharded_state_dict()}
+        wanted = sharded_model_state(s.chunks)
+        state = dict(wanted)
         if load_optim:
             _ensure_optimizer_state(s.optimizer)
-            state["optimizer"] = s.optimizer.sharded_state_dict(state["model"], is_loading=True,
+            state["optimizer"] = s.optimizer.sharded_state_dict(wanted, is_loading=True,
                                                                 metadata=_OPTIM_SHARDING)
         with safe_loading(path / "model_optim"):
             loaded = dist_checkpointing.load(state, str(path / "model_optim"))
-        model.load_state_dict(loaded["model"], strict=True)
+        load_model_state(s.chunks, wanted, loaded)
         if load_optim:
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
                 s.optimizer.load_state_dict(loaded["optimizer"])
@@ -383,15 +385,16 @@ class CheckpointManager:
 
     def _check_optimizer_layout(self, path: Path, train_state: dict) -> None:
         here = self._layout()
-        saved_tp_pp = (train_state.get("tp"), train_state.get("pp"))
-        if saved_tp_pp != (here["tp"], here["pp"]):
+        saved_tp_pp = (train_state.get("tp"), train_state.get("pp"), train_state.get("vpp"))
+        if saved_tp_pp != (here["tp"], here["pp"], here["vpp"]):
             raise CheckpointError(
                 f"{path}: the optimizer state was saved at tp={saved_tp_pp[0]} pp={saved_tp_pp[1]} "
-                f"and cannot be loaded at tp={here['tp']} pp={here['pp']} (the distributed "
-                "optimizer's checkpoint format reshards across data parallelism only). Resume "
-                "with --no-load-optim (checkpoint.load_optim=false) to load the model weights, "
-                "LR schedule and data position with a fresh optimizer state, or keep the same "
-                "parallel.tp / parallel.pp")
+                f"vpp={saved_tp_pp[2]} and cannot be loaded at tp={here['tp']} pp={here['pp']} "
+                f"vpp={here['vpp']} (the distributed optimizer's checkpoint format reshards "
+                "across data parallelism only). Resume with --no-load-optim "
+                "(checkpoint.load_optim=false) to load the model weights, LR schedule and data "
+                "position with a fresh optimizer state, or keep the same parallel.tp / "
+                "parallel.pp / parallel.vpp")
         saved_dist = train_state.get("distributed_optimizer", here["distributed_optimizer"])
         if saved_dist != here["distributed_optimizer"]:
             raise CheckpointError(

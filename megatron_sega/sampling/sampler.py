@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from megatron_sega import ops
 from megatron_sega.errors import SamplerMemoryError
-from megatron_sega.models.builder import unwrap_model
+from megatron_sega.models.builder import sequence_parallel_off, unwrap_model
 from megatron_sega.runtime import Runtime
+from megatron_sega.sampling.pipeline import pipeline_forward
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
 
 # Fraction of free memory the KV cache may use when no explicit budget is given.
@@ -69,7 +70,8 @@ def _last_position_logits(model):
 
 
 class Sampler:
-    """Generate from a (DDP-wrapped or bare) Megatron GPTModel stage."""
+    """Generate from a (DDP-wrapped or bare) Megatron GPTModel stage, or from this rank's list
+    of model chunks under virtual pipelining."""
 
     def __init__(
         self,
@@ -82,7 +84,9 @@ class Sampler:
         max_batch_tokens: int = 0,
         bucket_by_length: bool = False,
     ):
-        self.model = unwrap_model(model)
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        self.chunks = [unwrap_model(m) for m in chunks]
+        self.model = self.chunks[-1]  # the chunk that holds the output layer on the last stage
         self.rt = runtime
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -93,10 +97,10 @@ class Sampler:
         config = self.model.config
         self.hidden_size = config.hidden_size
         self.dtype = config.params_dtype
-        self.layers_here = len(self.model.decoder.layers)
+        self.layers_here = sum(len(c.decoder.layers) for c in self.chunks)
         kv_per_tp = config.num_query_groups // runtime.tp * config.kv_channels
         self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
-        self._prev_rank, self._next_rank, self._last_rank = self._pp_ranks()
+        self._last_rank = self._last_pp_rank()
 
     # ----------------------------------------------------------------------------- planning
     def _budget(self) -> int:
@@ -163,45 +167,37 @@ class Sampler:
         ids = list(range(len(prompts))) if sample_ids is None else list(sample_ids)
         plan = self._plan([len(p) for p in prompts], params.max_new_tokens)
         was_training = self.model.training
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             parts, order = [], []
-            with _last_position_logits(self.model):
+            # Decoding feeds one position per step: TP ranks cannot split it (GPU only, not
+            # yet verified: sequence parallelism needs Transformer Engine).
+            with _last_position_logits(self.model), sequence_parallel_off(self.model):
                 for rows in plan:
                     parts.append(self._generate_batch([list(prompts[i]) for i in rows],
                                                       [ids[i] for i in rows], params, decode))
                     order.extend(rows)
         finally:
-            self.model.train(was_training)
+            for chunk in self.chunks:
+                chunk.train(was_training)
         merged = Rollout.concat(parts, self.pad_id)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return _select(merged, inverse)
 
     # ----------------------------------------------------------------------------- internals
-    def _pp_ranks(self) -> tuple[Optional[int], Optional[int], int]:
-        """Global ranks of the previous, next and last pipeline stages (None: no such stage)."""
+    def _last_pp_rank(self) -> int:
+        """Global rank of the last pipeline stage (which samples)."""
         if self.rt.pp == 1:
-            return None, None, self.rt.rank
-        group = self.rt.pp_group
-        prev_rank = None if self.rt.is_first_stage else dist.get_global_rank(group, self.rt.pp_rank - 1)
-        next_rank = None if self.rt.is_last_stage else dist.get_global_rank(group, self.rt.pp_rank + 1)
-        return prev_rank, next_rank, dist.get_global_rank(group, self.rt.pp - 1)
+            return self.rt.rank
+        return dist.get_global_rank(self.rt.pp_group, self.rt.pp - 1)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, ctx):
         """One pipeline pass; returns the last-position logits shard [B, V/TP] on the last stage."""
-        prev_rank, next_rank = self._prev_rank, self._next_rank
-        batch, seq = tokens.shape
-        if prev_rank is not None:
-            hidden = torch.empty(seq, batch, self.hidden_size, dtype=self.dtype,
-                                 device=self.rt.device)
-            dist.recv(hidden, src=prev_rank)
-            self.model.set_input_tensor(hidden)
-        out = self.model(tokens, positions, mask, inference_context=ctx)
-        if next_rank is not None:
-            dist.send(out.contiguous(), dst=next_rank)
-            return None
-        return out[:, -1, :]  # [B, 1, V/TP] -> [B, V/TP]
+        out = pipeline_forward(self.chunks, self.rt, tokens, positions, mask, ctx,
+                               hidden_size=self.hidden_size, dtype=self.dtype)
+        return None if out is None else out[:, -1, :]  # [B, 1, V/TP] -> [B, V/TP]
 
     def _generate_batch(self, prompts: list[list[int]], ids: list[int], params: SamplingParams,
                         decode) -> Rollout:
@@ -253,14 +249,26 @@ class Sampler:
             tp_group = self.rt.tp_group if self.rt.tp > 1 else None
             params = state.params
             # One pass over the logits: the token, both log-probs and the untempered entropy.
-            drawn = ops.sample(
-                logits, start, self.vocab_size, tp_group, temperature=params.temperature,
-                top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active], step=step)
-            token = drawn.tokens
-            stats = torch.stack([drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
+            try:
+                drawn = ops.sample(
+                    logits, start, self.vocab_size, tp_group, temperature=params.temperature,
+                    top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active],
+                    step=step)
+            except ops.NonFiniteLogitsError:
+                if self.rt.pp == 1:  # every rank of the replica raised together
+                    raise
+                # The other stages wait in the broadcast below: send them -1 (stop), then
+                # every stage raises at the same point.
+                token = torch.full((len(active),), -1, dtype=torch.long, device=self.rt.device)
+            else:
+                token = drawn.tokens
+                stats = torch.stack([drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
         else:
             token = torch.empty(len(active), dtype=torch.long, device=self.rt.device)
         token = self._broadcast_from_last(token)
+        if self.rt.pp > 1 and bool(token[0] < 0):
+            raise ops.NonFiniteLogitsError("the last pipeline stage met NaN or Inf logits while "
+                                           "sampling")
         state.advance(active, step, token, stats, decode)
         return token
 

@@ -22,18 +22,19 @@ from megatron_sega.data import (
 from megatron_sega.training.teacher_forced import token_stats
 
 
-def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``);
-    each response ends with the template's end-of-turn token, as in training."""
+def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
+    """Read, validate and tokenise preference pairs (template ``data.template``); each response
+    ends with the template's end-of-turn token as its last target, as in training (SFT, SEGA and
+    DPO score it too)."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
-    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=True)
+    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=append_eos)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:
-        session.print(f"eval data {path}: {overlong}")
+        session.print(f"{'train' if append_eos else 'eval'} data {path}: {overlong}")
     return kept
 
 
@@ -139,16 +140,24 @@ def run_eval(config, args) -> int:
     return 0
 
 
-def load_reference(session, path: str) -> list:
-    """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
+def load_reference(session, path: Optional[str] = None) -> list:
+    """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
+    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
-    model = build_model(session.spec, session.runtime, dtype=session.dtype,
-                        attention=session.config.model.attention)
-    model.config.calculate_per_token_loss = True
-    load_model_checkpoint(model, resolve_checkpoint_dir(path))
-    for p in model.parameters():
+    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
+                                attention=session.config.model.attention)
+    if path is None:
+        for model, policy in zip(chunks, session.chunks):
+            model.load_state_dict(unwrap_model(policy).state_dict(), strict=True)
+    else:
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
+    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
+    chunks = [wrap_mixed_precision(model) for model in chunks]
+    for model in chunks:
+        model.config.calculate_per_token_loss = True
+    for p in (p for model in chunks for p in model.parameters()):
         p.requires_grad_(False)
-    return [model]
+    return chunks

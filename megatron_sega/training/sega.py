@@ -28,8 +28,8 @@ from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
 )
-from megatron_sega.runtime.stages import broadcast_from_last_stage
-from megatron_sega.training.engine import forward_backward, optimizer_step
+from megatron_sega.runtime import any_rank
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
     Session, announce, dp_all_reduce, dp_sum, open_session, preflight,
@@ -105,25 +105,54 @@ def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
     return split_microbatches(rows, session.config.sega.micro_batch_size)
 
 
+def check_sega_microbatches(config, dp: int) -> None:
+    """Refuse an update split that the pipeline schedule cannot run (see check_microbatch_count);
+    the rows of a step are padded up to whole microbatches (training_microbatches)."""
+    cfg = config.sega
+    rows = cfg.prompts_per_step // dp * cfg.k
+    check_microbatch_count(
+        -(-rows // cfg.micro_batch_size), config.parallel.pp, config.parallel.vpp,
+        f"sega.prompts_per_step({cfg.prompts_per_step}) / dp({dp}) * sega.k({cfg.k}) / "
+        f"sega.micro_batch_size({cfg.micro_batch_size}), rounded up,")
+
+
 def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool,
                  normalization: str | None = None):
+    """The SEGA loss of one microbatch. With ``use_old`` the microbatch carries ``old_logp``
+    (the trainer's log-probs of the first update, see :func:`sega_step`) and the loss is the
+    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and the sums
+    ``clip_tokens`` and ``ratio_dev_sum`` (sum of |ratio - 1|) over response tokens."""
     cfg = session.config.sega
     normalization = normalization or cfg.normalization
 
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         mask = mb["loss_mask"].to(logits.device) > 0
+        try:
+            logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
+        except ops.NonFiniteLogitsError:
+            # Raised on every TP rank together. A NaN loss still connected to the graph keeps the
+            # pipeline's schedule (and its backward) the same as on the other ranks; the step is
+            # then skipped by all ranks together (sega_step).
+            nan = logits.sum() * float("nan")
+            return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
+                                                                            dtype=torch.float32),
+                         "clip_tokens": nan.detach(), "ratio_dev_sum": nan.detach(),
+                         "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
+                         "num_tokens": mask.sum().float()}
+        old = mb["old_logp"].to(logits.device) if use_old else None
         loss, metrics = sega_loss(
             logp, mask, mb["advantage"].to(logits.device), normalization=normalization,
             normaliser=normaliser,
             ref_logp_tokens=mb["ref_logp"].to(logits.device) if use_ref else None,
-            kl_coef=cfg.kl_coef,
-            old_logp_tokens=mb["old_logp"].to(logits.device) if use_old else None,
-            clip_eps=cfg.clip_eps or 0.2)
+            kl_coef=cfg.kl_coef, old_logp_tokens=old, clip_eps=cfg.clip_eps or 0.2)
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["loss_sum"] = loss.detach()
+        metrics["logp"] = logp.detach().float()
+        metrics["clip_tokens"] = metrics["clip_fraction"] * metrics["num_tokens"]
+        metrics["ratio_dev_sum"] = (torch.where(mask, (logp.detach() - old).exp() - 1, 0.0)
+                                    .abs().sum() if old is not None else logits.new_zeros(()))
         return loss, metrics
 
     return loss_fn
@@ -134,39 +163,57 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
     cfg, rt = session.config.sega, session.runtime
     k = cfg.k
     timer = {"t0": time.time()}
-    # 1. sample: row g*k + j is candidate j of prompt g; ids are unique across steps and layouts.
-    rows = [ex.prompt_ids for ex in prompts for _ in range(k)]
-    ids = [((step * 1_000_003 + g) * k + j) for g in global_index for j in range(k)]
-    rollout = sampler.generate(rows, sampling_params(session), ids, session.tokenizer.decode)
-    timer["sample"] = time.time()
-    # 2-3. score, filter, advantages.
-    scored = score_rollout(session, rollout, k)
-    timer["score"] = time.time()
-    # 4. batch; the old log-probs are the sampler's untempered ones (ratio 1 on the first update).
-    batch = rollout_batch(session, rollout)
-    per_token = {"old_logp": at_label_positions(batch, rollout, rollout.logp)}
-    if reference is not None:
-        per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
-                                            micro_batch_size=cfg.micro_batch_size)["logp"]
+    try:
+        # 1. sample: row g*k + j is candidate j of prompt g; ids are unique across steps/layouts.
+        rows = [ex.prompt_ids for ex in prompts for _ in range(k)]
+        ids = [((step * 1_000_003 + g) * k + j) for g in global_index for j in range(k)]
+        rollout = sampler.generate(rows, sampling_params(session), ids, session.tokenizer.decode)
+        timer["sample"] = time.time()
+        # 2-3. score, filter, advantages.
+        scored = score_rollout(session, rollout, k)
+        timer["score"] = time.time()
+        # 4. batch (the old log-probs of a reused rollout come from the first update, below).
+        batch = rollout_batch(session, rollout)
+        per_token = {}
+        if reference is not None:
+            per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
+                                                micro_batch_size=cfg.micro_batch_size)["logp"]
+        failure = None
+    except ops.NonFiniteLogitsError as err:  # raised on every rank of this replica together
+        failure = err
+    # Any rank's non-finite logits skip the step on all ranks at once (a replica that skipped
+    # alone would wait in other collectives than the rest).
+    if any_rank(failure is not None, rt.device):
+        session.print(f"step {step + 1}: non-finite logits in sampling or in the reference; "
+                      f"step skipped on all ranks{f' ({failure})' if failure else ''}")
+        return {"loss": float("nan"), "skipped_update": True}
     micro = training_microbatches(session, batch, scored.advantage, per_token)
     tokens_here = float(rollout.response_mask.sum())
     n_groups, n_tokens = dp_all_reduce([len(prompts), tokens_here], session)
     normaliser = n_groups if cfg.normalization == "sequence_sum" else max(n_tokens, 1.0)
-    # 5. update(s).
+    # 5. update(s). A reused rollout (clip_eps > 0) is clipped against the trainer's own
+    # teacher-forced log-probs of the first update, taken at the weights that sampled it: the
+    # sampler's KV-cached values differ from them in bf16, and the ratio would not start at 1.
+    reuse = cfg.updates_per_rollout > 1 and cfg.clip_eps > 0
     results = []
     for update in range(cfg.updates_per_rollout):
-        loss_fn = sega_loss_fn(session, normaliser, use_old=update > 0 and cfg.clip_eps > 0,
+        loss_fn = sega_loss_fn(session, normaliser, use_old=update > 0 and reuse,
                                use_ref=reference is not None)
         outputs = forward_backward(session.chunks, rt, micro, loss_fn)
-        loss = sum(float(o["loss_sum"]) for o in outputs) if outputs else 0.0
-        loss, = dp_all_reduce([loss], session)
-        # The loss lives on the last stage; every stage must agree to skip.
-        loss_t = broadcast_from_last_stage(torch.tensor([loss], device=rt.device), rt)
-        result = {"loss": float(loss_t), "sums": _update_sums(outputs)}
-        if not math.isfinite(float(loss_t)):
-            results.append({**result, "loss": float("nan"), "skipped": True})
-            continue
-        results.append({**result, **optimizer_step(session.optimizer, session.scheduler)})
+        if update == 0 and reuse:
+            for mb, out in zip(micro, outputs):  # outputs exist on the last stage only
+                mb["old_logp"] = out["logp"][:, :mb["tokens"].shape[1]]
+        sums = [sum(float(o[key]) for o in outputs)
+                for key in ("loss_sum", "clip_tokens", "ratio_dev_sum", "num_tokens")]
+        loss, clip_tokens, ratio_dev, counted = dp_all_reduce(sums, session)
+        sums = _update_sums(outputs)
+        # The losses live on the last stage: agree over the world before anyone skips.
+        if any_rank(not math.isfinite(loss), rt.device):
+            results.append({"loss": float("nan"), "skipped": True, "sums": sums})
+            break
+        counted = max(counted, 1.0)
+        results.append({"loss": loss, "ratio_abs_dev": ratio_dev / counted, "sums": sums,
+                        **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
     return _metrics(session, rollout, scored, batch, results, timer)
 
@@ -247,6 +294,8 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
         "loss": last.get("loss"),
         **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
+        # Of the last update; on a reused rollout, ratio_abs_dev = mean |ratio - 1| per token.
+        "ratio_abs_dev": last.get("ratio_abs_dev"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped", False)),
         "time_sample": timer["sample"] - timer["t0"],
@@ -297,12 +346,12 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
 
 
 def make_sampler(session: Session) -> Sampler:
-    from megatron_sega.models.builder import have_transformer_engine
+    from megatron_sega.models.builder import unwrap_model
 
-    return Sampler(session.model, session.runtime, session.vocab_size,
+    return Sampler(session.chunks, session.runtime, session.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
-                   bucket_by_length=have_transformer_engine())
+                   bucket_by_length=unwrap_model(session.model).uses_transformer_engine)
 
 
 def run_sega(config, args) -> int:
@@ -319,11 +368,14 @@ def run_sega(config, args) -> int:
                            lr_override=cfg.lr)
     announce(session, "sega")
     rt = session.runtime
+    check_sega_microbatches(config, rt.dp)
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
                                    dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,
                                    name="sega.prompts_per_step")
-    reference = load_reference(session, cfg.reference) if cfg.reference else None
+    # Before any resume: without sega.reference, the KL's reference is the starting weights.
+    use_reference = cfg.kl_coef > 0 or cfg.reference is not None
+    reference = load_reference(session, cfg.reference) if use_reference else None
     ckpt = CheckpointManager(session, config.checkpoint, stage="sega")
     start = ckpt.resume(iterator)
     sampler = make_sampler(session)
@@ -336,16 +388,9 @@ def run_sega(config, args) -> int:
     batches = iter(iterator)
     for step in range(start, cfg.steps):
         index = next(batches)
-        try:
-            metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step,
-                                reference)
-        except ops.NonFiniteLogitsError as err:
-            if rt.pp > 1:  # the other stages cannot know; torchrun stops them when this exits
-                raise
-            # Every rank of the replica raised together (the ops agree over TP); the weights
-            # are broken, so this counts as a bad step and the run stops after max_bad_steps.
-            session.print(f"step {step + 1}: {err}")
-            metrics = {"loss": float("nan"), "skipped_update": True}
+        # A non-finite step is skipped by every rank together (sega_step), so this counter is
+        # the same on all ranks and they stop at the same step.
+        metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step, reference)
         bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
         metrics["bad_steps_in_a_row"] = bad_in_a_row
         logger.log(step + 1, metrics, progress_keys=("loss", "score_mean"))

@@ -82,7 +82,7 @@ def _random_init(chunks: list, spec: LlamaSpec, runtime: Runtime, seed: int) -> 
             f"a {n_params / 1e9:.1f}B-parameter model cannot start from random weights here; "
             "convert a HF checkpoint with tools/convert.py and set model.load")
     full = random_full_state_dict(spec, padded, seed=seed, std=spec.init_std)
-    load_full_state_dict(chunks[0].module, full, runtime.tp, runtime.tp_rank)
+    load_full_state_dict(chunks, full, runtime.tp, runtime.tp_rank)
 
 
 def preflight(config: Config, *stages: str) -> int:
@@ -125,7 +125,7 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     if config.model.load:
         from megatron_sega.checkpoint.mcore import load_model_checkpoint
 
-        load_model_checkpoint(chunks[0], resolve_checkpoint_dir(config.model.load))
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
         _random_init(chunks, spec, runtime, config.model.init_seed)
     session = Session(config, runtime, spec, tokenizer,

@@ -14,7 +14,7 @@ import torch
 from megatron_sega import ops
 from megatron_sega.config import ConfigError
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
-from megatron_sega.training.engine import forward_backward, optimizer_step
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
     Session, announce, dp_all_reduce, open_session, preflight,
@@ -41,6 +41,15 @@ def sft_microbatches(batch, micro_batch_size: int) -> list[dict]:
     """The batch's rows in microbatches; padding rows have a zero loss mask."""
     return split_microbatches({"tokens": batch.tokens, "labels": batch.labels,
                                "loss_mask": batch.loss_mask}, micro_batch_size)
+
+
+def check_sft_microbatches(config, dp: int) -> None:
+    """Refuse a batch split that the pipeline schedule cannot run (see check_microbatch_count)."""
+    sft = config.sft
+    check_microbatch_count(
+        -(-(sft.global_batch_size // dp) // sft.micro_batch_size), config.parallel.pp,
+        config.parallel.vpp, f"sft.global_batch_size({sft.global_batch_size}) / dp({dp}) / "
+        f"sft.micro_batch_size({sft.micro_batch_size})")
 
 
 def load_sft_examples(session: Session, path: str):
@@ -84,6 +93,7 @@ def run_sft(config, args) -> int:
     session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
     announce(session, "sft")
     rt = session.runtime
+    check_sft_microbatches(config, rt.dp)
     examples = load_sft_examples(session, config.data.train)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
                                    dp_size=rt.dp, seed=config.data.seed,

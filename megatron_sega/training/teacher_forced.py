@@ -35,7 +35,10 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
     def loss_fn(logits, mb):
         start, group = vocab_shard_info(logits, runtime)
         labels = mb["labels"].to(logits.device)
-        logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        try:
+            logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        except ops.NonFiniteLogitsError:  # raised below on every stage at once, not mid-pipeline
+            logp = entropy = torch.full(labels.shape, float("nan"), device=logits.device)
         return logits.new_zeros(()), {"logp": logp.detach(), "entropy": entropy.detach()}
 
     for chunk in model_chunks:
@@ -50,5 +53,8 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
     if runtime.is_last_stage:
         stats[0] = torch.cat([o["logp"] for o in outputs]).float()
         stats[1] = torch.cat([o["entropy"] for o in outputs]).float()
-    stats = broadcast_from_last_stage(stats, runtime)[:, :n].cpu() * mask.float()
+    stats = broadcast_from_last_stage(stats, runtime)[:, :n, :seq].cpu()
+    if torch.isnan(stats).any():  # the same on every rank of the model-parallel group
+        raise ops.NonFiniteLogitsError("NaN or Inf logits in a teacher-forced forward pass")
+    stats = stats * mask.float()
     return {"logp": stats[0], "entropy": stats[1]}

@@ -84,8 +84,9 @@ def test_launcher_dry_run_validates_config_and_world_size(script, tmp_path):
 
 def test_gpu_check_dry_run_works_on_cpu():
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in ("== gpu tests", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
+    for step in ("== gpu tests", "== bf16 SFT + SEGA + eval (CLI)", "bf16 ok: SFT loss",
+                 "== vpp tests", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
                  "gpu check done"):
         assert step in result.stdout

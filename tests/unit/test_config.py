@@ -54,8 +54,8 @@ def test_cross_field_rules():
         load_config(None, ["sega.k=1"])
     with pytest.raises(ConfigError, match=r"sampling.top_p must be in \(0, 1\]"):
         load_config(None, ["sampling.top_p=1.5"])
-    with pytest.raises(ConfigError, match=r"sega.kl_coef > 0 needs sega.reference"):
-        load_config(None, ["sega.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"sega.kl_coef must be >= 0"):
+        load_config(None, ["sega.kl_coef=-0.1"])
 
 
 # Each value used to be accepted and to fail mid-run, or to give a silently wrong result.
@@ -96,6 +96,7 @@ def test_option_ranges_accept_their_bounds():
 
 def test_stage_rules_join_sections_and_the_data_parallel_size():
     config = load_config(None, ["sft.global_batch_size=12", "sega.prompts_per_step=6",
+                                "dpo.global_batch_size=12", "dpo.micro_batch_size=2",
                                 "data.max_seq_len=64"])  # sampling.max_new_tokens: 256
     check_stages(config, 3, ("sft", "eval"))  # SFT and eval do not sample: no length rule
     with pytest.raises(ConfigError, match=r"sft.global_batch_size\(12\) is not divisible by "
@@ -104,6 +105,9 @@ def test_stage_rules_join_sections_and_the_data_parallel_size():
     with pytest.raises(ConfigError, match=r"sega.prompts_per_step\(6\) is not divisible by the "
                                           r"data-parallel size dp\(4\)"):
         check_stages(config, 4, ("sega",))
+    with pytest.raises(ConfigError, match=r"dpo.global_batch_size\(12\) is not divisible by the "
+                                          r"data-parallel size dp\(8\)"):
+        check_stages(config, 8, ("dpo",))
     for stage in ("sega", "generate"):
         with pytest.raises(ConfigError, match=r"data.max_seq_len\(64\) must exceed "
                                               r"sampling.max_new_tokens\(256\)"):
@@ -145,6 +149,10 @@ def test_cli_errors_are_one_line(tmp_path):
         (("check", "--world-size", "6", "parallel.tp=2", "parallel.pp=2"),
          "tp(2) * pp(2) = 4 does not divide WORLD_SIZE(6)"),
         (("check", "model.preset=llama4-8b"), "valid presets: llama2-7b"),
+        (("check", "--world-size", "2", "parallel.pp=2", "parallel.vpp=2",
+          "sft.global_batch_size=6", "sft.micro_batch_size=2"),
+         "sft.global_batch_size(6) / dp(1) / sft.micro_batch_size(2) gives 3 microbatches per "
+         "rank, not a multiple of pp(2)"),
         (("sft", "data.train=" + str(tmp_path / "none.jsonl"), "parallel.device=cpu"),
          "none.jsonl"),
         # Checked before any model is built (these used to be tracebacks, some after loading).
@@ -168,5 +176,25 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_help_lists_subcommands():
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("sft", "sega", "eval", "generate", "demo", "check"):
+    for command in ("sft", "sega", "dpo", "eval", "generate", "demo", "check"):
         assert command in result.stdout
+
+
+def test_vpp_needs_whole_microbatch_groups():
+    """The interleaved schedule runs microbatches in groups of pp: SFT and SEGA splits that
+    give another count are refused before a model is built (padded SEGA rows count whole)."""
+    from megatron_sega.runtime import ParallelConfigError
+    from megatron_sega.training.sega import check_sega_microbatches
+    from megatron_sega.training.sft import check_sft_microbatches
+
+    config = load_config(None, ["parallel.pp=2", "parallel.vpp=2", "sft.global_batch_size=8",
+                                "sft.micro_batch_size=2", "sega.prompts_per_step=2", "sega.k=3",
+                                "sega.micro_batch_size=2"])
+    check_sft_microbatches(config, 1)  # 4 microbatches
+    with pytest.raises(ParallelConfigError, match=r"gives 1 microbatches per rank, not a multi"):
+        check_sft_microbatches(config, 4)
+    with pytest.raises(ParallelConfigError, match=r"sega.k\(3\) / sega.micro_batch_size\(2\), "
+                                                  r"rounded up, gives 3 microbatches"):
+        check_sega_microbatches(config, 1)  # 6 rows -> 3 microbatches
+    check_sega_microbatches(config.with_overrides("sega.k=4"), 1)  # 8 rows -> 4
+    check_sega_microbatches(config.with_overrides("parallel.vpp=null", "sega.k=3"), 1)
