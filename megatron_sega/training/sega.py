@@ -120,8 +120,8 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
                  normalization: str | None = None):
     """The SEGA loss of one microbatch. With ``use_old`` the microbatch carries ``old_logp``
     (the trainer's log-probs of the first update, see :func:`sega_step`) and the loss is the
-    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and the sums
-    ``clip_tokens`` and ``ratio_dev_sum`` (sum of |ratio - 1|) over response tokens."""
+    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and
+    ``ratio_dev_sum`` (the sum of |ratio - 1| over response tokens)."""
     cfg = session.config.sega
     normalization = normalization or cfg.normalization
 
@@ -138,7 +138,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
             nan = logits.sum() * float("nan")
             return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
                                                                             dtype=torch.float32),
-                         "clip_tokens": nan.detach(), "ratio_dev_sum": nan.detach(),
+                         "ratio_dev_sum": nan.detach(),
                          "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
                          "num_tokens": mask.sum().float()}
         old = mb["old_logp"].to(logits.device) if use_old else None
@@ -150,7 +150,6 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["loss_sum"] = loss.detach()
         metrics["logp"] = logp.detach().float()
-        metrics["clip_tokens"] = metrics["clip_fraction"] * metrics["num_tokens"]
         metrics["ratio_dev_sum"] = (torch.where(mask, (logp.detach() - old).exp() - 1, 0.0)
                                     .abs().sum() if old is not None else logits.new_zeros(()))
         return loss, metrics
@@ -203,16 +202,13 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         if update == 0 and reuse:
             for mb, out in zip(micro, outputs):  # outputs exist on the last stage only
                 mb["old_logp"] = out["logp"][:, :mb["tokens"].shape[1]]
-        sums = [sum(float(o[key]) for o in outputs)
-                for key in ("loss_sum", "clip_tokens", "ratio_dev_sum", "num_tokens")]
-        loss, clip_tokens, ratio_dev, counted = dp_all_reduce(sums, session)
-        sums = _update_sums(outputs)
+        loss, = dp_all_reduce([sum(float(o["loss_sum"]) for o in outputs)], session)
+        sums = _update_sums(outputs)  # reduced with the step's other statistics
         # The losses live on the last stage: agree over the world before anyone skips.
         if any_rank(not math.isfinite(loss), rt.device):
             results.append({"loss": float("nan"), "skipped": True, "sums": sums})
             break
-        counted = max(counted, 1.0)
-        results.append({"loss": loss, "ratio_abs_dev": ratio_dev / counted, "sums": sums,
+        results.append({"loss": loss, "sums": sums,
                         **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
     return _metrics(session, rollout, scored, batch, results, timer)
@@ -223,7 +219,8 @@ def _update_sums(outputs: list[dict]) -> dict[str, float]:
     tokens = [float(o["num_tokens"]) for o in outputs]
     return {"update_tokens": sum(tokens),
             "kl_sum": sum(float(o["kl_mean"]) * n for o, n in zip(outputs, tokens)),
-            "clipped_tokens": sum(float(o["clip_fraction"]) * n for o, n in zip(outputs, tokens))}
+            "clipped_tokens": sum(float(o["clip_fraction"]) * n for o, n in zip(outputs, tokens)),
+            "ratio_dev_sum": sum(float(o.get("ratio_dev_sum", 0.0)) for o in outputs)}
 
 
 def step_sums(rollout: Rollout, scored: Scored, batch: Batch) -> dict[str, float]:
@@ -281,6 +278,8 @@ def step_metrics(s: dict[str, float]) -> dict[str, float]:
         "seq_len": s["seq_len_sum"] / max(s["ranks"], 1.0),
         "kl_mean": s.get("kl_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
         "clip_fraction": s.get("clipped_tokens", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+        # On a reused rollout: mean |ratio - 1| per response token (0 without reuse).
+        "ratio_abs_dev": s.get("ratio_dev_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
     }
 
 
@@ -294,8 +293,6 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
         "loss": last.get("loss"),
         **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
-        # Of the last update; on a reused rollout, ratio_abs_dev = mean |ratio - 1| per token.
-        "ratio_abs_dev": last.get("ratio_abs_dev"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped", False)),
         "time_sample": timer["sample"] - timer["t0"],
