@@ -120,8 +120,8 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
                  normalization: str | None = None):
     """The SEGA loss of one microbatch. With ``use_old`` the microbatch carries ``old_logp``
     (the trainer's log-probs of the first update, see :func:`sega_step`) and the loss is the
-    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and the sums
-    ``clip_tokens`` and ``ratio_dev_sum`` (sum of |ratio - 1|) over response tokens."""
+    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and
+    ``ratio_dev_sum`` (the sum of |ratio - 1| over response tokens)."""
     cfg = session.config.sega
     normalization = normalization or cfg.normalization
 
@@ -138,7 +138,7 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
             nan = logits.sum() * float("nan")
             return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
                                                                             dtype=torch.float32),
-                         "clip_tokens": nan.detach(), "ratio_dev_sum": nan.detach(),
+                         "ratio_dev_sum": nan.detach(),
                          "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
                          "num_tokens": mask.sum().float()}
         old = mb["old_logp"].to(logits.device) if use_old else None
@@ -150,7 +150,6 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["loss_sum"] = loss.detach()
         metrics["logp"] = logp.detach().float()
-        metrics["clip_tokens"] = metrics["clip_fraction"] * metrics["num_tokens"]
         metrics["ratio_dev_sum"] = (torch.where(mask, (logp.detach() - old).exp() - 1, 0.0)
                                     .abs().sum() if old is not None else logits.new_zeros(()))
         return loss, metrics
@@ -204,8 +203,8 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
             for mb, out in zip(micro, outputs):  # outputs exist on the last stage only
                 mb["old_logp"] = out["logp"][:, :mb["tokens"].shape[1]]
         sums = [sum(float(o[key]) for o in outputs)
-                for key in ("loss_sum", "clip_tokens", "ratio_dev_sum", "num_tokens")]
-        loss, clip_tokens, ratio_dev, counted = dp_all_reduce(sums, session)
+                for key in ("loss_sum", "ratio_dev_sum", "num_tokens")]
+        loss, ratio_dev, counted = dp_all_reduce(sums, session)
         sums = _update_sums(outputs)
         # The losses live on the last stage: agree over the world before anyone skips.
         if any_rank(not math.isfinite(loss), rt.device):
