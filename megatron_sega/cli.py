@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", default=None, help="auto | none | a checkpoint directory")
         p.add_argument("--no-load-optim", action="store_true",
                        help="resume the model only (e.g. at another TP/PP)")
-        p.add_argument("--out", default=None, help="(demo) output directory")
+        p.add_argument("--out", default=None, help="(demo, generate) output directory")
         p.add_argument("--quick", action="store_true", help="(demo) a shortened run")
     return parser
 
