@@ -46,8 +46,9 @@ def runs(tmp_path_factory):
         "dp2": Run("dp2", work, "generate", config, data, "--out", str(work / "dp2"), nproc=2),
     }
     logs = {name: run.wait() for name, run in procs.items()}
-    greedy = Run("greedy_tp2", work, "generate", config, data, "parallel.tp=2", "sega.k=1",
-                 "sampling.temperature=0", "--out", str(work / "greedy"), nproc=2)
+    # Overrides may follow an option.
+    greedy = Run("greedy_tp2", work, "generate", config, data, "--out", str(work / "greedy"),
+                 "parallel.tp=2", "sega.k=1", "sampling.temperature=0", nproc=2)
     logs["greedy"] = greedy.wait()
     return work, logs
 
