@@ -108,6 +108,7 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
 FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "sft": _training_flags,
     "sega": _training_flags,
+    "dpo": _training_flags,
     "eval": _dry_run,
     "generate": _generate_flags,
     "demo": _demo_flags,
@@ -199,7 +200,13 @@ def report_error(command: str, err: UserError) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     _quiet_megatron()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # Overrides after an option (`--out DIR sega.k=8`) are left over by argparse: keep them.
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     if not args.command:
         parser.print_help()
         return 0

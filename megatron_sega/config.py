@@ -138,8 +138,8 @@ class SegaConfig:
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
 
     def __post_init__(self):
-        _check(self.k >= 2, f"sega.k must be >= 2 (group-mean advantages need a group), got "
-                            f"{self.k}")
+        # k = 1 is fine for `generate`; the SEGA stage itself checks for k >= 2 (run_sega).
+        _check(self.k >= 1, f"sega.k must be >= 1, got {self.k}")
         _check(self.steps >= 1, f"sega.steps must be >= 1, got {self.steps}")
         _check(self.prompts_per_step >= 1,
                f"sega.prompts_per_step must be >= 1, got {self.prompts_per_step}")

@@ -361,6 +361,11 @@ def run_sega(config, args) -> int:
         raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
     preflight(config, "sega")
     cfg = config.sega
+    if cfg.k < 2:
+        from megatron_sega.config import ConfigError
+
+        raise ConfigError(f"sega.k = {cfg.k}: SEGA needs k >= 2 candidates per prompt "
+                          "(group-mean advantages need a group); set sega.k=4")
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
     announce(session, "sega")

@@ -50,8 +50,9 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match=r"sega.k must be >= 2"):
-        load_config(None, ["sega.k=1"])
+    with pytest.raises(ConfigError, match=r"sega.k must be >= 1"):
+        load_config(None, ["sega.k=0"])
+    assert load_config(None, ["sega.k=1"]).sega.k == 1  # generate; run_sega asks for k >= 2
     with pytest.raises(ConfigError, match=r"sampling.top_p must be in \(0, 1\]"):
         load_config(None, ["sampling.top_p=1.5"])
     with pytest.raises(ConfigError, match=r"sega.kl_coef must be >= 0"):
