@@ -23,8 +23,9 @@
 # (checkpoint.resume=auto). Any other non-zero exit of a stage fails the pipeline with that code.
 set -euo pipefail
 
-RESUME_EXIT_CODE=75   # = megatron_sega.checkpoint.manager.RESUME_EXIT_CODE
+RESUME_EXIT_CODE=75   # = megatron_sega.checkpoint.stop.RESUME_EXIT_CODE
 STOP_REQUESTED=0
+TRAPPED=0
 CURRENT_STAGE=""
 LAUNCH_PID=""
 
