@@ -3,7 +3,10 @@
 Every subcommand takes ``--config FILE`` and dotted overrides (``sega.k=8``), plus its own flags
 (:data:`FLAGS`). A user error (:class:`megatron_sega.errors.UserError`: bad config, data,
 checkpoint, parallel sizes, missing files) prints one line naming the problem and exits 2; under
-torchrun it is printed once, not once per rank.
+torchrun it is printed once, not once per rank. ``sft``, ``sega`` and ``dpo`` stopped by
+SIGTERM/SIGUSR1 save a checkpoint and exit 75 ("resume me", see
+megatron_sega/checkpoint/stop.py). Every command destroys its process groups before it exits,
+on error paths too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 from typing import Callable, Optional
 
+from megatron_sega.checkpoint import stop
 from megatron_sega.errors import UserError
 
 # subcommand -> (module, function, one-line help). The function takes (Config, argparse.Namespace).
@@ -211,10 +215,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.print_help()
         return 0
     module_name, func_name, _ = COMMANDS[args.command]
+    owns_groups = not _groups_exist()  # a caller's process group is the caller's to destroy
+    stoppable = args.command in ("sft", "sega", "dpo")
+    if stoppable:  # at once: a stop signal during the imports and the model load is not fatal
+        stop.install_handlers(fresh=True)
     try:
         config = _load(args)
         if getattr(args, "dry_run", False):
             return run_check(config, args)
+        if stoppable and not config.checkpoint.save_dir:
+            stoppable = False
+            stop.release_handlers()  # nowhere to save: signals act as usual
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
@@ -223,10 +234,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"megatron-sega {args.command}: not built yet in this version", file=sys.stderr)
             return 3
         func: Callable = getattr(module, func_name)
-        return int(func(config, args) or 0)
+        rc = int(func(config, args) or 0)
+        return stop.exit_code(rc) if stoppable else rc
     except UserError as err:
         report_error(args.command, err)
         return 2
+    finally:
+        # Left to interpreter exit, the groups' threads can abort the process ("terminate
+        # called without an active exception") after the work is done.
+        if owns_groups and _groups_exist():
+            from megatron_sega.runtime import teardown
+
+            teardown()
+
+
+def _groups_exist() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported (`check`): no groups
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

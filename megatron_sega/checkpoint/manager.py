@@ -8,10 +8,16 @@ Layout of ``checkpoint.save_dir``::
         train_state.json      stage, step, LR scheduler, data-iterator position, resolved config
         COMPLETE              written last, before the rename
     latest                    name of the newest complete checkpoint (written after the rename)
+    STOPPED                   present while the stage is stopped, not finished (see below)
 
 A checkpoint is written into ``.tmp_step_…`` and renamed when every rank has finished; a directory
 without ``COMPLETE`` is never chosen (a warning names it). Resuming at the same layout is exact:
 the loss trajectory and the weights equal those of an uninterrupted run, bit for bit.
+
+Stop and resume (protocol in :mod:`megatron_sega.checkpoint.stop`). On a recorded SIGTERM or
+SIGUSR1 the loop saves the step it just finished, writes ``STOPPED`` (stage, step, checkpoint)
+before the last barrier of that save, and the CLI exits 75 ("stopped, resume me"). A stage whose
+last step is done just finishes. The marker of an earlier stop goes when the stage starts again.
 
 Resharding. The model weights are stored as global tensors and load at any TP/PP. The optimizer
 state uses Megatron's ``dp_reshardable`` layout (``fully_reshardable`` breaks with torch Adam and
@@ -34,7 +40,6 @@ import pickle
 import queue
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -44,10 +49,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega.checkpoint.hf_io import dtype_name
+from megatron_sega.checkpoint import stop
 from megatron_sega.checkpoint.mcore import (
     CheckpointError, CheckpointInfo, check_compatible, load_model_state, read_info,
     sharded_model_state, unwrap, write_info,
 )
+from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE, STOP_MARKER  # noqa: F401 (API)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -241,13 +248,10 @@ class CheckpointManager:
         self.save_dir = Path(config.save_dir) if config.save_dir else None
         self.stopped = False
         self.extra: dict = {}
-        self._signal = None
         if self.save_dir is not None:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
+            stop.install_handlers()  # the CLI did already; library callers need it here
+            if session.is_main:  # the stop of an earlier run: this one starts the stage again
+                (self.save_dir / STOP_MARKER).unlink(missing_ok=True)
 
     def _layout(self) -> dict:
         rt = self.session.runtime
@@ -255,8 +259,10 @@ class CheckpointManager:
                 "distributed_optimizer": self.session.config.parallel.distributed_optimizer}
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, iterator=None, extra: Optional[dict] = None) -> Optional[Path]:
-        """Collective: write a complete checkpoint of ``step`` atomically."""
+    def save(self, step: int, iterator=None, extra: Optional[dict] = None,
+             stopping: bool = False) -> Optional[Path]:
+        """Collective: write a complete checkpoint of ``step`` atomically; with ``stopping``,
+        also the ``STOPPED`` marker, before the last barrier (no rank exits before it exists)."""
         if self.save_dir is None:
             return None
         from megatron.core import dist_checkpointing
@@ -306,6 +312,9 @@ class CheckpointManager:
             _write_synced(pointer, final.name + "\n")
             os.replace(pointer, self.save_dir / LATEST)
             self._prune(final)
+            if stopping:
+                _write_synced(self.save_dir / STOP_MARKER, json.dumps(
+                    {"stage": self.stage, "step": step, "checkpoint": str(final)}) + "\n")
         dist.barrier()
         s.print(f"saved checkpoint {final}")
         return final
@@ -417,16 +426,18 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loop hooks
     def should_stop(self, step: int, total: int, iterator=None) -> bool:
-        """Save on the interval; on SIGTERM/SIGUSR1 save and tell the loop to stop."""
+        """Save on the interval; on SIGTERM/SIGUSR1 save, mark the stop and tell the loop to
+        stop (unless ``step`` is the last one: then the stage just finishes)."""
         if self.save_dir is None:
             return False
-        stop = torch.tensor([1 if self._signal is not None else 0],
-                            device=self.session.runtime.device)
-        dist.all_reduce(stop)  # every rank must agree to save together
-        if int(stop.item()):
+        flag = torch.tensor([int(stop.requested())], device=self.session.runtime.device)
+        dist.all_reduce(flag)  # every rank must agree to save together
+        if int(flag.item()) and step < total:
             self.session.print(f"signal received: saving step {step} and stopping")
-            self.save(step, iterator)
+            stop.mark_stopped(self.save(step, iterator, stopping=True))
             self.stopped = True
+            self.session.print(f"stopped at step {step} of {total}; run the same command "
+                               f"again to resume (exit code {RESUME_EXIT_CODE})")
             return True
         interval = self.config.save_interval
         if interval and step % interval == 0 and step < total:
