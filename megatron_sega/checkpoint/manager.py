@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint import stop
+from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint.mcore import (
     CheckpointError, CheckpointInfo, check_compatible, load_model_state, read_info,
     sharded_model_state, unwrap, write_info,

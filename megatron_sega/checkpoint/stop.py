@@ -9,7 +9,10 @@ The protocol (what a launcher can rely on):
 - the process then exits with :data:`RESUME_EXIT_CODE` (75, sysexits ``EX_TEMPFAIL``), distinct
   from 0 (finished) and from failures (1; 2 for user errors);
 - torchrun turns any non-zero worker exit into its own exit code 1, so a launcher recognises a stop
-  by the marker (examples/pipeline.sh does), not by torchrun's code;
+  by the marker (examples/pipeline.sh does), not by torchrun's code. Once one worker has exited,
+  torchrun sends SIGTERM to the others, and one still in interpreter shutdown (handlers gone) may
+  end by it: it has nothing left to lose, since no rank passes the save's last barrier before the
+  checkpoint and the marker exist;
 - a stage whose last step is done finishes normally (exit 0, no marker) even if a signal came in.
 
 No torch here: the CLI installs the handlers before its heavy imports.
