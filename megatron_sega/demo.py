@@ -12,7 +12,8 @@ the config file, or a ``<config>_dpo.yaml`` next to it holding that section. Wit
 command it is skipped with a message, and the table has no DPO row.
 
 Every evaluation reports preference accuracy on the held-out pairs (summed and length-normalised
-log-probs) and the mean Eq. 1 score of ``sega.k`` samples for the first eval prompts; the table
+log-probs) and the mean Eq. 1 score of ``sega.k`` samples for the first eval prompts (as many as
+four SEGA steps see, at most 32); the table
 also gives the wall time of each training stage and of each evaluation.
 """
 
@@ -171,7 +172,9 @@ def run_demo(config: Config, args) -> int:
     if quick:
         base = base.with_overrides("sft.steps=20", "sft.eval_interval=0", "sega.steps=3",
                                    "sampling.max_new_tokens=24")
-    score_prompts = 8 if quick else 32
+    # The Eq. 1 score of an evaluation samples k candidates for as many prompts as four SEGA
+    # steps see (at most 32): its cost stays a small multiple of a SEGA step's rollout.
+    score_prompts = 8 if quick else min(32, 4 * base.sega.prompts_per_step)
     start = time.time()
 
     def log(text: str) -> None:
