@@ -42,6 +42,10 @@ class Job:
                 raise AssertionError(f"job {self.id} did not finish:\n{pr.tail(self.log)}")
             time.sleep(0.5)
 
+    def cancel_if_running(self) -> None:
+        if self.running():
+            subprocess.run(["scancel", self.id], timeout=60)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.is_file() else ""
 

@@ -30,9 +30,16 @@ FIRST_CHECKPOINT = pr.SAVE_INTERVAL  # the stop comes after it
 
 def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, inputs, reference, tmp_path):
     ref_work, ref_kind = reference
-    work, log = tmp_path / "work", tmp_path / "job.log"
-    save_dir = work / "sft" / "ckpt"
-    job = run_job(inputs, work, log)
+    work = tmp_path / "work"
+    job = run_job(inputs, work, tmp_path / "job.log")
+    try:
+        _stop_requeue_resume(job, work, ref_work, ref_kind)
+    finally:
+        job.cancel_if_running()
+
+
+def _stop_requeue_resume(job, work, ref_work, ref_kind) -> None:
+    log, save_dir = job.log, work / "sft" / "ckpt"
     pr.wait_for(lambda: (save_dir / "latest").is_file(), "SFT's first checkpoint", job.running,
                 log)
     workers = pr.worker_pids(str(work))
@@ -48,6 +55,9 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, inputs, reference,
     marker = save_dir / "STOPPED"
     saved = pr.wait_for(marker.is_file, "the STOPPED marker", job.running, log, poll=0.005)
     stop = json.loads(marker.read_text())
+    step = stop["step"]
+    # A complete checkpoint of the step it stopped at (before later saves may prune it).
+    assert (save_dir / f"step_{step:08d}" / "COMPLETE").is_file()
     rows_at_stop = pr.metrics_rows(work, "sft")
     resumed = pr.wait_for(lambda: pr.metrics_rows(work, "sft") > rows_at_stop,
                           "the first step after the requeue", job.running, log, poll=0.01)
@@ -56,10 +66,8 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, inputs, reference,
 
     assert job.state() == ("COMPLETED", 0), text[-4000:]
     assert job.restarts() == 1
-    # The stop: at the next step boundary after the signal, a complete checkpoint, not the end.
-    step = stop["step"]
+    # The stop: at the next step boundary after the signal, not at the end.
     assert stop["stage"] == "sft" and FIRST_CHECKPOINT <= step < pr.SFT_STEPS
-    assert (save_dir / f"step_{step:08d}" / "COMPLETE").is_file()
     assert "User defined signal 1" not in text  # torchrun's agent was not hit
     assert text.count("requeueing job") == 1
     # The requeued run skipped convert, resumed SFT where it stopped and finished everything.
@@ -81,7 +89,10 @@ def test_a_failed_stage_fails_the_job_and_is_not_requeued(slurm, inputs, tmp_pat
     stage is not marked done."""
     work, log = tmp_path / "work", tmp_path / "job.log"
     job = run_job(inputs, work, log, "--stages", "sft")
-    job.wait_done()
+    try:
+        job.wait_done()
+    finally:
+        job.cancel_if_running()
     text = job.log_text()
     state, code = job.state()
     assert state == "FAILED" and code not in (0, pr.RESUME_EXIT_CODE), (state, code, text[-3000:])
