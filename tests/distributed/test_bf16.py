@@ -68,13 +68,13 @@ def _sft_loss_and_grads(session) -> tuple[float, dict]:
     from megatron_sega.data import collate
     from megatron_sega.training.engine import forward_backward
     from megatron_sega.training.session import dp_all_reduce
-    from megatron_sega.training.sft import load_sft_examples, sft_loss_fn, split_microbatches
+    from megatron_sega.training.sft import load_sft_examples, sft_loss_fn, sft_microbatches
 
     rt = session.runtime
     examples = load_sft_examples(session, session.config.data.train)[:8]
     batch = collate(examples[rt.dp_rank::rt.dp], session.tokenizer.pad_id)
     tokens, = dp_all_reduce([float(batch.loss_mask.sum())], session)
-    outputs = forward_backward(session.chunks, rt, split_microbatches(batch, 2),
+    outputs = forward_backward(session.chunks, rt, sft_microbatches(batch, 2),
                                sft_loss_fn(session.spec.vocab_size, tokens, rt))
     nll, = dp_all_reduce([sum(float(o["nll_sum"]) for o in outputs)], session)
     loss = nll / tokens if rt.is_last_stage else None  # the loss lives on the last stage

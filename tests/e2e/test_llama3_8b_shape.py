@@ -6,8 +6,9 @@ to 2 layers, hidden 256 and FFN 896 (the 8B's 3.5x): the same 32 attention heads
 (head_dim 8; 4 query heads and 1 KV group per TP rank) and the same 128,256-token vocabulary
 (16,032 columns per rank). The architecture comes from the 8B preset through the project's own
 ``to_hf_config``; the CPU-only overrides are the device, the data, the step counts and batch
-sizes (8 processes share 2 cores) and the tokenizer (the shipped tiny one: its ids are a subset
-of the model's vocabulary). The time of each stage is printed."""
+sizes (8 processes share 2 cores) and the tokenizer: the shipped tiny one, its vocabulary padded
+with unused tokens to the 8B's 128,256, so that losses, entropies and sampling run over the whole
+vocabulary on every TP rank, as with Llama 3's own tokenizer. The time of each stage is printed."""
 
 from __future__ import annotations
 
@@ -31,11 +32,24 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _sft_then_sega(root: str, hf_config: str) -> dict:
+def _tokenizer_128k(directory: Path) -> Path:
+    """The tiny tokenizer with placeholder tokens appended up to 128,256 ids."""
+    directory.mkdir()
+    data = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), 128256):
+        vocab[f"<unused_{i}>"] = i
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    config = TINY_TOKENIZER_DIR / "tokenizer_config.json"
+    (directory / "tokenizer_config.json").write_text(config.read_text())
+    return directory
+
+
+def _sft_then_sega(root: str, hf_config: str, tokenizer: str) -> dict:
     """Both stages through the CLI's entry point in the same 8 processes (one start-up)."""
     from megatron_sega import cli
 
-    common = [f"model.hf_config={hf_config}", f"model.tokenizer={TINY_TOKENIZER_DIR}",
+    common = [f"model.hf_config={hf_config}", f"model.tokenizer={tokenizer}",
               "parallel.device=cpu", f"data.train={REPO}/examples/demo_data/train.jsonl",
               "data.max_seq_len=64", "logging.progress=false", "logging.tensorboard=false"]
     times, codes = {}, {}
@@ -60,7 +74,8 @@ def test_8b_defaults_first_sft_and_sega_step(tmp_path):
     hf = tmp_path / "config.json"
     hf.write_text(json.dumps(to_hf_config(spec)))
     start = time.time()
-    results = run_distributed(_sft_then_sega, 8, str(tmp_path), str(hf))
+    tokenizer = _tokenizer_128k(tmp_path / "tokenizer")
+    results = run_distributed(_sft_then_sega, 8, str(tmp_path), str(hf), str(tokenizer))
     print(f"8B-shaped (2 layers, hidden 256) at TP=8, 8 gloo processes: "
           f"{time.time() - start:.0f} s in all (start-up included); per stage on rank 0:",
           {k: round(v, 1) for k, v in results[0]["times"].items()})
