@@ -123,7 +123,7 @@ def build(model_dir: Path) -> dict:
                        top_p=0.95, seed=2025, chat_template=True),
         teacher_forced="Zen of Python + the first 6000 characters of the Apache-2.0 licence "
                        "(/usr/share/common-licenses/Apache-2.0)",
-        transformers=transformers.__version__, torch=torch.__version__,
+        transformers=str(transformers.__version__), torch=str(torch.__version__),
         script="python -m benchmarks.logit_profiles"))
 
 

@@ -154,63 +154,58 @@ class _Mode:
         return not self.greedy and not self.top_k
 
 
-class _Fields:
-    """Per-row fields of mixed dtypes packed bitwise into one int32 ``[rows, words]`` tensor."""
+class _Layout:
+    """The words each rank sends per row, in three blocks: fp64 fields, fp32 fields, then the
+    candidates (fp32 logits, int32 ids), bit-cast to one int32 ``[rows, words]`` tensor (an even
+    number of words, so that the fp64 block views back without a copy)."""
 
-    def __init__(self):
-        self.spans: dict[str, tuple[int, int, torch.dtype, int]] = {}
-        self.words = 0
+    def __init__(self, mode: _Mode):
+        self.f64 = ["s0", "s1"] + (["t"] if mode.wants_tempered_mass else []) \
+            + (["score"] if mode.plain else [])
+        self.f32 = ["max", "min"] + (["bound"] if mode.filtered and mode.candidates else []) \
+            + (["kth_hi", "kth_lo"] if mode.filtered and not mode.candidates else [])
+        self.candidates = mode.candidates
+        self.start32 = 2 * len(self.f64)
+        self.start_cand = self.start32 + len(self.f32)
+        used = self.start_cand + 2 * self.candidates
+        self.pad = used % 2
+        self.words = used + self.pad
 
-    def add(self, name: str, dtype: torch.dtype, n: int) -> None:
-        size = n * dtype.itemsize // 4
-        self.spans[name] = (self.words, self.words + size, dtype, n)
-        self.words += size
+    def pack(self, f64: dict[str, Tensor], f32: dict[str, Tensor], cand_z: Tensor | None,
+             cand_id: Tensor | None) -> Tensor:
+        parts = [torch.stack([f64[k].double() for k in self.f64], 1).view(torch.int32),
+                 torch.stack([f32[k].float() for k in self.f32], 1).view(torch.int32)]
+        if self.candidates:
+            parts += [cand_z.view(torch.int32), cand_id.int()]
+        if self.pad:
+            parts.append(parts[0].new_zeros(parts[0].shape[0], 1))
+        return torch.cat(parts, 1)
 
-    def put(self, out: Tensor, name: str, value: Tensor) -> None:
-        """Write ``value`` (``[c, n]``, ``[c]`` or a scalar, broadcast) into ``out [c, words]``."""
-        start, stop, dtype, n = self.spans[name]
-        value = value.to(dtype).reshape(-1, 1) if value.dim() == 1 else value.to(dtype)
-        out[:, start:stop] = value.expand(out.shape[0], n).contiguous().view(torch.int32)
-
-    def get(self, table: Tensor, name: str) -> Tensor:
-        """``[TP, rows, n]`` of field ``name`` from the gathered ``[TP, rows, words]``."""
-        start, stop, dtype, _ = self.spans[name]
-        return table[..., start:stop].contiguous().view(dtype)
-
-
-# What a rank without true-vocab columns (all padding) contributes: nothing.
-_EMPTY = dict(max=-math.inf, min=math.inf, s0=0.0, s1=0.0, t=0.0, score=-math.inf,
-              bound=-math.inf, cand_z=-math.inf, cand_id=0, kth=-math.inf)
-
-
-def _layout(mode: _Mode) -> _Fields:
-    f = _Fields()
-    for name, dtype in (("max", torch.float32), ("min", torch.float32), ("s0", torch.float64),
-                        ("s1", torch.float64)):
-        f.add(name, dtype, 1)
-    if mode.wants_tempered_mass:
-        f.add("t", torch.float64, 1)
-    if mode.plain:
-        f.add("score", torch.float64, 1)
-    if mode.filtered and mode.candidates:
-        f.add("bound", torch.float32, 1)
-    if mode.candidates:
-        f.add("cand_z", torch.float32, mode.candidates)
-        f.add("cand_id", torch.int32, mode.candidates)
-    if mode.filtered and not mode.candidates:
-        f.add("kth", torch.float32, 2)
-    return f
+    def unpack(self, table: Tensor) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """``{field: [TP, rows]}``, candidate logits and ids ``[TP, rows, C]`` (views)."""
+        f64 = table[..., :self.start32].view(torch.float64)
+        f32 = table[..., self.start32:self.start_cand].view(torch.float32)
+        fields = {k: f64[..., i] for i, k in enumerate(self.f64)}
+        fields.update({k: f32[..., i] for i, k in enumerate(self.f32)})
+        if not self.candidates:
+            return fields, None, None
+        c = self.start_cand
+        return (fields, table[..., c:c + self.candidates].view(torch.float32),
+                table[..., c + self.candidates:c + 2 * self.candidates])
 
 
-def _local_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, mode: _Mode, fields: _Fields,
-                 out: Tensor, vocab_start: int) -> Tensor:
-    """Fill this rank's fields of a chunk ``z [c, width]`` into ``out [c, words]``; return a
-    device bool: all its logits finite. No communication."""
+def _local_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, mode: _Mode, layout: _Layout,
+                 vocab_start: int) -> tuple[Tensor, Tensor]:
+    """This rank's ``[c, words]`` for a chunk ``z [c, width]``, and a device bool: all its
+    logits finite. No communication."""
     c, width = z.shape
-    if not width:
-        for name in fields.spans:
-            fields.put(out, name, torch.tensor(_EMPTY[name], device=z.device))
-        return torch.ones((), dtype=torch.bool, device=z.device)
+    if not width:  # a rank of padding only: contributes nothing
+        ninf, zero = z.new_full((c,), -math.inf), z.new_zeros((c,), dtype=torch.float64)
+        f64 = dict(s0=zero, s1=zero, t=zero, score=ninf)
+        f32 = dict(max=ninf, min=-ninf, bound=ninf, kth_hi=ninf, kth_lo=ninf)
+        cand = z.new_full((c, mode.candidates), -math.inf)
+        ok = torch.ones((), dtype=torch.bool, device=z.device)
+        return layout.pack(f64, f32, cand, torch.zeros_like(cand, dtype=torch.int32)), ok
     t, idx = mode.temperature, None
     if mode.greedy:  # argmax: the first of equal maxima, i.e. the smallest id
         idx = z.argmax(-1, keepdim=True)
@@ -221,34 +216,31 @@ def _local_chunk(z: Tensor, ids: Tensor, keys: Tensor | None, mode: _Mode, field
         vals = z.amax(-1, keepdim=True)
     m, low = vals[:, 0], z.amin(-1)
     finite = torch.isfinite(m).all() & torch.isfinite(low).all()
-    fields.put(out, "max", m)
-    fields.put(out, "min", low)
     # The untempered entropy in the same pass: H = log S0 - S1 / S0.
     shifted = z - m.unsqueeze(1)
     p0 = shifted.exp()
-    s0 = sum64(p0)
-    fields.put(out, "s0", s0)
-    fields.put(out, "s1", sum64(p0.mul_(shifted)))
+    f64 = dict(s0=sum64(p0), s1=sum64(p0.mul_(shifted)))
     del shifted, p0
+    f32 = dict(max=m, min=low)
     w = z / t if t not in (0.0, 1.0) and (mode.plain or mode.wants_tempered_mass) else z
     if mode.wants_tempered_mass:
-        fields.put(out, "t", s0 if t == 1 else sum64((w - (m / t).unsqueeze(1)).exp_()))
+        f64["t"] = f64["s0"] if t == 1 else sum64((w - (m / t).unsqueeze(1)).exp_())
     if mode.plain:  # each rank's best Gumbel score over its whole shard, as its one candidate
         score, idx = _gumbel_argmax(w, None, keys, ids)
-        vals = z.gather(1, idx)
-        fields.put(out, "score", score)
+        vals, f64["score"] = z.gather(1, idx), score[:, 0]
     del w
+    cand_z = cand_id = None
     if mode.candidates:
         pad = mode.candidates - vals.shape[1]
-        fields.put(out, "cand_z", torch.nn.functional.pad(vals, (0, pad), value=-math.inf))
-        fields.put(out, "cand_id", torch.nn.functional.pad((idx + vocab_start).int(), (0, pad)))
-    if "bound" in fields.spans:  # -inf: this rank sent all its logits
-        fields.put(out, "bound", vals[:, -1] if width > mode.candidates
-                   else torch.full_like(m, -math.inf))
-    if "kth" in fields.spans:  # top_k > C: the fallback's bracket of the k-th largest logit
-        fields.put(out, "kth", torch.cat([_kth_largest(z, mode.top_k),
-                                          _kth_largest(z, -(-mode.top_k // mode.tp))], 1))
-    return finite
+        cand_z = torch.nn.functional.pad(vals, (0, pad), value=-math.inf) if pad else vals
+        cand_id = (idx + vocab_start).int()
+        cand_id = torch.nn.functional.pad(cand_id, (0, pad)) if pad else cand_id
+    if "bound" in layout.f32:  # -inf: this rank sent all its logits
+        f32["bound"] = vals[:, -1] if width > mode.candidates else torch.full_like(m, -math.inf)
+    if "kth_hi" in layout.f32:  # top_k > C: the fallback's bracket of the k-th largest logit
+        f32["kth_hi"] = _kth_largest(z, mode.top_k)[:, 0]
+        f32["kth_lo"] = _kth_largest(z, -(-mode.top_k // mode.tp))[:, 0]
+    return layout.pack(f64, f32, cand_z, cand_id), finite
 
 
 def _merge_masses(shift: Tensor, mass: Tensor, extra: Tensor | None = None) -> Tensor:
@@ -265,15 +257,15 @@ def _first_best(score: Tensor, ids: Tensor, dim: int) -> Tensor:
     return torch.where(score == best, ids.double(), math.inf).argmin(dim, keepdim=True)
 
 
-def _from_candidates(fields: _Fields, table: Tensor, mode: _Mode, keys: Tensor, vocab_size: int,
+def _from_candidates(cand_z: Tensor, cand_id: Tensor, bound: Tensor, mode: _Mode, keys: Tensor,
                      m_w: Tensor, z_mass: Tensor | None) -> tuple[Tensor, ...]:
-    """(tokens, z_token, w_token, log support mass, determined) of every row, from the table."""
-    tp, n, _ = table.shape
+    """(tokens, z_token, w_token, log support mass, determined) of every row, from the gathered
+    candidates ``[TP, rows, C]`` and bounds ``[TP, rows]``."""
+    tp, n, _ = cand_z.shape
     t = mode.temperature
-    cand_z = fields.get(table, "cand_z").permute(1, 0, 2).reshape(n, -1)
-    cand_id = fields.get(table, "cand_id").permute(1, 0, 2).reshape(n, -1).long()
-    cand_w = cand_z / t if t not in (0, 1) else cand_z
-    bound = fields.get(table, "bound")[..., 0]
+    cand_z = cand_z.permute(1, 0, 2).reshape(n, -1)
+    cand_id = cand_id.permute(1, 0, 2).reshape(n, -1).long()
+    cand_w = cand_z / t if t != 1 else cand_z
     c_star = (bound / t if t != 1 else bound).amax(0)
     # Sort by (w desc, id asc): one int64 key, the fp32 order key above the id.
     order = (((_to_key(cand_w) + (1 << 31)) << 24) | ((1 << 24) - 1 - cand_id)).argsort(
@@ -282,10 +274,10 @@ def _from_candidates(fields: _Fields, table: Tensor, mode: _Mode, keys: Tensor, 
     known = cand_w > c_star.unsqueeze(1)  # a prefix: every token above c* was sent
     mass = torch.where(known, (cand_w.double() - m_w.double().unsqueeze(1)).exp(), 0.0)
     support = known
-    determined = torch.ones(n, dtype=torch.bool, device=table.device)
+    determined = torch.ones(n, dtype=torch.bool, device=cand_z.device)
     if mode.top_k:
         determined &= known.sum(-1) >= mode.top_k
-        support = support & (torch.arange(support.shape[1], device=table.device) < mode.top_k)
+        support = support & (torch.arange(support.shape[1], device=cand_z.device) < mode.top_k)
         z_mass = torch.where(support, mass, 0.0).sum(-1)
     if mode.top_p < 1:
         target = mode.top_p * z_mass
@@ -301,60 +293,54 @@ def _from_candidates(fields: _Fields, table: Tensor, mode: _Mode, keys: Tensor, 
             cand_w.gather(1, pick)[:, 0], log_mass, determined)
 
 
-def _combine(fields: _Fields, table: Tensor, mode: _Mode, keys: Tensor | None, vocab_size: int
+def _combine(layout: _Layout, table: Tensor, mode: _Mode, keys: Tensor | None
              ) -> dict[str, Tensor]:
     """Every row's results from the gathered ``[TP, rows, words]`` table (same on every rank)."""
     t = mode.temperature
-    m_r = fields.get(table, "max")[..., 0]
+    f, cand_z, cand_id = layout.unpack(table)
+    m_r = f["max"]
     m0 = m_r.amax(0)
     shift = m_r.double() - m0.double().unsqueeze(0)
-    s0_r = fields.get(table, "s0")[..., 0]
-    s0 = _merge_masses(shift, s0_r)
-    s1 = _merge_masses(shift, s0_r, fields.get(table, "s1")[..., 0])
-    out = dict(m0=m0, log_s0=s0.log(), entropy=(s0.log() - s1 / s0).float(),
-               w_min=fields.get(table, "min")[..., 0].amin(0) / (t or 1.0))
+    s0 = _merge_masses(shift, f["s0"])
+    s1 = _merge_masses(shift, f["s0"], f["s1"])
+    log_s0 = s0.log()
+    out = dict(m0=m0, log_s0=log_s0, entropy=(log_s0 - s1 / s0).float(),
+               w_min=f["min"].amin(0) / (t or 1.0))
     if mode.greedy:
-        z_r = fields.get(table, "cand_z")[..., 0]
-        pick = _first_best(z_r.double(), fields.get(table, "cand_id")[..., 0], 0)
-        out["tokens"] = fields.get(table, "cand_id")[..., 0].gather(0, pick)[0].long()
-        z_token = z_r.gather(0, pick)[0]
-        out["logp_sampling"] = torch.zeros_like(s0, dtype=torch.float32)
-        out["logp_untempered"] = (z_token.double() - m0.double() - out["log_s0"]).float()
-        out["overflow"] = torch.zeros((), dtype=torch.bool, device=table.device)
-        out["determined"] = torch.ones_like(m0, dtype=torch.bool)
+        pick = _first_best(cand_z[..., 0].double(), cand_id[..., 0], 0)
+        out["tokens"] = cand_id[..., 0].gather(0, pick)[0].long()
+        out["logp_sampling"] = torch.zeros_like(m0)
+        z_token = cand_z[..., 0].gather(0, pick)[0]
+        out["logp_untempered"] = (z_token.double() - m0.double() - log_s0).float()
         return out
     m_w = m0 / t if t != 1 else m0  # = max(w): division by T > 0 is monotone, also rounded
     out["overflow"] = ~(torch.isfinite(m_w).all() & torch.isfinite(out["w_min"]).all())
     z_mass = None
     if mode.wants_tempered_mass:
         mw_r = m_r / t if t != 1 else m_r
-        z_mass = _merge_masses(mw_r.double() - m_w.double(), fields.get(table, "t")[..., 0])
+        z_mass = _merge_masses(mw_r.double() - m_w.double().unsqueeze(0), f["t"])
     if mode.plain:
-        score = fields.get(table, "score")[..., 0]
-        pick = _first_best(score, fields.get(table, "cand_id")[..., 0], 0)
-        tokens = fields.get(table, "cand_id")[..., 0].gather(0, pick)[0].long()
-        z_token = fields.get(table, "cand_z")[..., 0].gather(0, pick)[0]
+        pick = _first_best(f["score"], cand_id[..., 0], 0)
+        tokens = cand_id[..., 0].gather(0, pick)[0].long()
+        z_token = cand_z[..., 0].gather(0, pick)[0]
         w_token = z_token / t if t != 1 else z_token
-        log_mass, determined = z_mass.log(), torch.ones_like(m0, dtype=torch.bool)
-    elif not mode.candidates:  # top_k > C: every row takes the bisection
-        kth = fields.get(table, "kth").amax(0)
-        out["k_bracket"] = (kth[:, 0] / t, kth[:, 1] / t)
-        n = m0.shape[0]
-        tokens = torch.zeros(n, dtype=torch.long, device=table.device)
-        z_token = w_token = torch.zeros_like(m0)
-        log_mass = torch.zeros_like(s0)
-        determined = torch.zeros_like(m0, dtype=torch.bool)
+        log_mass = z_mass.log()
+    elif not mode.candidates:  # top_k > C: every row takes the fallback
+        out["k_bracket"] = (f["kth_hi"].amax(0) / t, f["kth_lo"].amax(0) / t)
+        out["determined"] = torch.zeros_like(m0, dtype=torch.bool)
+        tokens = torch.zeros_like(m0, dtype=torch.long)
+        z_token = w_token = m0
+        log_mass = s0
     else:
-        tokens, z_token, w_token, log_mass, determined = _from_candidates(
-            fields, table, mode, keys, vocab_size, m_w, z_mass)
+        tokens, z_token, w_token, log_mass, out["determined"] = _from_candidates(
+            cand_z, cand_id, f["bound"], mode, keys, m_w, z_mass)
         if mode.top_k:  # the fallback's top-k bracket, from the sorted per-rank candidates
-            cand = fields.get(table, "cand_z")
-            k_hi = cand[..., mode.top_k - 1].amax(0)
-            k_lo = cand[..., -(-mode.top_k // mode.tp) - 1].amax(0)
+            k_hi = cand_z[..., mode.top_k - 1].amax(0)
+            k_lo = cand_z[..., -(-mode.top_k // mode.tp) - 1].amax(0)
             out["k_bracket"] = (k_hi / t if t != 1 else k_hi, k_lo / t if t != 1 else k_lo)
-    out.update(tokens=tokens, determined=determined,
+    out.update(tokens=tokens,
                logp_sampling=(w_token.double() - m_w.double() - log_mass).float(),
-               logp_untempered=(z_token.double() - m0.double() - out["log_s0"]).float())
+               logp_untempered=(z_token.double() - m0.double() - log_s0).float())
     return out
 
 
@@ -383,23 +369,29 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     keys = row_keys(seed, step, lead, device) if temperature > 0 else None
     rows, n = row_reader(logits_shard.detach()), lead.numel()
     ids = torch.arange(vocab_start, vocab_start + width, device=device)
-    fields = _layout(mode)
-    local = torch.empty(n, fields.words, dtype=torch.int32, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    layout = _Layout(mode)
+    parts, finite = [], []
     for sl in row_chunks(n, chunk_size):
-        finite &= _local_chunk(rows(sl)[:, :width].float(), ids,
-                               None if keys is None else keys[sl], mode, fields, local[sl],
-                               vocab_start)
+        part, ok = _local_chunk(rows(sl)[:, :width].float(), ids,
+                                None if keys is None else keys[sl], mode, layout, vocab_start)
+        parts.append(part)
+        finite.append(ok)
     rank = 0 if tp_group is None else torch.distributed.get_rank(tp_group)
+    finite = finite[0] if len(finite) == 1 else torch.stack(finite).all()
+    covered = vocab_start + width if width else 0
     flags = torch.stack([torch.where(finite, 0, rank + 1).int(),
-                         torch.tensor(vocab_start + width if width else 0, dtype=torch.int32,
-                                      device=device)])
+                         finite.new_full((), covered, dtype=torch.int32)])
+    local = parts[0] if len(parts) == 1 else torch.cat(parts)
     table = all_gather(torch.cat([local.reshape(-1), flags]), tp_group)  # the one collective
-    flags, table = table[:, -2:], table[:, :-2].view(tp, n, fields.words)
-    out = _combine(fields, table, mode, keys, vocab_size)
+    flags, table = table[:, -2:], table[:, :-2].view(tp, n, layout.words)
+    out = _combine(layout, table, mode, keys)
     # The one host synchronisation: the error flags and the rows the candidates left open.
-    head = torch.stack([flags[:, 0].amax(), flags[:, 1].amax(), out["overflow"].int()])
-    host = torch.cat([head, (~out["determined"]).int()]).tolist()
+    head = [flags.amax(0)]
+    if "overflow" in out:
+        head.append(out["overflow"].int().view(1))
+    if "determined" in out:
+        head.append((~out["determined"]).int())
+    host = torch.cat(head).tolist()
     if host[0] > 0:
         raise NonFiniteLogitsError(
             f"logits_shard contains NaN or Inf in the true vocabulary (TP rank {host[0] - 1}): "
@@ -408,18 +400,24 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     if host[1] < vocab_size:
         raise ValueError(f"the shards cover ids [0, {host[1]}) but vocab_size={vocab_size}: "
                          f"check vocab_start on each rank and vocab_size")
-    if host[2]:
+    if "overflow" in out and host[2]:
         raise ValueError(f"temperature={temperature!r} is so small that logits / temperature "
                          f"overflows fp32: use temperature=0 (greedy) instead")
     tokens, logp_sampling = out["tokens"], out["logp_sampling"]
     logp_untempered = out["logp_untempered"]
-    open_rows = [i for i, flag in enumerate(host[3:]) if flag]
-    for start in range(0, len(open_rows), chunk_size):
-        index = torch.tensor(open_rows[start:start + chunk_size], device=device)
+    open_rows = [i for i, flag in enumerate(host[3:]) if flag] if "determined" in out else []
+    if open_rows:
+        index = torch.tensor(open_rows, device=device)
+
+        def chunks():  # the open rows, re-read at every stage of the fallback
+            for sl in row_chunks(len(open_rows), max(chunk_size // 2, 1)):
+                z = rows(index[sl])[:, :width].float()
+                yield sl, z, (z / temperature if temperature != 1 else z)
+
         bracket = out.get("k_bracket")
         tok, lp, shifted = exact_rows(
-            rows(index)[:, :width].float(), ids, keys[index], temperature, mode.top_k,
-            top_p, vocab_start, vocab_size, tp_group, out["m0"][index], out["w_min"][index],
+            chunks, len(open_rows), ids, keys[index], temperature, mode.top_k, top_p,
+            vocab_start, vocab_size, tp_group, out["m0"][index], out["w_min"][index],
             None if bracket is None else (bracket[0][index], bracket[1][index]))
         tokens[index], logp_sampling[index] = tok, lp
         logp_untempered[index] = (shifted - out["log_s0"][index]).float()

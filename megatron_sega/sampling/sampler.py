@@ -3,12 +3,13 @@
 One generation batch:
 1. prompts are left-padded to a common length; pad keys are masked (RoPE is relative, so a
    uniform left shift does not change attention between real tokens);
-2. prefill runs the prompts through the pipeline once, filling Megatron-Core's
-   ``StaticInferenceContext`` KV cache; each decode step then feeds one token per row;
+2. prefill runs the prompts through the pipeline once, filling the KV cache; each decode step
+   then feeds one token per row (``decode.py``: a lean forward on the model's own parameters
+   for the local layer spec, Megatron-Core's forward and ``StaticInferenceContext`` otherwise);
 3. pipeline stages exchange activations with point-to-point send/recv every step; the last stage
-   samples with the vocab-parallel ops (no vocabulary gather: Megatron's output layer runs with
-   ``parallel_output=True`` outside its inference mode, and only on the last position) and
-   broadcasts the new tokens to the other stages, which apply the same stopping rules;
+   samples with the vocab-parallel ops (no vocabulary gather: the output layer gives this rank's
+   vocabulary shard, of the last position only) and broadcasts the new tokens to the other
+   stages, which apply the same stopping rules;
 4. finished rows are dropped from the batch (and their KV cache) once enough have finished.
 
 Round trips per decode step: one collective in ``ops.sample`` (TP) in the common case, plus the
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from megatron_sega import ops
 from megatron_sega.models.builder import unwrap_model
 from megatron_sega.runtime import Runtime
+from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
 
 # Fraction of free memory the KV cache may use when no explicit budget is given.
@@ -124,6 +126,7 @@ class Sampler:
         memory_budget_bytes: Optional[int] = None,
         max_batch_tokens: int = 0,
         bucket_by_length: bool = False,
+        lean: Optional[bool] = None,
     ):
         self.model = unwrap_model(model)
         self.rt = runtime
@@ -141,6 +144,13 @@ class Sampler:
         self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
         self._prev_rank, self._next_rank, self._last_rank = self._pp_ranks()
         self.stats = SamplerStats()
+        # The forward of every step: the lean one where the layer spec allows (decode/py),
+        # else Megatron-Core's own. ``lean``: None = when supported, True = required.
+        reason = lean_unsupported(self.model) if lean is not False else "lean=False"
+        if lean and reason:
+            raise ValueError(f"Sampler(lean=True): the lean forward cannot run this model ({reason})")
+        self.forward = MegatronForward(self.model) if reason else \
+            LeanForward(self.model, runtime.tp_group)
 
     # ----------------------------------------------------------------------------- planning
     def _budget(self) -> int:
@@ -242,47 +252,38 @@ class Sampler:
         next_rank = None if self.rt.is_last_stage else dist.get_global_rank(group, self.rt.pp_rank + 1)
         return prev_rank, next_rank, dist.get_global_rank(group, self.rt.pp - 1)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, ctx):
-        """One pipeline pass; returns the last-position logits shard [B, V/TP] on the last stage."""
-        prev_rank, next_rank = self._prev_rank, self._next_rank
-        batch, seq = tokens.shape
-        if prev_rank is not None:
+    def _forward(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """One pipeline pass of the next positions ``tokens [B, s]``; returns the last-position
+        logits shard [B, V/TP] on the last stage."""
+        hidden = None
+        if self._prev_rank is not None:
+            batch, seq = tokens.shape
             hidden = torch.empty(seq, batch, self.hidden_size, dtype=self.dtype,
                                  device=self.rt.device)
-            dist.recv(hidden, src=prev_rank)
-            self.model.set_input_tensor(hidden)
-        out = self.model(tokens, positions, mask, inference_context=ctx)
-        if next_rank is not None:
-            dist.send(out.contiguous(), dst=next_rank)
+            dist.recv(hidden, src=self._prev_rank)
+        out = self.forward(tokens, hidden)
+        if self._next_rank is not None:
+            dist.send(out.contiguous(), dst=self._next_rank)
             return None
-        return out[:, -1, :]  # [B, 1, V/TP] -> [B, V/TP]
+        return out
 
     def _generate_batch(self, prompts: list[list[int]], ids: list[int], params: SamplingParams,
                         decode) -> Rollout:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         device, stats = self.rt.device, self.stats
         start = time.perf_counter()
         batch = len(prompts)
         prompt_len = max(len(p) for p in prompts)
         total = prompt_len + params.max_new_tokens
-        # Left-padded on the host, then one copy each (not one per row).
+        # Left-padded on the host, then one copy each (not one per row). RoPE is relative, so
+        # the shift does not change attention between real tokens; pad keys are masked.
         tokens = torch.full((batch, prompt_len), self.pad_id, dtype=torch.long)
         is_pad = torch.zeros(batch, total, dtype=torch.bool)
         for row, p in enumerate(prompts):
             tokens[row, prompt_len - len(p):] = torch.tensor(p, dtype=torch.long)
             is_pad[row, : prompt_len - len(p)] = True
-        tokens, is_pad = tokens.to(device), is_pad.to(device)
-        ctx = StaticInferenceContext(batch, total)
-        positions = torch.arange(total, device=device).unsqueeze(0)
-        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).triu(1)
-        mask = causal.unsqueeze(0) | is_pad[:, None, :prompt_len]
-        # Pad queries attend to themselves so no attention row is empty (NaN under SDPA).
-        mask = mask & ~torch.eye(prompt_len, dtype=torch.bool, device=device)
         state = _DecodeState(batch, params, ids, device, decode)
-        logits = self._forward(tokens, positions[:, :prompt_len].expand(batch, -1),
-                               mask.unsqueeze(1), ctx)
-        ctx.sequence_len_offset += prompt_len
+        self.forward.start(is_pad.to(device), total)
+        logits = self._forward(tokens.to(device))
         stats.prefill_s += time.perf_counter() - start
         active = list(range(batch))  # batch rows still in the KV cache (host)
         active_t = torch.arange(batch, device=device)  # the same, on the device
@@ -302,16 +303,12 @@ class Sampler:
             if sum(row in finished for row in active) >= _COMPACT_FRACTION * len(active):
                 keep = [i for i, row in enumerate(active) if row not in finished]
                 index = _device_index(keep, device)
-                _compact(ctx, index)
+                _compact(self.forward, index)
                 active = [active[i] for i in keep]
-                active_t, new_tokens, is_pad = active_t[index], new_tokens[index], is_pad[index]
-            cur = ctx.sequence_len_offset
-            step_mask = is_pad[:, None, None, : cur + 1]
+                active_t, new_tokens = active_t[index], new_tokens[index]
             t2 = time.perf_counter()
             stats.bookkeeping_s += t2 - t1
-            logits = self._forward(new_tokens.unsqueeze(1),
-                                   positions[:, cur:cur + 1].expand(len(active), 1), step_mask, ctx)
-            ctx.sequence_len_offset += 1
+            logits = self._forward(new_tokens.unsqueeze(1))
             stats.forward_s += time.perf_counter() - t2
         state.catch_up()  # the last step's stop strings
         return state.to_rollout(prompts, self.pad_id, self._broadcast_from_last)
@@ -346,11 +343,9 @@ class Sampler:
         return tensor
 
 
-def _compact(ctx, keep: torch.Tensor) -> None:
-    """Drop finished rows from every layer's KV cache (``keep``: the rows to keep, an index)."""
-    for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
-        ctx.key_value_memory_dict[layer] = (k.index_select(1, keep), v.index_select(1, keep))
-    ctx.max_batch_size = len(keep)
+def _compact(forward, keep: torch.Tensor) -> None:
+    """Drop finished rows from the KV cache (``keep``: the rows to keep, an index)."""
+    forward.compact(keep)
 
 
 def _device_index(values: list[int], device: torch.device) -> torch.Tensor:
