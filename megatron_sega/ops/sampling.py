@@ -76,10 +76,14 @@ from megatron_sega.ops._shard import (
 # temporaries per logit (masks, the exp weights, a masked copy); 64 rows keep it modest.
 SAMPLE_CHUNK_SIZE = DEFAULT_CHUNK_SIZE // 4
 
-# Candidates per rank and row. Chosen from the fallback rates measured on SmolLM2-135M-Instruct's
-# logit profiles mapped onto a 128k vocabulary (benchmarks/RESULTS.md): at T = 1, top-p = 0.95,
-# the paper's setting, C = 64 leaves ~1-2% of the rows to the fallback.
+# Candidates per rank and row, chosen from the fallback rates measured on SmolLM2-135M-Instruct's
+# logit profiles mapped onto a 128k vocabulary (benchmarks/logit_profiles.py, RESULTS.md). At the
+# paper's T = 1, top-p = 0.95 this small model's nucleus is wide (median 12 tokens, 29% of rows
+# above 64): C = 32 / 64 / 128 leave 31 / 21 / 12% of the rows open at TP = 2 and 23 / 13 / 9% at
+# TP = 4 (the known prefix grows with TP x C). T = 0.7, top-k = 50 never falls back at C >= 50.
+# 64 keeps the bytes >= 100x below an all-gather up to TP = 8 (8 C + ~36 B per row and rank).
 CANDIDATES = 64
+_WHOLE_SHARD = 4
 
 
 class Sample(NamedTuple):
@@ -129,12 +133,17 @@ class _Mode:
 
     @staticmethod
     def of(temperature: float, top_k: int, top_p: float, candidates: int, vocab_size: int,
-           tp: int) -> "_Mode":
+           shard_width: int, tp: int) -> "_Mode":
         k = top_k if 0 < top_k < vocab_size else 0
         if temperature == 0:
             return _Mode(0.0, 0, 1.0, 1, tp)
         if not k and top_p == 1:
             return _Mode(temperature, 0, 1.0, 1, tp)
+        # A shard of at most 4 C logits is sent whole: the candidates would be most of it, and
+        # then no row ever falls back (small vocabularies). The padded width is the same on
+        # every rank, so the choice is too.
+        if shard_width <= _WHOLE_SHARD * candidates:
+            candidates = shard_width
         return _Mode(temperature, k, top_p, 0 if k > candidates else candidates, tp)
 
     @property
@@ -364,7 +373,8 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     _check_sampling_args(temperature, top_k, top_p, candidates)
     lead, device = logits_shard.shape[:-1], logits_shard.device
     temperature, top_p = float(temperature), float(top_p)
-    mode = _Mode.of(temperature, top_k, top_p, candidates, vocab_size, group_size(tp_group))
+    mode = _Mode.of(temperature, top_k, top_p, candidates, vocab_size,
+                    logits_shard.shape[-1], group_size(tp_group))
     tp = mode.tp
     keys = row_keys(seed, step, lead, device) if temperature > 0 else None
     rows, n = row_reader(logits_shard.detach()), lead.numel()
