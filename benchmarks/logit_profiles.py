@@ -24,8 +24,10 @@ the larger count and shifted so that its total mass is unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import math
+import importlib
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -61,10 +63,10 @@ TEACHER_ROWS = 128
 
 
 def _human_text() -> str:
-    import this  # noqa: F401  (prints the Zen of Python when first imported)
     import codecs
 
-    zen = codecs.decode(sys.modules["this"].s, "rot13")
+    with contextlib.redirect_stdout(io.StringIO()):  # importing it prints the Zen of Python
+        zen = codecs.decode(importlib.import_module("this").s, "rot13")
     licence = Path("/usr/share/common-licenses/Apache-2.0")
     text = licence.read_text()[:6000] if licence.is_file() else ""
     return zen + "\n\n" + text

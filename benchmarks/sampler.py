@@ -71,11 +71,13 @@ def hf_model(hidden: int, layers: int, vocab: int, seed: int = 0, heads: int = 0
 def megatron_model(hf, rt, attention: str = "auto", dtype=None):
     from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict
     from megatron_sega.checkpoint.layout import load_full_state_dict
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model, wrap_mixed_precision
     from megatron_sega.models.spec import from_hf_config
 
     spec = from_hf_config(hf.config.to_dict())
-    model = build_model(spec, rt, attention=attention, **({"dtype": dtype} if dtype else {}))
+    # bf16: Megatron's Float16Module, as the training model the sampler runs on (bf16 norms)
+    model = wrap_mixed_precision(build_model(spec, rt, attention=attention,
+                                             **({"dtype": dtype} if dtype else {})))
     full = hf_to_megatron_state_dict(hf.state_dict(), spec, spec.padded_vocab_size(rt.tp))
     load_full_state_dict(model, full, rt.tp, rt.tp_rank)
     return model.eval(), spec
@@ -117,6 +119,7 @@ def run_no_cache(model, prompts, new: int, vocab: int):
     """Greedy decoding with a full forward of the (left-padded) batch at every step."""
     import torch
 
+    from megatron_sega.models.builder import unwrap_model
     from megatron_sega.sampling.sampler import _last_position_logits
 
     width = max(len(p) for p in prompts)
@@ -128,7 +131,7 @@ def run_no_cache(model, prompts, new: int, vocab: int):
     device = next(model.parameters()).device
     tokens, is_pad = tokens.to(device), is_pad.to(device)
     out = []
-    with torch.no_grad(), _last_position_logits(model):
+    with torch.no_grad(), _last_position_logits(unwrap_model(model)):
         for _ in range(new):
             n = tokens.shape[1]
             mask = torch.ones(n, n, dtype=torch.bool, device=device).triu(1) | is_pad[:, None, :n]

@@ -1,17 +1,65 @@
 #!/usr/bin/env bash
 # The stages of a GEM/SEGA run, shared by the SLURM and single-node launchers.
-# Sourced, not run: the launcher defines `launch` (how to start N GPU processes) and `run1`
-# (how to run one process), then calls `pipeline_main "$@"`.
+# Sourced, not run: the launcher defines `launch` (how to start N GPU processes), `run1` (how to
+# run one process) and `signal_workers` (send USR1 to the training processes, not to torchrun),
+# optionally `on_stopped`, then calls `pipeline_main "$@"`.
 #
 #   --hf-dir DIR       HF Llama checkpoint to start from (config.json, *.safetensors, tokenizer)
 #   --work-dir DIR     where every stage writes (checkpoints, logs, eval, HF export)
 #   --train FILE       preference pairs for SFT and SEGA prompts (JSONL / HF datasets dir)
 #   --eval FILE        held-out preference pairs
 #   --config FILE      (default examples/configs/sega_llama3_8b.yaml)
-#   --stages LIST      subset of convert,sft,sega,eval,export (default: all, in order)
+#   --stages LIST      subset of convert,sft,sega,dpo,eval,export (default: all but dpo, in
+#                      order); dpo (the DPO/IPO baseline) starts from the SFT checkpoint too
 #   --dry-run          validate the config for each stage against the world size; no GPU needed
 #   extra KEY=VALUE    dotted config overrides for every stage (e.g. sega.k=8)
+#
+# Stop and resume. `request_stop` (the launchers trap USR1 with it) asks the running sft/sega
+# workers to checkpoint and stop; during another stage it lets that stage finish and stops before
+# the next. A worker that stops writes checkpoint.save_dir/STOPPED once its checkpoint is complete
+# and exits 75; torchrun reports any worker exit as 1, so a stage counts as stopped when that
+# marker exists, whatever the exit code. A stopped stage is never marked done: the pipeline calls
+# `on_stopped` (the SLURM launcher requeues the job there) and exits 75 (RESUME_EXIT_CODE); run the
+# same command again to skip the finished stages and resume the stopped one from its checkpoint
+# (checkpoint.resume=auto). Any other non-zero exit of a stage fails the pipeline with that code.
 set -euo pipefail
+
+RESUME_EXIT_CODE=75   # = megatron_sega.checkpoint.stop.RESUME_EXIT_CODE
+STOP_REQUESTED=0
+TRAPPED=0
+CURRENT_STAGE=""
+LAUNCH_PID=""
+
+request_stop() {  # trap handler: checkpoint-and-stop the training stage, or stop after this stage
+  STOP_REQUESTED=1
+  TRAPPED=1
+  echo "stop requested at $(date +%s.%N) during stage '${CURRENT_STAGE:-none}'"
+  case "$CURRENT_STAGE" in
+    sft|sega)
+      if [ -n "$LAUNCH_PID" ]; then
+        signal_workers
+        # Again every 10 s while the stage runs: workers that torchrun had not started yet
+        # (rendezvous) must get it too; a worker that already stops just ignores it.
+        (i=0; while sleep 1 && kill -0 "$LAUNCH_PID" 2>/dev/null; do
+           i=$((i + 1)); [ $((i % 10)) != 0 ] || signal_workers >/dev/null; done) &
+      fi ;;
+    *) echo "the current stage does not checkpoint: it finishes, the pipeline stops after it" ;;
+  esac
+}
+
+run_and_wait() {  # run_and_wait CMD...: run CMD in the background and return its exit code, so
+  # that a trapped signal runs its handler at once (bash defers traps during a foreground child)
+  "$@" &
+  LAUNCH_PID=$!
+  local rc
+  while :; do
+    TRAPPED=0 rc=0
+    wait "$LAUNCH_PID" || rc=$?
+    [ "$TRAPPED" = 1 ] && [ "$rc" -gt 128 ] || break  # a trap interrupted the wait: wait on
+  done
+  LAUNCH_PID=""
+  return "$rc"
+}
 
 pipeline_main() {
   local hf_dir="" work="" train="" eval="" stages="convert,sft,sega,eval,export" dry=0
@@ -39,12 +87,19 @@ pipeline_main() {
   local common=(--config "$config" "data.train=$train" "data.eval=$eval" "${overrides[@]}")
   local mcore="$work/mcore" sft="$work/sft" sega="$work/sega"
 
+  stopped() {  # stopped NAME: NAME is unfinished; exit with the resume code, never marking it done
+    echo "== $1: stopped at $(date +%s.%N); rerun the same command to resume it"
+    if declare -F on_stopped >/dev/null; then on_stopped "$1"; fi
+    exit "$RESUME_EXIT_CODE"
+  }
   stage() {  # stage NAME: true when NAME is selected and not already done
     [[ ",$stages," == *",$1,"* ]] || return 1
     if [ -f "$work/.done_$1" ] && [ "$dry" = 0 ]; then echo "== $1: done earlier, skipped"; return 1; fi
-    echo "== $1"
+    if [ "$STOP_REQUESTED" = 1 ]; then stopped "$1"; fi
+    CURRENT_STAGE="$1"
+    echo "== $1 (started at $(date +%s.%N))"
   }
-  done_stage() { [ "$dry" = 1 ] || touch "$work/.done_$1"; }
+  done_stage() { CURRENT_STAGE=""; [ "$dry" = 1 ] || touch "$work/.done_$1"; }
   megatron() {  # megatron SUBCOMMAND ARGS...: the dry run validates instead of running
     if [ "$dry" = 1 ]; then  # shapes from the HF config when it is here, else the 8B preset
       local shape="model.preset=llama3-8b"
@@ -52,6 +107,19 @@ pipeline_main() {
       "$PYTHON" -m megatron_sega.cli check --world-size "$WORLD_SIZE" "${@:2}" "$shape"
     else
       launch -m megatron_sega.cli "$@"
+    fi
+  }
+  train() {  # train NAME DIR ARGS...: an sft/sega stage writing DIR; stopped, failed or done
+    local name="$1" dir="$2" rc=0
+    shift 2
+    [ "$dry" = 1 ] || rm -f "$dir/ckpt/STOPPED"
+    if [ "$STOP_REQUESTED" = 1 ]; then stopped "$name"; fi  # asked before the launch
+    megatron "$name" "$@" "logging.dir=$dir" "checkpoint.save_dir=$dir/ckpt" || rc=$?
+    if [ "$dry" = 0 ] && [ -f "$dir/ckpt/STOPPED" ]; then stopped "$name"; fi
+    if [ "$rc" != 0 ]; then
+      echo "== $name failed (exit $rc)" >&2
+      [ "$rc" != "$RESUME_EXIT_CODE" ] || rc=1  # no marker: not a stop
+      exit "$rc"
     fi
   }
   [ "$dry" = 1 ] || mkdir -p "$work"
@@ -62,15 +130,20 @@ pipeline_main() {
     done_stage convert
   fi
   if stage sft; then
-    megatron sft "${common[@]}" "model.load=$mcore" "logging.dir=$sft" "checkpoint.save_dir=$sft/ckpt"
+    train sft "$sft" "${common[@]}" "model.load=$mcore"
     done_stage sft
   fi
   if stage sega; then
-    megatron sega "${common[@]}" "model.load=$sft/ckpt" "logging.dir=$sega" "checkpoint.save_dir=$sega/ckpt"
+    train sega "$sega" "${common[@]}" "model.load=$sft/ckpt"
     done_stage sega
   fi
+  if stage dpo; then
+    megatron dpo "${common[@]}" "model.load=$sft/ckpt" "logging.dir=$work/dpo" "checkpoint.save_dir=$work/dpo/ckpt"
+    done_stage dpo
+  fi
   if stage eval; then
-    for name in sft sega; do
+    for name in sft sega dpo; do  # what this run trains or an earlier one left
+      [[ ",$stages," == *",$name,"* ]] || [ -d "$work/$name/ckpt" ] || continue
       megatron eval "${common[@]}" "model.load=$work/$name/ckpt" "eval.out=$work/eval_$name" \
         "eval.reference=$mcore"
     done

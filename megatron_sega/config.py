@@ -1,7 +1,7 @@
 """Typed, frozen, strict configuration.
 
 A run is configured by one YAML file of sections (model, parallel, data, sampling, scoring, sega,
-sft, optim, eval, checkpoint, logging) plus dotted command-line overrides (``sega.k=8``).
+sft, dpo, optim, eval, checkpoint, logging) plus dotted command-line overrides (``sega.k=8``).
 Unknown keys fail and name the closest valid key; wrong types fail naming the option, its value
 and the expected type; cross-field rules are checked once, at construction. The object is
 read-only afterwards.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,14 +20,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the user (option, value, fix)."""
+from megatron_sega.errors import ConfigError
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _positive(value: float, option: str) -> None:
+    _check(math.isfinite(value) and value > 0, f"{option} must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,18 @@ class ScoringConfig:
                f"scoring.final_fraction must be in (0, 1], got {self.final_fraction}")
         _check(self.top_m > 0, f"scoring.top_m must be > 0 (a fraction < 1 or a count), got "
                                f"{self.top_m}")
-        _check(self.tau > 0, f"scoring.tau must be > 0, got {self.tau}")
+        _check(self.top_m < 1 or self.top_m == int(self.top_m),
+               f"scoring.top_m = {self.top_m} >= 1 is a token count and must be whole; use "
+               f"{int(self.top_m)} or a fraction < 1")
+        _positive(self.tau, "scoring.tau")
+        _check(math.isfinite(self.lam) and self.lam >= 0,
+               f"scoring.lam must be >= 0 (the weight of the fork term; 0 turns it off), got "
+               f"{self.lam}")
+        _check(math.isfinite(self.trim_z) and self.trim_z >= 0,
+               f"scoring.trim_z must be >= 0 (drop members below mean - trim_z * std), got "
+               f"{self.trim_z}")
+        _check(0 <= self.trim_fraction < 1,
+               f"scoring.trim_fraction must be in [0, 1), got {self.trim_fraction}")
 
 
 @dataclass(frozen=True)
@@ -118,19 +132,32 @@ class SegaConfig:
     normalization: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     updates_per_rollout: int = 1
     kl_coef: float = 0.0
-    reference: Optional[str] = None  # checkpoint of the frozen reference (KL)
+    reference: Optional[str] = None  # frozen reference of the KL (default: the starting weights)
     clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
     max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
 
     def __post_init__(self):
-        _check(self.k >= 2, f"sega.k must be >= 2 (group-mean advantages need a group), got "
-                            f"{self.k}")
+        # k = 1 is fine for `generate`; the SEGA stage itself checks for k >= 2 (run_sega).
+        _check(self.k >= 1, f"sega.k must be >= 1, got {self.k}")
         _check(self.steps >= 1, f"sega.steps must be >= 1, got {self.steps}")
+        _check(self.prompts_per_step >= 1,
+               f"sega.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _check(self.micro_batch_size >= 1,
+               f"sega.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _check(self.updates_per_rollout >= 1,
                f"sega.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
-        _check(self.kl_coef == 0 or self.reference,
-               "sega.kl_coef > 0 needs sega.reference (a checkpoint of the frozen reference)")
+        _check(0 <= self.clip_eps < 1, f"sega.clip_eps must be in [0, 1), got {self.clip_eps}")
+        _check(self.updates_per_rollout == 1 or self.clip_eps > 0,
+               f"sega.updates_per_rollout = {self.updates_per_rollout} reuses each rollout, which "
+               "is off-policy after the first update: set sega.clip_eps > 0 (e.g. 0.2) or "
+               "sega.updates_per_rollout = 1")
+        _check(math.isfinite(self.kl_coef) and self.kl_coef >= 0,
+               f"sega.kl_coef must be >= 0, got {self.kl_coef}")
+        _check(self.max_bad_steps >= 1, f"sega.max_bad_steps must be >= 1, got "
+                                        f"{self.max_bad_steps}")
+        if self.lr is not None:
+            _positive(self.lr, "sega.lr")
 
 
 @dataclass(frozen=True)
@@ -140,6 +167,44 @@ class SFTConfig:
     micro_batch_size: int = 4
     eval_interval: int = 0
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"sft.steps must be >= 1, got {self.steps}")
+        _check(self.global_batch_size >= 1,
+               f"sft.global_batch_size must be >= 1, got {self.global_batch_size}")
+        _check(self.micro_batch_size >= 1,
+               f"sft.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.eval_interval >= 0,
+               f"sft.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
+        if self.lr is not None:
+            _positive(self.lr, "sft.lr")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The DPO / IPO baselines (``megatron-sega dpo``) on preference pairs."""
+
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: IPO
+    beta: float = 0.1
+    steps: int = 100
+    global_batch_size: int = 16  # pairs, across data-parallel ranks
+    micro_batch_size: int = 4  # pairs per microbatch (its chosen and rejected rows: 2x rows)
+    eval_interval: int = 0
+    lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
+    reference: Optional[str] = None  # frozen reference checkpoint (default: the starting weights)
+
+    def __post_init__(self):
+        _check(math.isfinite(self.beta) and self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        _check(self.steps >= 1, f"dpo.steps must be >= 1, got {self.steps}")
+        _check(self.micro_batch_size >= 1,
+               f"dpo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.global_batch_size >= 1 and
+               self.global_batch_size % self.micro_batch_size == 0,
+               f"dpo.global_batch_size({self.global_batch_size}) must be a positive multiple of "
+               f"dpo.micro_batch_size({self.micro_batch_size})")
+        _check(self.eval_interval >= 0,
+               f"dpo.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
+        _check(self.lr is None or self.lr > 0, f"dpo.lr must be > 0 (or null), got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +219,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
 
     def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _positive(self.lr, "optim.lr")
         _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr], got {self.min_lr}")
 
 
@@ -165,6 +230,12 @@ class EvalConfig:
     out: Optional[str] = None  # directory for pairs.jsonl and summary.json
     micro_batch_size: int = 8
 
+    def __post_init__(self):
+        # beta scales the implicit reward; <= 0 would invert or tie every comparison.
+        _positive(self.beta, "eval.beta")
+        _check(self.micro_batch_size >= 1,
+               f"eval.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -174,6 +245,12 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | a checkpoint directory
     load_optim: bool = True
 
+    def __post_init__(self):
+        _check(self.save_interval >= 0,
+               f"checkpoint.save_interval must be >= 0 (0 = at the end only), got "
+               f"{self.save_interval}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
 
 @dataclass(frozen=True)
 class LoggingConfig:
@@ -181,8 +258,13 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     wandb: bool = False
+    # TensorBoard, W&B and the progress bar's figures every `interval` steps (and at the last
+    # step); the JSONL file keeps every step, the complete record.
     interval: int = 1
     progress: bool = True
+
+    def __post_init__(self):
+        _check(self.interval >= 1, f"logging.interval must be >= 1, got {self.interval}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +276,7 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     sega: SegaConfig = field(default_factory=SegaConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -208,6 +291,32 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+
+STAGES = ("sft", "sega", "dpo", "eval", "generate")
+
+
+def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> None:
+    """The rules that join two sections or depend on the data-parallel size ``dp``, for the
+    ``stages`` a command runs. Every run checks its own before it builds anything
+    (``training.session.preflight``); ``megatron-sega check`` checks them all."""
+    if "sft" in stages:
+        gbs = config.sft.global_batch_size
+        _check(gbs % dp == 0, f"sft.global_batch_size({gbs}) is not divisible by the "
+                              f"data-parallel size dp({dp}); make it a multiple of {dp}")
+    if "dpo" in stages:
+        gbs = config.dpo.global_batch_size
+        _check(gbs % dp == 0, f"dpo.global_batch_size({gbs}) is not divisible by the "
+                              f"data-parallel size dp({dp}); make it a multiple of {dp}")
+    if "sega" in stages:
+        prompts = config.sega.prompts_per_step
+        _check(prompts % dp == 0, f"sega.prompts_per_step({prompts}) is not divisible by the "
+                                  f"data-parallel size dp({dp}); make it a multiple of {dp}")
+    if "sega" in stages or "generate" in stages:
+        seq, new = config.data.max_seq_len, config.sampling.max_new_tokens
+        _check(seq > new, f"data.max_seq_len({seq}) must exceed sampling.max_new_tokens({new}) "
+                          f"by the prompt length; raise data.max_seq_len or lower "
+                          f"sampling.max_new_tokens")
 
 
 def _plain(value: Any) -> Any:

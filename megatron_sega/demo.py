@@ -1,17 +1,33 @@
-"""``megatron-sega demo``: the whole pipeline on the tiny model and the shipped data.
+"""``megatron-sega demo``: the whole pipeline on shipped data, each stage a real run of the code
+the CLI runs (checkpoints, metrics, progress bars), ending in a side-by-side table and a PNG of
+the training curves under ``--out`` (default ``outputs/demo``).
 
-eval (initial weights) -> SFT -> eval -> SEGA -> eval, each stage a real run of the same code
-the CLI runs (checkpoints, metrics, progress bars), ending in a summary table and a PNG of the
-training curves under ``--out`` (default ``outputs/demo``).
+    eval (start) -> SFT -> eval -> SEGA (from SFT) -> eval [-> DPO (from SFT) -> eval]
+
+Two configs ship: ``examples/configs/demo_tiny.yaml`` (the tiny random-init model, ``bash
+scripts/demo.sh``) and ``examples/configs/demo_smollm2.yaml`` (SmolLM2-135M-Instruct,
+``bash scripts/demo.sh --model smollm2-135m``). The DPO stage runs when this version has the
+``megatron-sega dpo`` command and the demo config sets DPO up: a top-level ``dpo:`` section in
+the config file, or a ``<config>_dpo.yaml`` next to it holding that section. Without the
+command it is skipped with a message, and the table has no DPO row.
+
+Every evaluation reports preference accuracy on the held-out pairs (summed and length-normalised
+log-probs) and the mean Eq. 1 score of ``sega.k`` samples for the first eval prompts (as many as
+four SEGA steps see, at most 32); the table
+also gives the wall time of each training stage and of each evaluation.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
-from megatron_sega.config import Config
+import yaml
+
+from megatron_sega.config import Config, load_config
 
 
 def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
@@ -20,12 +36,14 @@ def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
     from megatron_sega.training.sega import load_prompts, mean_entropy_score
     from megatron_sega.training.session import open_session
 
+    start = time.time()
     session = open_session(config, train=False)
     pairs = load_eval_pairs(session, config.data.eval)
     records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
                                       micro_batch_size=config.eval.micro_batch_size)
     prompts = load_prompts(session, config.data.eval)[:score_prompts]
     summary["entropy_score"] = mean_entropy_score(session, prompts)
+    summary["eval_time_s"] = time.time() - start
     if session.is_main:
         write_eval_outputs(out / f"eval_{name}", records, summary)
         print(f"[{name}] preference accuracy {summary['accuracy']:.3f} "
@@ -48,15 +66,21 @@ def plot_curves(out: Path) -> Path:
 
     sft = _read_jsonl(out / "sft" / "sft_metrics.jsonl")
     sega = _read_jsonl(out / "sega" / "sega_metrics.jsonl")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    dpo = _read_jsonl(out / "dpo" / "dpo_metrics.jsonl")
+    fig, axes = plt.subplots(1, 4 if dpo else 3, figsize=(18 if dpo else 14, 4))
     axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
     axes[0].set(title="SFT loss (response NLL / token)", xlabel="step")
-    axes[1].plot([r["step"] for r in sega], [r["score_mean"] for r in sega], label="score (Eq. 1)")
-    axes[1].plot([r["step"] for r in sega], [-r["h_final_mean"] for r in sega], label="-H_final")
-    axes[1].set(title="SEGA entropy score", xlabel="step")
+    steps = [r["step"] for r in sega]
+    axes[1].plot(steps, [r["score_mean"] for r in sega], label="score (Eq. 1)")
+    axes[1].plot(steps, [-r["h_final_mean"] for r in sega], label="-H_final")
+    axes[1].plot(steps, [r["fork_entropy_mean"] for r in sega], label="fork entropy")
+    axes[1].set(title="SEGA: Eq. 1 score of the samples", xlabel="step")
     axes[1].legend()
-    axes[2].plot([r["step"] for r in sega], [r["loss"] for r in sega])
+    axes[2].plot(steps, [r["loss"] for r in sega])
     axes[2].set(title="SEGA loss (Eq. 2)", xlabel="step")
+    if dpo:
+        axes[3].plot([r["step"] for r in dpo], [r["loss"] for r in dpo])
+        axes[3].set(title="DPO loss", xlabel="step")
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=100)
@@ -64,50 +88,136 @@ def plot_curves(out: Path) -> Path:
     return path
 
 
+def _cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def summary_table(results: dict[str, dict]) -> str:
-    lines = ["| stage | preference accuracy | length-normalised | mean entropy score |",
-             "|---|---|---|---|"]
+    lines = ["| stage | preference accuracy | length-normalised | mean entropy score | "
+             "training wall time (s) | eval wall time (s) |",
+             "|---|---|---|---|---|---|"]
     for name, s in results.items():
         lines.append(f"| {name} | {s['accuracy']:.3f} | {s['accuracy_length_normalized']:.3f} | "
-                     f"{s['entropy_score']:.3f} |")
+                     f"{s['entropy_score']:.3f} | {_cell(s.get('train_time_s'))} | "
+                     f"{_cell(s.get('eval_time_s'))} |")
     return "\n".join(lines)
 
 
+def dpo_settings(config_path: Optional[str]) -> Optional[Path]:
+    """The file holding the demo's ``dpo:`` section (the config itself or ``<config>_dpo.yaml``),
+    or None when this demo has no DPO stage."""
+    if not config_path:
+        return None
+    path = Path(config_path)
+    overlay = path.with_name(f"{path.stem}_dpo.yaml")
+    if overlay.is_file():
+        return overlay
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return path if isinstance(loaded, dict) and "dpo" in loaded else None
+
+
+def _dpo_command():
+    """``run_dpo`` of this version, or None when it has no ``megatron-sega dpo``."""
+    from megatron_sega.cli import COMMANDS
+
+    if "dpo" not in COMMANDS:
+        return None
+    module, function, _ = COMMANDS["dpo"]
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        return None
+
+
+class _StageFailed(Exception):
+    """A training stage returned a non-zero status (it has printed why)."""
+
+
+def _run_dpo(after_sft: Config, args, out: Path, log) -> Optional[Path]:
+    """DPO from the SFT checkpoint (reference: the SFT weights); the checkpoint, or None."""
+    settings = dpo_settings(getattr(args, "config", None))
+    if settings is None:
+        return None
+    run_dpo = _dpo_command()
+    if run_dpo is None:
+        log("[dpo] skipped: this version has no `megatron-sega dpo` command; the table has no "
+            "DPO row (rerun the demo on a version that has it)")
+        return None
+    # The file's dpo: section, then the command line's dpo.* overrides on top of it.
+    overrides = [o for o in getattr(args, "overrides", []) if o.startswith("dpo.")]
+    config = load_config(settings, overrides, base=after_sft.to_dict())
+    directory = out / "dpo"
+    status = run_dpo(config.with_overrides(f"logging.dir={directory}",
+                                           f"checkpoint.save_dir={directory / 'ckpt'}"), args)
+    if status:
+        raise _StageFailed(status)
+    return directory / "ckpt"
+
+
 def run_demo(config: Config, args) -> int:
+    import torch.distributed as dist
+
     from megatron_sega.training.sega import run_sega
     from megatron_sega.training.sft import run_sft
 
+    from megatron_sega.config import STAGES
+    from megatron_sega.training.session import preflight
+
+    preflight(config, *STAGES)
     out = Path(args.out or "outputs/demo")
     quick = bool(args.quick)
     base = config.with_overrides("checkpoint.resume=none")
     if quick:
         base = base.with_overrides("sft.steps=20", "sft.eval_interval=0", "sega.steps=3",
-                      "sampling.max_new_tokens=24")
-    score_prompts = 8 if quick else 32
+                                   "sampling.max_new_tokens=24")
+    # The Eq. 1 score of an evaluation samples k candidates for as many prompts as four SEGA
+    # steps see (at most 32): its cost stays a small multiple of a SEGA step's rollout.
+    score_prompts = 8 if quick else min(32, 4 * base.sega.prompts_per_step)
     start = time.time()
+
+    def log(text: str) -> None:
+        if dist.get_rank() == 0:
+            print(text, flush=True)
+
+    def stage(name: str, train, ckpt: Path) -> dict:
+        """Run a training stage (timed), then evaluate its checkpoint."""
+        t0 = time.time()
+        status = train()
+        if status:
+            raise _StageFailed(status)
+        seconds = time.time() - t0
+        summary = _evaluate(base.with_overrides(f"model.load={ckpt}"), out, name, score_prompts)
+        summary["train_time_s"] = seconds
+        return summary
+
     results = {"initial": _evaluate(base, out, "initial", score_prompts)}
-
-    sft_dir = out / "sft"
-    sft_cfg = base.with_overrides(f"logging.dir={sft_dir}", f"checkpoint.save_dir={sft_dir / 'ckpt'}")
-    run_sft(sft_cfg, args)
+    sft_dir, sega_dir = out / "sft", out / "sega"
     after_sft = base.with_overrides(f"model.load={sft_dir / 'ckpt'}")
-    results["after SFT"] = _evaluate(after_sft, out, "sft", score_prompts)
-
-    sega_dir = out / "sega"
-    sega_cfg = after_sft.with_overrides(f"logging.dir={sega_dir}",
-                      f"checkpoint.save_dir={sega_dir / 'ckpt'}")
-    status = run_sega(sega_cfg, args)
-    if status:
-        return status
-    results["after SEGA"] = _evaluate(base.with_overrides(f"model.load={sega_dir / 'ckpt'}"), out,
-                                      "sega", score_prompts)
-    import torch.distributed as dist
+    try:
+        results["after SFT"] = stage("sft", lambda: run_sft(base.with_overrides(
+            f"logging.dir={sft_dir}", f"checkpoint.save_dir={sft_dir / 'ckpt'}"), args),
+            sft_dir / "ckpt")
+        results["after SEGA"] = stage("sega", lambda: run_sega(after_sft.with_overrides(
+            f"logging.dir={sega_dir}", f"checkpoint.save_dir={sega_dir / 'ckpt'}"), args),
+            sega_dir / "ckpt")
+        t0 = time.time()
+        dpo_ckpt = _run_dpo(after_sft, args, out, log)
+        if dpo_ckpt is not None:
+            seconds = time.time() - t0
+            results["after DPO"] = _evaluate(base.with_overrides(f"model.load={dpo_ckpt}"), out,
+                                             "dpo", score_prompts)
+            results["after DPO"]["train_time_s"] = seconds
+    except _StageFailed as failed:
+        return int(failed.args[0])
 
     if dist.get_rank() == 0:
         png = plot_curves(out)
         table = summary_table(results)
-        (out / "summary.md").write_text(table + "\n")
+        total = time.time() - start
+        (out / "summary.md").write_text(table + f"\n\ntotal wall time {total:.0f} s\n")
         (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
         print("\n" + table)
-        print(f"\ncurves: {png}\noutputs: {out} ({time.time() - start:.0f} s)", flush=True)
+        print(f"\ncurves: {png}\noutputs: {out} ({total:.0f} s)", flush=True)
     return 0

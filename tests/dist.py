@@ -15,9 +15,10 @@ import importlib
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -55,8 +56,12 @@ def _child(rank: int, world_size: int, workdir: str, module: str, name: str, arg
         teardown()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:
-    """Call ``fn(*args)`` in ``world_size`` gloo processes; return the results by rank."""
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600,
+                    deadline: Optional[float] = None) -> list:
+    """Call ``fn(*args)`` in ``world_size`` gloo processes; return the results by rank.
+
+    With ``deadline`` (seconds), ranks still running after it are killed and the call fails
+    (a test that must prove the ranks do not hang)."""
     with tempfile.TemporaryDirectory(prefix="msega_dist_") as workdir:
         context = mp.start_processes(
             _child,
@@ -66,9 +71,14 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             start_method="spawn",
         )
         errors = []
+        start = time.time()
         try:
-            while not context.join(timeout=timeout):
-                pass
+            while not context.join(timeout=5 if deadline else timeout):
+                if deadline and time.time() - start > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise AssertionError(f"the ranks were still running after {deadline:.0f} s "
+                                         "(a hang?); killed")
         except Exception as exc:  # a rank died: collect every rank's story below
             errors.append(str(exc))
         results = []

@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {source}: no such directory", file=sys.stderr)
         return 2
     from megatron_sega.checkpoint.convert import hf_to_mcore, mcore_to_hf
-    from megatron_sega.checkpoint.hf import ConversionError
-    from megatron_sega.checkpoint.mcore import CheckpointError
-    from megatron_sega.models.spec import ModelConfigError
-    from megatron_sega.runtime import ParallelConfigError
+    from megatron_sega.errors import UserError
 
     start = time.time()
     try:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             mcore_to_hf(args.mcore_dir, args.out, dtype=args.dtype,
                         max_shard_bytes=args.max_shard_size)
             what = "HF safetensors + config.json"
-    except (ConversionError, CheckpointError, ModelConfigError, ParallelConfigError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

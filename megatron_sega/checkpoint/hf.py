@@ -30,11 +30,8 @@ from typing import Iterable, Mapping
 import torch
 
 from megatron_sega.checkpoint.layout import full_shapes
+from megatron_sega.errors import ConversionError
 from megatron_sega.models.spec import LlamaSpec
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not match the Llama layout it claims (names, shapes, config)."""
 
 
 EMBEDDING = "embedding.word_embeddings.weight"

@@ -2,7 +2,9 @@
 
 Names are Megatron-Core's local-spec parameter names with *global* layer numbers
 (``decoder.layers.{i}.…``). On a pipeline stage the model numbers its layers locally from 0; the
-offset of stage ``p`` is ``p * num_layers / pp``.
+offset of stage ``p`` is ``p * num_layers / pp``. Under virtual pipelining a rank holds several
+model chunks, each with its own offset (Megatron's interleaved assignment); the functions below
+that take ``model`` accept one module or the list of this rank's chunks.
 
 Tensor-parallel partitioning (Megatron-Core's layers):
 - ``word_embeddings`` and ``output_layer``: vocab rows, dim 0 (VocabParallelEmbedding,
@@ -22,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from megatron_sega.errors import LayoutError
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
@@ -33,10 +37,6 @@ _LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
 
 _ROW_DIM0 = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
 _COL_DIM1 = ("linear_proj.weight", "linear_fc2.weight")
-
-
-class LayoutError(ValueError):
-    """A parameter name or shape that does not fit the Llama layout."""
 
 
 def canonical_name(name: str) -> str:
@@ -111,19 +111,24 @@ def tp_unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=dim)
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def named_stage_tensors(model, what: str = "param") -> Iterable[tuple[str, torch.Tensor]]:
-    """(canonical global name, tensor) for this stage's parameters. ``what``: 'param' or 'grad'
-    ('grad' reads Megatron DDP's ``main_grad`` when present, else ``.grad``)."""
-    offset = stage_offset(model)
-    for name, param in model.named_parameters():
-        name = shift_layer(canonical_name(name), offset)
-        if what == "param":
-            yield name, param.data
-        else:
-            grad = getattr(param, "main_grad", None)
-            if grad is None:
-                grad = param.grad
-            yield name, grad if grad is not None else torch.zeros_like(param)
+    """(canonical global name, tensor) for this stage's parameters (every chunk). ``what``:
+    'param' or 'grad' ('grad' reads Megatron DDP's ``main_grad`` when present, else ``.grad``)."""
+    for chunk in _chunks(model):
+        offset = stage_offset(chunk)
+        for name, param in chunk.named_parameters():
+            name = shift_layer(canonical_name(name), offset)
+            if what == "param":
+                yield name, param.data
+            else:
+                grad = getattr(param, "main_grad", None)
+                if grad is None:
+                    grad = param.grad
+                yield name, grad if grad is not None else torch.zeros_like(param)
 
 
 def stage_offset(model) -> int:
@@ -136,15 +141,14 @@ def stage_offset(model) -> int:
 
 def load_full_state_dict(model, full: dict[str, torch.Tensor], tp: int, tp_rank: int,
                          strict: bool = True) -> None:
-    """Copy this rank's shards of a full (canonical, global-name) state dict into ``model``."""
-    offset = stage_offset(model)
+    """Copy this rank's shards of a full (canonical, global-name) state dict into ``model``
+    (one module or this rank's chunks)."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            key = shift_layer(canonical_name(name), offset)
+        for key, param in named_stage_tensors(model, "param"):
             if key not in full:
                 if strict:
-                    raise LayoutError(f"the state dict has no tensor '{key}' for parameter "
-                                      f"'{name}'")
+                    raise LayoutError(f"the state dict has no tensor '{key}' for a parameter "
+                                      "of this stage")
                 continue
             shard = tp_shard(key, full[key], tp, tp_rank)
             if shard.shape != param.shape:

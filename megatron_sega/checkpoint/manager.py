@@ -8,10 +8,16 @@ Layout of ``checkpoint.save_dir``::
         train_state.json      stage, step, LR scheduler, data-iterator position, resolved config
         COMPLETE              written last, before the rename
     latest                    name of the newest complete checkpoint (written after the rename)
+    STOPPED                   present while the stage is stopped, not finished (see below)
 
 A checkpoint is written into ``.tmp_step_…`` and renamed when every rank has finished; a directory
 without ``COMPLETE`` is never chosen (a warning names it). Resuming at the same layout is exact:
 the loss trajectory and the weights equal those of an uninterrupted run, bit for bit.
+
+Stop and resume (protocol in :mod:`megatron_sega.checkpoint.stop`). On a recorded SIGTERM or
+SIGUSR1 the loop saves the step it just finished, writes ``STOPPED`` (stage, step, checkpoint)
+before the last barrier of that save, and the CLI exits 75 ("stopped, resume me"). A stage whose
+last step is done just finishes. The marker of an earlier stop goes when the stage starts again.
 
 Resharding. The model weights are stored as global tensors and load at any TP/PP. The optimizer
 state uses Megatron's ``dp_reshardable`` layout (``fully_reshardable`` breaks with torch Adam and
@@ -34,7 +40,6 @@ import pickle
 import queue
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -43,10 +48,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sega.checkpoint import stop
 from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint.mcore import (
-    CheckpointError, CheckpointInfo, check_compatible, read_info, unwrap, write_info,
+    CheckpointError, CheckpointInfo, check_compatible, load_model_state, read_info,
+    sharded_model_state, unwrap, write_info,
 )
+from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE, STOP_MARKER  # noqa: F401 (API)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -95,42 +103,75 @@ _METADATA_GLOBALS = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, refused: list[str]):
+        super().__init__(file)
+        self.refused = refused
+
     def find_class(self, module: str, name: str):
         allowed = name in _METADATA_GLOBALS.get(module, ())
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             allowed = True
         if not allowed:
-            raise pickle.UnpicklingError(
-                f"checkpoint metadata names '{module}.{name}', which is not a checkpoint "
-                "metadata type; refusing to unpickle it (untrusted or unsupported checkpoint)")
+            message = (f"names '{module}.{name}', which is not a checkpoint metadata type; "
+                       "refused to unpickle it (untrusted or unsupported checkpoint)")
+            self.refused.append(message)
+            raise pickle.UnpicklingError(f"checkpoint metadata {message}")
         return super().find_class(module, name)
 
 
 class _RestrictedPickle:
     """Stands in for the ``pickle`` module inside torch's DCP file-system reader."""
 
+    def __init__(self):
+        self.refused: list[str] = []  # what the unpickler refused (DCP rewraps its errors)
+
     def __getattr__(self, name: str):
         return getattr(pickle, name)
 
-    @staticmethod
-    def load(file, **_ignored):
-        return _MetadataUnpickler(file).load()
+    def load(self, file, **_ignored):
+        return _MetadataUnpickler(file, self.refused).load()
+
+
+def _vet_metadata(path: Path) -> None:
+    """Unpickle a DCP ``.metadata`` file with the allow-list unpickler; raise on a refusal."""
+    if not path.is_file():
+        return  # not a DCP checkpoint, or a layout DCP reports itself
+    refused: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f, refused).load()
+    except Exception as err:  # noqa: BLE001 - any unreadable pickle is a bad checkpoint
+        detail = refused[0] if refused else f"is unreadable ({type(err).__name__}: {err})"
+        raise CheckpointError(f"{path} {detail}") from None
 
 
 @contextlib.contextmanager
-def safe_loading() -> Iterator[None]:
+def safe_loading(directory: str | Path | None = None) -> Iterator[None]:
     """Within this context, reading a torch_dist checkpoint unpickles nothing arbitrary: the DCP
     ``.metadata`` file goes through an allow-list unpickler and every ``torch.load`` (DCP's
-    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``."""
+    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``.
+
+    With ``directory``, its ``.metadata`` is vetted before anything reads it: a refused one is a
+    :class:`CheckpointError` naming the file (inside DCP, the refusal would be logged with two
+    tracebacks and rewrapped on its way up)."""
     from torch.distributed.checkpoint import filesystem
+
+    if directory is not None:
+        _vet_metadata(Path(directory) / ".metadata")
 
     env_key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
     saved_env = os.environ.get(env_key)
     saved_pickle = getattr(filesystem, "pickle", None)
     os.environ[env_key] = "1"
-    filesystem.pickle = _RestrictedPickle()
+    restricted = _RestrictedPickle()
+    filesystem.pickle = restricted
     try:
         yield
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        if not restricted.refused or isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        where = Path(directory) / ".metadata" if directory is not None else "checkpoint .metadata"
+        raise CheckpointError(f"{where} {restricted.refused[0]}") from None
     finally:
         filesystem.pickle = saved_pickle
         if saved_env is None:
@@ -145,7 +186,7 @@ def read_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Ten
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with safe_loading(), warnings.catch_warnings():
+    with safe_loading(directory), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is not initialized": intended
         reader = dcp.FileSystemReader(str(directory))
         metadata = reader.read_metadata()
@@ -207,22 +248,21 @@ class CheckpointManager:
         self.save_dir = Path(config.save_dir) if config.save_dir else None
         self.stopped = False
         self.extra: dict = {}
-        self._signal = None
         if self.save_dir is not None:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum
+            stop.install_handlers()  # the CLI did already; library callers need it here
+            if session.is_main:  # the stop of an earlier run: this one starts the stage again
+                (self.save_dir / STOP_MARKER).unlink(missing_ok=True)
 
     def _layout(self) -> dict:
         rt = self.session.runtime
-        return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp,
+        return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp,
                 "distributed_optimizer": self.session.config.parallel.distributed_optimizer}
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, iterator=None, extra: Optional[dict] = None) -> Optional[Path]:
-        """Collective: write a complete checkpoint of ``step`` atomically."""
+    def save(self, step: int, iterator=None, extra: Optional[dict] = None,
+             stopping: bool = False) -> Optional[Path]:
+        """Collective: write a complete checkpoint of ``step`` atomically; with ``stopping``,
+        also the ``STOPPED`` marker, before the last barrier (no rank exits before it exists)."""
         if self.save_dir is None:
             return None
         from megatron.core import dist_checkpointing
@@ -238,7 +278,7 @@ class CheckpointManager:
         dist.barrier()
         _in_process_write_results()
         model = unwrap(s.model)
-        state = {"model": model.sharded_state_dict()}
+        state = sharded_model_state(s.chunks)  # 'model', or 'model0', 'model1'... under VPP
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
         # after a --no-load-optim resume) holds the model only.
         with_optim = torch.tensor([int(s.optimizer is not None and _has_state(s.optimizer))],
@@ -246,7 +286,7 @@ class CheckpointManager:
         dist.all_reduce(with_optim, op=dist.ReduceOp.MAX)  # every rank saves the same entries
         with_optim = bool(with_optim.item())
         if with_optim:
-            state["optimizer"] = s.optimizer.sharded_state_dict(state["model"],
+            state["optimizer"] = s.optimizer.sharded_state_dict(dict(state),
                                                                 metadata=_OPTIM_SHARDING)
         dist_checkpointing.save(state, str(tmp / "model_optim"), content_metadata=_OPTIM_SHARDING)
         torch.save(_rng_state(), tmp / "rng" / f"rank_{s.runtime.rank:05d}.pt")
@@ -272,6 +312,9 @@ class CheckpointManager:
             _write_synced(pointer, final.name + "\n")
             os.replace(pointer, self.save_dir / LATEST)
             self._prune(final)
+            if stopping:
+                _write_synced(self.save_dir / STOP_MARKER, json.dumps(
+                    {"stage": self.stage, "step": step, "checkpoint": str(final)}) + "\n")
         dist.barrier()
         s.print(f"saved checkpoint {final}")
         return final
@@ -321,14 +364,15 @@ class CheckpointManager:
             s.print(f"note: {path} holds no optimizer state (saved before the first step)")
         elif load_optim:
             self._check_optimizer_layout(path, train_state)
-        state = {"model": model.sharded_state_dict()}
+        wanted = sharded_model_state(s.chunks)
+        state = dict(wanted)
         if load_optim:
             _ensure_optimizer_state(s.optimizer)
-            state["optimizer"] = s.optimizer.sharded_state_dict(state["model"], is_loading=True,
+            state["optimizer"] = s.optimizer.sharded_state_dict(wanted, is_loading=True,
                                                                 metadata=_OPTIM_SHARDING)
-        with safe_loading():
+        with safe_loading(path / "model_optim"):
             loaded = dist_checkpointing.load(state, str(path / "model_optim"))
-        model.load_state_dict(loaded["model"], strict=True)
+        load_model_state(s.chunks, wanted, loaded)
         if load_optim:
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
                 s.optimizer.load_state_dict(loaded["optimizer"])
@@ -350,15 +394,16 @@ class CheckpointManager:
 
     def _check_optimizer_layout(self, path: Path, train_state: dict) -> None:
         here = self._layout()
-        saved_tp_pp = (train_state.get("tp"), train_state.get("pp"))
-        if saved_tp_pp != (here["tp"], here["pp"]):
+        saved_tp_pp = (train_state.get("tp"), train_state.get("pp"), train_state.get("vpp"))
+        if saved_tp_pp != (here["tp"], here["pp"], here["vpp"]):
             raise CheckpointError(
                 f"{path}: the optimizer state was saved at tp={saved_tp_pp[0]} pp={saved_tp_pp[1]} "
-                f"and cannot be loaded at tp={here['tp']} pp={here['pp']} (the distributed "
-                "optimizer's checkpoint format reshards across data parallelism only). Resume "
-                "with --no-load-optim (checkpoint.load_optim=false) to load the model weights, "
-                "LR schedule and data position with a fresh optimizer state, or keep the same "
-                "parallel.tp / parallel.pp")
+                f"vpp={saved_tp_pp[2]} and cannot be loaded at tp={here['tp']} pp={here['pp']} "
+                f"vpp={here['vpp']} (the distributed optimizer's checkpoint format reshards "
+                "across data parallelism only). Resume with --no-load-optim "
+                "(checkpoint.load_optim=false) to load the model weights, LR schedule and data "
+                "position with a fresh optimizer state, or keep the same parallel.tp / "
+                "parallel.pp / parallel.vpp")
         saved_dist = train_state.get("distributed_optimizer", here["distributed_optimizer"])
         if saved_dist != here["distributed_optimizer"]:
             raise CheckpointError(
@@ -381,16 +426,18 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loop hooks
     def should_stop(self, step: int, total: int, iterator=None) -> bool:
-        """Save on the interval; on SIGTERM/SIGUSR1 save and tell the loop to stop."""
+        """Save on the interval; on SIGTERM/SIGUSR1 save, mark the stop and tell the loop to
+        stop (unless ``step`` is the last one: then the stage just finishes)."""
         if self.save_dir is None:
             return False
-        stop = torch.tensor([1 if self._signal is not None else 0],
-                            device=self.session.runtime.device)
-        dist.all_reduce(stop)  # every rank must agree to save together
-        if int(stop.item()):
+        flag = torch.tensor([int(stop.requested())], device=self.session.runtime.device)
+        dist.all_reduce(flag)  # every rank must agree to save together
+        if int(flag.item()) and step < total:
             self.session.print(f"signal received: saving step {step} and stopping")
-            self.save(step, iterator)
+            stop.mark_stopped(self.save(step, iterator, stopping=True))
             self.stopped = True
+            self.session.print(f"stopped at step {step} of {total}; run the same command "
+                               f"again to resume (exit code {RESUME_EXIT_CODE})")
             return True
         interval = self.config.save_interval
         if interval and step % interval == 0 and step < total:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_sega.checkpoint.hf import ConversionError
 from megatron_sega.checkpoint.hf_io import DTYPES, dtype_name
+from megatron_sega.errors import CheckpointError
 from megatron_sega.models.builder import unwrap_model as unwrap
 from megatron_sega.models.spec import LlamaSpec, spec_from_dict, spec_to_dict
 
@@ -40,10 +41,6 @@ FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"  # tokenizer files travel inside the checkpoint, in this subdir
 # LlamaSpec fields that do not change the computation: a mismatch is not an error.
 _NON_ARCH_FIELDS = ("bos_token_id", "eos_token_id", "init_std", "max_position_embeddings")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, malformed or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -125,40 +122,65 @@ def _model_padded_vocab(model) -> int:
     return int(model.vocab_size)
 
 
+def model_chunks(model) -> list:
+    """The bare ``GPTModel`` chunks of ``model``: one (possibly wrapped) model or a list of them."""
+    return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def sharded_model_state(model) -> dict:
+    """The sharded state dict of this rank's chunks, keyed as Megatron-LM's checkpoints are:
+    ``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` under virtual
+    pipelining. The stored tensors carry global keys and offsets either way, so a checkpoint
+    loads at any TP/PP/VPP whatever nesting it was saved with."""
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def load_model_state(model, wanted: dict, loaded: dict) -> None:
+    """Copy what ``dist_checkpointing.load(wanted)`` returned into the chunks, keeping only the
+    model's own entries (a training checkpoint's common state also holds other objects)."""
+    for chunk, key in zip(model_chunks(model), wanted):
+        chunk.load_state_dict({k: v for k, v in loaded[key].items() if k in wanted[key]},
+                              strict=True)
+
+
 def save_model_checkpoint(model, directory: str | Path, *,
                           tokenizer_files: tuple[str, ...] = ()) -> None:
-    """Collective over all ranks: save this model (every stage, every TP shard) as ``torch_dist``
-    plus ``megatron_sega.json``. The model must come from ``models.builder.build_model``."""
+    """Collective over all ranks: save this model (every stage, every TP shard, every chunk) as
+    ``torch_dist`` plus ``megatron_sega.json``. ``model``: one model from
+    ``models.builder.build_model`` or this rank's chunks."""
     from megatron.core import dist_checkpointing
 
-    model = unwrap(model)
+    first = model_chunks(model)[0]
     directory = Path(directory)
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(directory))
+    dist_checkpointing.save(sharded_model_state(model), str(directory))
     if dist.get_rank() == 0:
         write_info(directory, CheckpointInfo(
-            spec=model.llama_spec, padded_vocab_size=_model_padded_vocab(model),
-            dtype=dtype_name(model.config.params_dtype), tokenizer_files=tuple(tokenizer_files)))
+            spec=first.llama_spec, padded_vocab_size=_model_padded_vocab(first),
+            dtype=dtype_name(first.config.params_dtype), tokenizer_files=tuple(tokenizer_files)))
     dist.barrier()
 
 
 def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     """Collective over all ranks: load a checkpoint into this rank's stage/shard of ``model``
-    (any TP/PP; the tensors are resharded on load and cast to the model's dtype)."""
+    (one model or this rank's chunks; saved at any TP/PP/VPP: the tensors are resharded on load
+    and cast to the model's dtype)."""
     from megatron.core import dist_checkpointing
 
-    model = unwrap(model)
+    first = model_chunks(model)[0]
     info = read_info(directory)
-    check_compatible(info, model.llama_spec, _model_padded_vocab(model), str(directory))
+    check_compatible(info, first.llama_spec, _model_padded_vocab(first), str(directory))
     from megatron_sega.checkpoint.manager import safe_loading  # (manager imports this module)
 
-    wanted = model.sharded_state_dict()
-    with safe_loading():  # checkpoints from elsewhere: metadata types only, no arbitrary objects
+    wanted = sharded_model_state(model)
+    with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))
-    # A training checkpoint also holds optimizer state: keep the model's entries only.
-    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+    load_model_state(model, wanted, state)
     return info
 
 
@@ -358,7 +380,7 @@ def load_streaming(skeleton, directory: str | Path, names: list[str]) -> dict[st
             targets[f"{name}/{j}"] = target
     from megatron_sega.checkpoint.manager import safe_loading
 
-    with safe_loading():
+    with safe_loading(directory):
         loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
     for key, target in targets.items():
         value = loaded.pop(key)

@@ -24,6 +24,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
+from megatron_sega.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 OverlongPolicy = Literal["truncate_prompt_left", "drop"]
@@ -164,7 +166,10 @@ class GlobalBatchIterator(Generic[T]):
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = None,
+        name: str = "global_batch_size",
     ) -> None:
+        # ``name``: the option that sets the global batch size (e.g. 'sft.global_batch_size'),
+        # so that a too-small dataset is reported in the user's terms.
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if global_batch_size < 1 or global_batch_size % dp_size:
@@ -173,9 +178,9 @@ class GlobalBatchIterator(Generic[T]):
                 f"data-parallel size ({dp_size})"
             )
         if len(dataset) < global_batch_size:
-            raise ValueError(
-                f"the dataset has {len(dataset)} examples, fewer than one global batch "
-                f"({global_batch_size}); lower the global batch size or add data"
+            raise DataError(
+                f"the dataset has {len(dataset)} usable examples, fewer than one global batch "
+                f"({name} = {global_batch_size}); lower {name} or add data"
             )
         self.dataset = dataset
         self.global_batch_size = global_batch_size

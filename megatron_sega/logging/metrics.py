@@ -1,7 +1,9 @@
 """Where step metrics go: a JSONL file, TensorBoard, optionally W&B, and a progress bar.
 
-Only the rank that owns the metrics writes (the caller passes ``enabled``); every sink is
-flushed each step so a crash loses nothing already logged.
+Only the rank that owns the metrics writes (the caller passes ``enabled``). The JSONL file gets
+every step (the complete record, flushed each step so a crash loses nothing already logged);
+TensorBoard, W&B and the progress bar's figures get every ``interval``-th step
+(``logging.interval``) and the last one logged before ``close``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_sega.errors import ConfigError
 from megatron_sega.models.spec import LlamaSpec
 
 
@@ -55,9 +58,12 @@ def mfu(spec: LlamaSpec, seq_len: int, tokens: float, seconds: float, world_size
 class MetricsLogger:
     def __init__(self, directory: Optional[str], *, enabled: bool = True, tensorboard: bool = True,
                  jsonl: bool = True, wandb: bool = False, progress_total: Optional[int] = None,
-                 progress: bool = True, name: str = "train", run_config: Optional[dict] = None):
+                 progress: bool = True, name: str = "train", run_config: Optional[dict] = None,
+                 interval: int = 1):
         self.enabled = enabled
         self.name = name
+        self.interval = max(int(interval), 1)
+        self._unsent: Optional[tuple] = None  # the last step the interval skipped
         self._jsonl = None
         self._tb = None
         self._wandb = None
@@ -78,8 +84,12 @@ class MetricsLogger:
                 except ImportError:
                     print("note: tensorboard is not installed; TensorBoard logging is off")
             if wandb:
-                import wandb as wandb_module  # optional dependency, asked for explicitly
-
+                try:
+                    import wandb as wandb_module  # optional dependency, asked for explicitly
+                except ImportError:
+                    raise ConfigError("logging.wandb = true but the wandb package is not "
+                                      "installed; pip install wandb, or set logging.wandb=false"
+                                      ) from None
                 self._wandb = wandb_module.init(project="megatron-sega", name=name,
                                                 config=run_config or {}, dir=str(path))
         if progress and progress_total:
@@ -95,6 +105,15 @@ class MetricsLogger:
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
+        if step % self.interval == 0:
+            self._send(step, clean, progress_keys)
+            self._unsent = None
+        else:
+            self._unsent = (step, clean, progress_keys)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _send(self, step: int, clean: dict, progress_keys: tuple[str, ...]) -> None:
         if self._tb:
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -106,9 +125,11 @@ class MetricsLogger:
             shown = {k: f"{clean[k]:.4g}" for k in progress_keys
                      if isinstance(clean.get(k), (int, float))}
             self._bar.set_postfix(shown, refresh=False)
-            self._bar.update(1)
 
     def close(self) -> None:
+        if self.enabled and self._unsent is not None:  # the last step reaches every sink
+            self._send(*self._unsent)
+            self._unsent = None
         if self._bar is not None:
             self._bar.close()
         if self._jsonl:

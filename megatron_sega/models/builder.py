@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_sega.models.spec import LlamaSpec, RopeScaling
-from megatron_sega.runtime import Runtime
+from megatron_sega.models.spec import LlamaSpec, ModelConfigError, RopeScaling
+from megatron_sega.runtime import Runtime, have_transformer_engine
 
 
 def unwrap_model(model):
@@ -19,12 +20,37 @@ def unwrap_model(model):
     return model
 
 
-def have_transformer_engine() -> bool:
+def wrap_mixed_precision(model):
+    """Megatron's ``Float16Module`` around a bf16/fp16 model, as Megatron builds it on GPU:
+    every parameter (norm weights included) in the model dtype, float inputs cast on the first
+    stage, logits upcast to fp32 on the last. An fp32 model is returned as it is."""
+    config = model.config
+    if not (config.bf16 or config.fp16):
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(config, model)
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model):
+    """Run ``model`` without sequence parallelism for the duration (the sampler: a decode step
+    has one position, which TP ranks cannot split). Megatron's and TE's layers read their own
+    ``sequence_parallel`` attribute at forward time, the embedding and the block the config's."""
+    config = model.config
+    if not config.sequence_parallel:
+        yield
+        return
+    switched = [m for m in model.modules() if getattr(m, "sequence_parallel", False) is True]
+    for module in switched:
+        module.sequence_parallel = False
+    config.sequence_parallel = False
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails at import
-        return False
-    return True
+        yield
+    finally:
+        config.sequence_parallel = True
+        for module in switched:
+            module.sequence_parallel = True
 
 
 def transformer_config(
@@ -43,6 +69,12 @@ def transformer_config(
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
+    if runtime.vpp is not None:
+        # The interleaved schedule sends and receives in both directions at once; at pp=2 both
+        # peers are the same rank, and batched p2p would pair a gradient with an activation
+        # (seen on gloo: wrong losses at pp=2 x vpp=2). Megatron's unbatched p2p keeps the two
+        # directions in two process groups; overlapping it with compute is Megatron-LM's default.
+        extra.update(batch_p2p_comm=False, overlap_p2p_comm=True)
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -96,8 +128,14 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torc
     return torch.where(medium, blended, scaled)
 
 
+def uses_transformer_engine(attention: str = "auto") -> bool:
+    """The TE layer spec is used for ``model.attention: auto`` when TE imports; 'sdpa' and
+    'local' always build the local spec."""
+    return attention == "auto" and have_transformer_engine()
+
+
 def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
-    """TE layer spec when transformer_engine imports, else the local spec.
+    """TE layer spec for ``attention='auto'`` when transformer_engine imports, else the local spec.
 
     ``attention``: 'auto' | 'local' | 'sdpa'. Without TE, 'auto' swaps the local spec's core
     attention for PyTorch SDPA (flash / memory-efficient kernels on GPU; on CPU it is also faster
@@ -108,16 +146,19 @@ def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if use_te is None:
-        use_te = have_transformer_engine()
-    if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     from megatron_sega.models.sdpa import CachedRotarySelfAttention, SDPAttention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # Decoding: keys enter the KV cache already rotated (see CachedRotarySelfAttention).
+    if use_te is None:
+        use_te = uses_transformer_engine(attention)
+    if use_te:
+        # (megatron-core 0.19 takes no 'normalization' here: TE's norms read config.normalization)
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Decoding: keys enter the KV cache already rotated (see CachedRotarySelfAttention; it only
+    # changes what SelfAttention caches, so it applies to TE's spec too: GPU only, not verified).
     spec.submodules.self_attention.module = CachedRotarySelfAttention
-    if attention in ("sdpa", "auto"):
+    if not use_te and attention in ("sdpa", "auto"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
@@ -132,13 +173,30 @@ def build_model(
     sequence_parallel: bool = False,
     recompute: bool = False,
     vocab_multiple: int = 128,
+    vp_stage: Optional[int] = None,
 ):
     """The ``GPTModel`` chunk of this rank's pipeline stage, on ``runtime.device``.
 
     The embedding is built on the first stage, the output layer on the last; the vocabulary is
-    padded (see ``LlamaSpec.padded_vocab_size``) and the true size stays in ``spec``."""
+    padded (see ``LlamaSpec.padded_vocab_size``) and the true size stays in ``spec``. With
+    virtual pipelining (``runtime.vpp``) this is model chunk ``vp_stage`` of this rank: its
+    layers, and with them its embedding/output layer, come from Megatron's interleaved
+    assignment (:func:`build_model_chunks` builds them all)."""
     from megatron.core.models.gpt import GPTModel
 
+    if (runtime.vpp is None) != (vp_stage is None):
+        raise ValueError(f"vp_stage={vp_stage} does not fit parallel.vpp={runtime.vpp}: pass "
+                         "vp_stage in range(vpp) exactly when virtual pipelining is on")
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == runtime.vpp - 1
+
+    if use_te is None:
+        use_te = uses_transformer_engine(attention)
+    if sequence_parallel and not use_te:
+        raise ModelConfigError(
+            f"parallel.sequence_parallel needs Transformer Engine's layers (Megatron's torch norms "
+            f"refuse it), but model.attention={attention} builds the local layers; set "
+            f"model.attention=auto with Transformer Engine installed, or sequence_parallel=false")
     config = transformer_config(spec, runtime, dtype=dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute)
     model = GPTModel(
@@ -146,16 +204,26 @@ def build_model(
         transformer_layer_spec=layer_spec(use_te, attention),
         vocab_size=spec.padded_vocab_size(runtime.tp, vocab_multiple),
         max_sequence_length=spec.max_position_embeddings,
-        pre_process=runtime.is_first_stage,
-        post_process=runtime.is_last_stage,
+        pre_process=runtime.is_first_stage and first_chunk,
+        post_process=runtime.is_last_stage and last_chunk,
         parallel_output=True,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta),
         rope_scaling=False,
+        vp_stage=vp_stage,
     )
     if spec.rope_scaling is not None:
         rope = model.rotary_pos_emb
         rope.inv_freq = llama3_scaled_inv_freq(rope.inv_freq, spec.rope_scaling)
     model.llama_spec = spec
+    model.uses_transformer_engine = use_te
     return model.to(runtime.device)
+
+
+def build_model_chunks(spec: LlamaSpec, runtime: Runtime, **kwargs) -> list:
+    """This rank's model chunks in pipeline order: one ``GPTModel``, or ``runtime.vpp`` of them
+    under virtual pipelining (chunk ``i`` holds Megatron's virtual stage ``i`` of this rank)."""
+    if runtime.vpp is None:
+        return [build_model(spec, runtime, **kwargs)]
+    return [build_model(spec, runtime, vp_stage=i, **kwargs) for i in range(runtime.vpp)]

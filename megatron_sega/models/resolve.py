@@ -19,9 +19,10 @@ def checkpoint_spec(directory: str | Path) -> Optional[LlamaSpec]:
 
 def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
     """The model spec of a run. A checkpoint's own metadata wins; a preset may be resized to its
-    tokenizer ('tiny' only; a real preset must match its tokenizer exactly)."""
+    tokenizer ('tiny' only). A tokenizer larger than the model is an error; a smaller one is
+    allowed (models pad their vocabulary): the session scores the tokenizer's ids only."""
     model = config.model
-    spec = None
+    spec, from_preset = None, False
     if model.load:
         if not Path(model.load).exists():
             raise ModelConfigError(f"model.load = {model.load} does not exist; convert a HF model "
@@ -32,9 +33,9 @@ def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
     if spec is None:
         if not model.preset:
             raise ModelConfigError("no model given: set model.preset, model.hf_config or model.load")
-        spec = preset(model.preset)
+        spec, from_preset = preset(model.preset), True
     if tokenizer_vocab is not None and tokenizer_vocab != spec.vocab_size:
-        if model.preset == "tiny" and not model.load:
+        if from_preset and model.preset == "tiny":
             spec = spec.replace(vocab_size=tokenizer_vocab)
         elif tokenizer_vocab > spec.vocab_size:
             raise ModelConfigError(

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-
-class ModelConfigError(ValueError):
-    """A model preset or ``config.json`` this project cannot build."""
+from megatron_sega.errors import ModelConfigError
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class LlamaSpec:
     ffn_hidden_size: int
     num_attention_heads: int
     num_query_groups: int
-    vocab_size: int  # the tokenizer's true vocabulary; padding columns are never scored
+    vocab_size: int  # the model's rows before TP padding; >= the tokenizer's (Session.vocab_size)
     max_position_embeddings: int
     rope_theta: float = 10000.0
     rope_scaling: Optional[RopeScaling] = None

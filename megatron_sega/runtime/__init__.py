@@ -3,7 +3,9 @@
 from megatron_sega.runtime.distributed import (
     ParallelConfigError,
     Runtime,
+    any_rank,
     choose_device,
+    have_transformer_engine,
     launch_info,
     setup,
     teardown,
@@ -13,7 +15,9 @@ from megatron_sega.runtime.distributed import (
 __all__ = [
     "ParallelConfigError",
     "Runtime",
+    "any_rank",
     "choose_device",
+    "have_transformer_engine",
     "launch_info",
     "setup",
     "teardown",

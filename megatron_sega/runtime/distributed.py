@@ -18,11 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sega.errors import ParallelConfigError
 from megatron_sega.runtime import cpu_bridge
-
-
-class ParallelConfigError(ValueError):
-    """Parallel sizes that cannot work with the world size or the model shape."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,7 @@ def validate_parallel_sizes(
     vpp: Optional[int] = None,
     sequence_parallel: bool = False,
     on_gpu: bool = True,
+    transformer_engine: bool = True,
 ) -> int:
     """Check TP/PP against the world size and the model; return the data-parallel size.
 
@@ -100,9 +98,10 @@ def validate_parallel_sizes(
             f"choose a pipeline size that divides the number of layers"
         )
     if vpp is not None:
-        if not on_gpu:
+        if not isinstance(vpp, int) or vpp < 2:
             raise ParallelConfigError(
-                "parallel.vpp (virtual pipeline) is supported on GPU only; unset it for CPU runs"
+                f"parallel.vpp must be an integer >= 2 (model chunks per pipeline stage), got "
+                f"{vpp!r}; unset it for no virtual pipelining"
             )
         if pp < 2:
             raise ParallelConfigError(
@@ -112,9 +111,23 @@ def validate_parallel_sizes(
         raise ParallelConfigError(
             "parallel.sequence_parallel is supported on GPU only; set it to false for CPU runs"
         )
+    if sequence_parallel and not transformer_engine:
+        raise ParallelConfigError(
+            "parallel.sequence_parallel needs Transformer Engine (Megatron's torch norms refuse "
+            "it), which is not installed; install it (pip install -e .[gpu]) or set it to false"
+        )
     if sequence_parallel and tp == 1:
         raise ParallelConfigError("parallel.sequence_parallel needs tp > 1; set it to false")
     return world_size // (tp * pp)
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine imports here."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails at import
+        return False
+    return True
 
 
 def _env_int(*names: str) -> Optional[int]:
@@ -140,11 +153,12 @@ def choose_device(device: Optional[str] = None) -> str:
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "device 'cuda' was requested but no GPU is visible; use device 'cpu' or 'auto'"
+        raise ParallelConfigError(
+            "parallel.device = cuda but no GPU is visible on this machine; set "
+            "parallel.device=cpu (or auto), or run where a GPU is visible"
         )
     if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        raise ParallelConfigError(f"parallel.device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     return device
 
 
@@ -197,7 +211,7 @@ def setup(
     validate_parallel_sizes(
         tp, pp, world, num_layers=num_layers, num_attention_heads=num_attention_heads,
         num_query_groups=num_query_groups, vpp=vpp, sequence_parallel=sequence_parallel,
-        on_gpu=device == "cuda",
+        on_gpu=device == "cuda", transformer_engine=have_transformer_engine(),
     )
     if device == "cpu":
         cpu_bridge.apply()
@@ -241,3 +255,15 @@ def teardown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device, group: Optional[dist.ProcessGroup] = None) -> bool:
+    """True on every rank of ``group`` (default: the world) when ``flag`` is True on any of them.
+
+    A decision that changes which collectives a rank runs next (skipping a step) must be taken
+    by all ranks together, or the ranks that went on wait forever for the ones that did not."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item() > 0)

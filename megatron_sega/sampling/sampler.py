@@ -35,19 +35,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega import ops
-from megatron_sega.models.builder import unwrap_model
+from megatron_sega.errors import SamplerMemoryError
+from megatron_sega.models.builder import sequence_parallel_off, unwrap_model
 from megatron_sega.runtime import Runtime
 from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported
+from megatron_sega.sampling.pipeline import pipeline_forward
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
 
 # Fraction of free memory the KV cache may use when no explicit budget is given.
 _MEMORY_FRACTION = 0.5
 # Compact the batch when at least this fraction of its rows has finished.
 _COMPACT_FRACTION = 0.25
-
-
-class SamplerMemoryError(RuntimeError):
-    """A generation request that cannot fit the configured memory."""
 
 
 @dataclass
@@ -114,7 +112,8 @@ def _last_position_logits(model):
 
 
 class Sampler:
-    """Generate from a (DDP-wrapped or bare) Megatron GPTModel stage."""
+    """Generate from a (DDP-wrapped or bare) Megatron GPTModel stage, or from this rank's list
+    of model chunks under virtual pipelining."""
 
     def __init__(
         self,
@@ -128,7 +127,9 @@ class Sampler:
         bucket_by_length: bool = False,
         lean: Optional[bool] = None,
     ):
-        self.model = unwrap_model(model)
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        self.chunks = [unwrap_model(m) for m in chunks]
+        self.model = self.chunks[-1]  # the chunk that holds the output layer on the last stage
         self.rt = runtime
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -139,18 +140,19 @@ class Sampler:
         config = self.model.config
         self.hidden_size = config.hidden_size
         self.dtype = config.params_dtype
-        self.layers_here = len(self.model.decoder.layers)
+        self.layers_here = sum(len(c.decoder.layers) for c in self.chunks)
         kv_per_tp = config.num_query_groups // runtime.tp * config.kv_channels
         self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
-        self._prev_rank, self._next_rank, self._last_rank = self._pp_ranks()
+        self._last_rank = self._last_pp_rank()
         self.stats = SamplerStats()
-        # The forward of every step: the lean one where the layer spec allows (decode/py),
+        # The forward of each chunk: the lean one where the layer spec allows (decode.py),
         # else Megatron-Core's own. ``lean``: None = when supported, True = required.
-        reason = lean_unsupported(self.model) if lean is not False else "lean=False"
+        reasons = [lean_unsupported(c) for c in self.chunks] if lean is not False else ["lean=False"]
+        reason = next((r for r in reasons if r), None)
         if lean and reason:
             raise ValueError(f"Sampler(lean=True): the lean forward cannot run this model ({reason})")
-        self.forward = MegatronForward(self.model) if reason else \
-            LeanForward(self.model, runtime.tp_group)
+        self.forwards = [MegatronForward(c) if reason else LeanForward(c, runtime.tp_group)
+                         for c in self.chunks]
 
     # ----------------------------------------------------------------------------- planning
     def _budget(self) -> int:
@@ -227,45 +229,37 @@ class Sampler:
         ids = list(range(len(prompts))) if sample_ids is None else list(sample_ids)
         plan = self._plan([len(p) for p in prompts], params.max_new_tokens)
         was_training = self.model.training
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             parts, order = [], []
-            with _last_position_logits(self.model):
+            # Decoding feeds one position per step: TP ranks cannot split it (GPU only, not
+            # yet verified: sequence parallelism needs Transformer Engine).
+            with _last_position_logits(self.model), sequence_parallel_off(self.model):
                 for rows in plan:
                     parts.append(self._generate_batch([list(prompts[i]) for i in rows],
                                                       [ids[i] for i in rows], params, decode))
                     order.extend(rows)
         finally:
-            self.model.train(was_training)
+            for chunk in self.chunks:
+                chunk.train(was_training)
         merged = Rollout.concat(parts, self.pad_id)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return _select(merged, inverse)
 
     # ----------------------------------------------------------------------------- internals
-    def _pp_ranks(self) -> tuple[Optional[int], Optional[int], int]:
-        """Global ranks of the previous, next and last pipeline stages (None: no such stage)."""
+    def _last_pp_rank(self) -> int:
+        """Global rank of the last pipeline stage (which samples)."""
         if self.rt.pp == 1:
-            return None, None, self.rt.rank
-        group = self.rt.pp_group
-        prev_rank = None if self.rt.is_first_stage else dist.get_global_rank(group, self.rt.pp_rank - 1)
-        next_rank = None if self.rt.is_last_stage else dist.get_global_rank(group, self.rt.pp_rank + 1)
-        return prev_rank, next_rank, dist.get_global_rank(group, self.rt.pp - 1)
+            return self.rt.rank
+        return dist.get_global_rank(self.rt.pp_group, self.rt.pp - 1)
 
     def _forward(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        """One pipeline pass of the next positions ``tokens [B, s]``; returns the last-position
-        logits shard [B, V/TP] on the last stage."""
-        hidden = None
-        if self._prev_rank is not None:
-            batch, seq = tokens.shape
-            hidden = torch.empty(seq, batch, self.hidden_size, dtype=self.dtype,
-                                 device=self.rt.device)
-            dist.recv(hidden, src=self._prev_rank)
-        out = self.forward(tokens, hidden)
-        if self._next_rank is not None:
-            dist.send(out.contiguous(), dst=self._next_rank)
-            return None
-        return out
+        """One pass of the next positions ``tokens [B, s]`` through every chunk of the
+        pipeline; returns the last-position logits shard [B, V/TP] on the last stage."""
+        return pipeline_forward(self.forwards, self.rt, tokens, hidden_size=self.hidden_size,
+                                dtype=self.dtype)
 
     def _generate_batch(self, prompts: list[list[int]], ids: list[int], params: SamplingParams,
                         decode) -> Rollout:
@@ -282,7 +276,9 @@ class Sampler:
             tokens[row, prompt_len - len(p):] = torch.tensor(p, dtype=torch.long)
             is_pad[row, : prompt_len - len(p)] = True
         state = _DecodeState(batch, params, ids, device, decode)
-        self.forward.start(is_pad.to(device), total)
+        is_pad = is_pad.to(device)
+        for forward in self.forwards:
+            forward.start(is_pad, total)
         logits = self._forward(tokens.to(device))
         stats.prefill_s += time.perf_counter() - start
         active = list(range(batch))  # batch rows still in the KV cache (host)
@@ -303,7 +299,7 @@ class Sampler:
             if sum(row in finished for row in active) >= _COMPACT_FRACTION * len(active):
                 keep = [i for i, row in enumerate(active) if row not in finished]
                 index = _device_index(keep, device)
-                _compact(self.forward, index)
+                _compact(self.forwards, index)
                 active = [active[i] for i in keep]
                 active_t, new_tokens = active_t[index], new_tokens[index]
             t2 = time.perf_counter()
@@ -322,18 +318,30 @@ class Sampler:
             params = state.params
             counts = ops.SampleStats()
             # One pass over the logits: the token, both log-probs and the untempered entropy.
-            drawn = ops.sample(
-                logits, start, self.vocab_size, tp_group, temperature=params.temperature,
-                top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active], step=step,
-                stats=counts)
+            try:
+                drawn = ops.sample(
+                    logits, start, self.vocab_size, tp_group, temperature=params.temperature,
+                    top_k=params.top_k, top_p=params.top_p, seed=state.noise_keys[active],
+                    step=step, stats=counts)
+            except ops.NonFiniteLogitsError:
+                if self.rt.pp == 1:  # every rank of the replica raised together
+                    raise
+                # The other stages wait in the broadcast: send them -1 (stop), then raise.
+                self._broadcast_from_last(torch.full((len(active),), -1, dtype=torch.long,
+                                                     device=self.rt.device))
+                raise
             self.stats.sampled_rows += counts.rows
             self.stats.fallback_rows += counts.fallback_rows
             token = drawn.tokens
             state.stats[:, active, step] = torch.stack(
                 [drawn.logp_untempered, drawn.logp_sampling, drawn.entropy])
-        else:
-            token = torch.empty(len(active), dtype=torch.long, device=self.rt.device)
-        return self._broadcast_from_last(token)
+            return self._broadcast_from_last(token)
+        token = self._broadcast_from_last(
+            torch.empty(len(active), dtype=torch.long, device=self.rt.device))
+        if bool(token[0] < 0):  # this stage's one host read of the step
+            raise ops.NonFiniteLogitsError("the last pipeline stage met NaN or Inf logits while "
+                                           "sampling")
+        return token
 
     def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.rt.pp == 1:
@@ -343,9 +351,10 @@ class Sampler:
         return tensor
 
 
-def _compact(forward, keep: torch.Tensor) -> None:
-    """Drop finished rows from the KV cache (``keep``: the rows to keep, an index)."""
-    forward.compact(keep)
+def _compact(forwards: list, keep: torch.Tensor) -> None:
+    """Drop finished rows from every chunk's KV cache (``keep``: the rows to keep, an index)."""
+    for forward in forwards:
+        forward.compact(keep)
 
 
 def _device_index(values: list[int], device: torch.device) -> torch.Tensor:

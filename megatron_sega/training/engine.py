@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_sega.config import OptimConfig
-from megatron_sega.models.builder import build_model
+from megatron_sega.models.builder import build_model_chunks, wrap_mixed_precision
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime
 
@@ -33,11 +33,11 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
 
 def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32, *,
                          use_distributed_optimizer: bool = True, **kwargs):
-    """This stage's model wrapped in Megatron DDP (grads in fp32 buffers), as a 1-chunk list."""
+    """This stage's model chunks (one, or ``runtime.vpp`` under virtual pipelining), each
+    wrapped as Megatron does on GPU: ``Float16Module`` when bf16 (see ``wrap_mixed_precision``),
+    then DDP (grads in fp32 buffers)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model(spec, runtime, dtype=dtype, **kwargs)
-    model.config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -45,8 +45,14 @@ def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32,
         check_for_nan_in_grad=False,
         average_in_collective=False,
     )
-    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    return [wrapped]
+    wrapped = []
+    for i, model in enumerate(build_model_chunks(spec, runtime, dtype=dtype, **kwargs)):
+        model = wrap_mixed_precision(model)
+        model.config.calculate_per_token_loss = True
+        # As Megatron's own get_model: only the first chunk's buffer is split into buckets.
+        wrapped.append(DistributedDataParallel(config=model.config, ddp_config=ddp_config,
+                                               module=model, disable_bucketing=i > 0))
+    return wrapped
 
 
 def build_optimizer(model_chunks: list, optim: OptimConfig, *, total_steps: int,
@@ -87,22 +93,37 @@ def build_optimizer(model_chunks: list, optim: OptimConfig, *, total_steps: int,
         wd_incr_style="constant",
     )
     for chunk in model_chunks:
-        _wire_config(chunk)
+        _wire_config(chunk, model_chunks)
     return optimizer, scheduler
 
 
-def _wire_config(chunk) -> None:
+def _wire_config(chunk, model_chunks: list) -> None:
     from megatron.core.distributed import finalize_model_grads
 
     config = chunk.config
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = chunk.no_sync
+    # The interleaved schedule reads the first chunk's config and wants one no_sync per chunk.
+    config.no_sync_func = (chunk.no_sync if len(model_chunks) == 1
+                           else [c.no_sync for c in model_chunks])
     config.grad_sync_func = None
 
 
 def _unit_count(runtime: Runtime, first: bool, device) -> torch.Tensor:
     value = 1 if (first and runtime.dp_rank == 0) else 0
     return torch.tensor(value, dtype=torch.int, device=device)
+
+
+def check_microbatch_count(count: int, pp: int, vpp: Optional[int], what: str) -> None:
+    """Megatron's interleaved schedule (virtual pipelining) runs the microbatches in groups of
+    ``pp`` per model chunk: their number must be a multiple of ``pp``. ``what`` names the
+    options that set it."""
+    if vpp is not None and count % pp != 0:
+        from megatron_sega.runtime import ParallelConfigError
+
+        raise ParallelConfigError(
+            f"{what} gives {count} microbatches per rank, not a multiple of pp({pp}), which "
+            f"parallel.vpp={vpp} (the interleaved schedule) needs; change the batch or micro "
+            "batch size, or unset parallel.vpp")
 
 
 def forward_backward(
@@ -113,7 +134,8 @@ def forward_backward(
     *,
     forward_only: bool = False,
 ) -> list[dict]:
-    """Run Megatron's schedule (no pipelining, or 1F1B for PP > 1) over this rank's microbatches.
+    """Run Megatron's schedule (no pipelining, 1F1B for PP > 1, interleaved 1F1B over the model
+    chunks under virtual pipelining) over this rank's microbatches.
 
     Each microbatch is a dict with ``tokens`` [b, s] (plus whatever ``loss_fn`` reads); all
     microbatches of a step share one shape (the pipeline sends fixed-size activations).
@@ -122,19 +144,28 @@ def forward_backward(
 
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
+    seq = microbatches[0]["tokens"].shape[1]
+    if model_chunks[0].config.sequence_parallel:  # TP ranks split the sequence: pad it
+        microbatches = [_pad_positions(mb, seq, (-seq) % runtime.tp) for mb in microbatches]
+    n_real = len(microbatches)
+    if len(model_chunks) > 1 and forward_only and n_real % runtime.pp:
+        # A forward pass may repeat a microbatch to fill the interleaved schedule's groups; its
+        # outputs are dropped below. (Training steps are sized by the config instead.)
+        microbatches = microbatches + [microbatches[-1]] * (-n_real % runtime.pp)
+    if len(model_chunks) > 1:
+        check_microbatch_count(len(microbatches), runtime.pp, runtime.vpp, "this step")
     batch, seq_len = microbatches[0]["tokens"].shape
     device = runtime.device
     mask = causal_mask(seq_len, device)
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
-    counter = iter(range(len(microbatches)))
 
     def loss_wrapper(microbatch: dict, first: bool, logits: torch.Tensor):
         loss, metrics = loss_fn(logits, microbatch)
         return loss, _unit_count(runtime, first, device), metrics
 
     def forward_step(data_iterator, model):
-        microbatch = next(data_iterator)
-        index = next(counter)
+        # Every chunk walks the microbatches in order; only the last one computes the loss.
+        index, microbatch = next(data_iterator)
         tokens = microbatch["tokens"].to(device)
         output = model(tokens, position_ids, mask)
         return output, partial(loss_wrapper, microbatch, index == 0)
@@ -146,15 +177,35 @@ def forward_backward(
             # would then accumulate into it *and* DDP's hook would add it again (double grads).
             for param in chunk.parameters():
                 param.grad = None
-    return get_forward_backward_func()(
+    data = [iter(enumerate(microbatches)) for _ in model_chunks]
+    outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
+        data_iterator=data if len(model_chunks) > 1 else data[0],
         model=model_chunks,
         num_microbatches=len(microbatches),
         seq_length=seq_len,
         micro_batch_size=batch,
         forward_only=forward_only,
     )
+    outputs = outputs[:n_real]
+    if seq_len != seq:  # per-position metrics back to the caller's length
+        outputs = [_pad_positions(out, seq_len, seq - seq_len) for out in outputs]
+    return outputs
+
+
+def _pad_positions(values: dict, seq: int, extra: int) -> dict:
+    """``values`` with every tensor of positions (dim 1 of size ``seq``) zero-padded by ``extra``
+    positions at the end (or cut, when ``extra < 0``). Right padding with a zero loss mask
+    changes nothing at the real positions under causal attention."""
+    if extra == 0:
+        return values
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq:
+            value = (torch.nn.functional.pad(value, (0, 0) * (value.dim() - 2) + (0, extra))
+                     if extra > 0 else value[:, :seq + extra])
+        out[key] = value
+    return out
 
 
 def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:

@@ -1,7 +1,8 @@
 """Preference accuracy with the implicit reward ``r(q, a) = beta * log pi(a|q)`` (METHOD.md).
 
 A pair is correct when ``r(q, chosen) > r(q, rejected)`` with log-probs summed over the response
-tokens (beta does not change the winner). Also reported: the length-normalised variant
+tokens and the end-of-turn token that closes them, as SFT and SEGA train on it (beta does not
+change the winner). Also reported: the length-normalised variant
 (mean token log-prob) and, with a reference model, ``beta * (log pi - log pi_ref)``.
 Pairs are sharded over data-parallel ranks; the per-pair records are gathered on rank 0.
 """
@@ -21,17 +22,19 @@ from megatron_sega.data import (
 from megatron_sega.training.teacher_forced import token_stats
 
 
-def load_eval_pairs(session, path: str) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs for evaluation (template ``data.template``)."""
+def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
+    """Read, validate and tokenise preference pairs (template ``data.template``); each response
+    ends with the template's end-of-turn token as its last target, as in training (SFT, SEGA and
+    DPO score it too)."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
-    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=False)
+    tokenized = tokenize_pairs(pairs, session.formatter, append_eos=append_eos)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:
-        session.print(f"eval data {path}: {overlong}")
+        session.print(f"{'train' if append_eos else 'eval'} data {path}: {overlong}")
     return kept
 
 
@@ -41,7 +44,7 @@ def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> 
     for start in range(0, len(pairs), micro):
         part = collate_pairs(pairs[start:start + micro], session.tokenizer.pad_id)
         both = part.concat()
-        stats = token_stats(chunks, session.runtime, both, session.spec.vocab_size,
+        stats = token_stats(chunks, session.runtime, both, session.vocab_size,
                             micro_batch_size=min(2 * micro, both.tokens.shape[0]))
         logp = stats["logp"].double().sum(dim=1)
         count = both.loss_mask.sum(dim=1).double()
@@ -114,10 +117,12 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 
 def run_eval(config, args) -> int:
     """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
-    from megatron_sega.training.session import announce, open_session
+    from megatron_sega.config import ConfigError
+    from megatron_sega.training.session import announce, open_session, preflight
 
     if not config.data.eval:
-        raise FileNotFoundError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+        raise ConfigError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "eval")
     session = open_session(config, train=False)
     announce(session, "eval")
     pairs = load_eval_pairs(session, config.data.eval)
@@ -135,16 +140,24 @@ def run_eval(config, args) -> int:
     return 0
 
 
-def load_reference(session, path: str) -> list:
-    """A frozen copy of the model loaded from ``path`` (same layout as the policy)."""
+def load_reference(session, path: Optional[str] = None) -> list:
+    """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
+    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
     from megatron_sega.models.resolve import resolve_checkpoint_dir
 
-    model = build_model(session.spec, session.runtime, dtype=session.dtype,
-                        attention=session.config.model.attention)
-    model.config.calculate_per_token_loss = True
-    load_model_checkpoint(model, resolve_checkpoint_dir(path))
-    for p in model.parameters():
+    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
+                                attention=session.config.model.attention)
+    if path is None:
+        for model, policy in zip(chunks, session.chunks):
+            model.load_state_dict(unwrap_model(policy).state_dict(), strict=True)
+    else:
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
+    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
+    chunks = [wrap_mixed_precision(model) for model in chunks]
+    for model in chunks:
+        model.config.calculate_per_token_loss = True
+    for p in (p for model in chunks for p in model.parameters()):
         p.requires_grad_(False)
-    return [model]
+    return chunks

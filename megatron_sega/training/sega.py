@@ -20,15 +20,20 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
+from megatron_sega.config import ConfigError
 from megatron_sega.data import (
-    Batch, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
+    Batch, DataError, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
 )
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, sega_loss, top_bottom_pairs, trim_outliers,
 )
-from megatron_sega.training.engine import forward_backward, optimizer_step
-from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
+from megatron_sega.runtime import any_rank
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, dp_sum, open_session, preflight,
+)
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
@@ -94,38 +99,59 @@ def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> 
 def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
                           per_token: dict[str, torch.Tensor]) -> list[dict]:
     """Microbatches of the step's batch with per-row advantages and label-aligned per-token
-    tensors. Rows are padded to a multiple of the micro batch size with zero-weight copies."""
-    mbs = session.config.sega.micro_batch_size
-    n = batch.tokens.shape[0]
+    tensors (padding rows: zero advantage and loss mask)."""
     rows = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
             "advantage": adv.float(), **per_token}
-    pad = (-n) % mbs
-    if pad:
-        rows = {k: torch.cat([v, torch.zeros_like(v[:pad])]) if k != "tokens"
-                else torch.cat([v, v[:pad]]) for k, v in rows.items()}
-    total = n + pad
-    return [{k: v[i:i + mbs] for k, v in rows.items()} for i in range(0, total, mbs)]
+    return split_microbatches(rows, session.config.sega.micro_batch_size)
+
+
+def check_sega_microbatches(config, dp: int) -> None:
+    """Refuse an update split that the pipeline schedule cannot run (see check_microbatch_count);
+    the rows of a step are padded up to whole microbatches (training_microbatches)."""
+    cfg = config.sega
+    rows = cfg.prompts_per_step // dp * cfg.k
+    check_microbatch_count(
+        -(-rows // cfg.micro_batch_size), config.parallel.pp, config.parallel.vpp,
+        f"sega.prompts_per_step({cfg.prompts_per_step}) / dp({dp}) * sega.k({cfg.k}) / "
+        f"sega.micro_batch_size({cfg.micro_batch_size}), rounded up,")
 
 
 def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bool,
                  normalization: str | None = None):
+    """The SEGA loss of one microbatch. With ``use_old`` the microbatch carries ``old_logp``
+    (the trainer's log-probs of the first update, see :func:`sega_step`) and the loss is the
+    clipped surrogate. Besides the loss metrics it returns the per-token ``logp`` and
+    ``ratio_dev_sum`` (the sum of |ratio - 1| over response tokens)."""
     cfg = session.config.sega
     normalization = normalization or cfg.normalization
 
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, session.spec.vocab_size, group)
         mask = mb["loss_mask"].to(logits.device) > 0
+        try:
+            logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
+        except ops.NonFiniteLogitsError:
+            # Raised on every TP rank together. A NaN loss still connected to the graph keeps the
+            # pipeline's schedule (and its backward) the same as on the other ranks; the step is
+            # then skipped by all ranks together (sega_step).
+            nan = logits.sum() * float("nan")
+            return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
+                                                                            dtype=torch.float32),
+                         "ratio_dev_sum": nan.detach(),
+                         "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
+                         "num_tokens": mask.sum().float()}
+        old = mb["old_logp"].to(logits.device) if use_old else None
         loss, metrics = sega_loss(
             logp, mask, mb["advantage"].to(logits.device), normalization=normalization,
             normaliser=normaliser,
             ref_logp_tokens=mb["ref_logp"].to(logits.device) if use_ref else None,
-            kl_coef=cfg.kl_coef,
-            old_logp_tokens=mb["old_logp"].to(logits.device) if use_old else None,
-            clip_eps=cfg.clip_eps or 0.2)
+            kl_coef=cfg.kl_coef, old_logp_tokens=old, clip_eps=cfg.clip_eps or 0.2)
         metrics = {k: v.detach() for k, v in metrics.items()}
         metrics["loss_sum"] = loss.detach()
+        metrics["logp"] = logp.detach().float()
+        metrics["ratio_dev_sum"] = (torch.where(mask, (logp.detach() - old).exp() - 1, 0.0)
+                                    .abs().sum() if old is not None else logits.new_zeros(()))
         return loss, metrics
 
     return loss_fn
@@ -136,89 +162,146 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
     cfg, rt = session.config.sega, session.runtime
     k = cfg.k
     timer = {"t0": time.time()}
-    # 1. sample: row g*k + j is candidate j of prompt g; ids are unique across steps and layouts.
-    rows = [ex.prompt_ids for ex in prompts for _ in range(k)]
-    ids = [((step * 1_000_003 + g) * k + j) for g in global_index for j in range(k)]
-    rollout = sampler.generate(rows, sampling_params(session), ids, session.tokenizer.decode)
-    timer["sample"] = time.time()
-    # 2-3. score, filter, advantages.
-    scored = score_rollout(session, rollout, k)
-    timer["score"] = time.time()
-    # 4. batch; the old log-probs are the sampler's untempered ones (ratio 1 on the first update).
-    batch = rollout_batch(session, rollout)
-    per_token = {"old_logp": at_label_positions(batch, rollout, rollout.logp)}
-    if reference is not None:
-        per_token["ref_logp"] = token_stats(reference, rt, batch, session.spec.vocab_size,
-                                            micro_batch_size=cfg.micro_batch_size)["logp"]
+    try:
+        # 1. sample: row g*k + j is candidate j of prompt g; ids are unique across steps/layouts.
+        rows = [ex.prompt_ids for ex in prompts for _ in range(k)]
+        ids = [((step * 1_000_003 + g) * k + j) for g in global_index for j in range(k)]
+        rollout = sampler.generate(rows, sampling_params(session), ids, session.tokenizer.decode)
+        timer["sample"] = time.time()
+        # 2-3. score, filter, advantages.
+        scored = score_rollout(session, rollout, k)
+        timer["score"] = time.time()
+        # 4. batch (the old log-probs of a reused rollout come from the first update, below).
+        batch = rollout_batch(session, rollout)
+        per_token = {}
+        if reference is not None:
+            per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
+                                                micro_batch_size=cfg.micro_batch_size)["logp"]
+        failure = None
+    except ops.NonFiniteLogitsError as err:  # raised on every rank of this replica together
+        failure = err
+    # Any rank's non-finite logits skip the step on all ranks at once (a replica that skipped
+    # alone would wait in other collectives than the rest).
+    if any_rank(failure is not None, rt.device):
+        session.print(f"step {step + 1}: non-finite logits in sampling or in the reference; "
+                      f"step skipped on all ranks{f' ({failure})' if failure else ''}")
+        return {"loss": float("nan"), "skipped_update": True}
     micro = training_microbatches(session, batch, scored.advantage, per_token)
     tokens_here = float(rollout.response_mask.sum())
     n_groups, n_tokens = dp_all_reduce([len(prompts), tokens_here], session)
     normaliser = n_groups if cfg.normalization == "sequence_sum" else max(n_tokens, 1.0)
-    # 5. update(s).
+    # 5. update(s). A reused rollout (clip_eps > 0) is clipped against the trainer's own
+    # teacher-forced log-probs of the first update, taken at the weights that sampled it: the
+    # sampler's KV-cached values differ from them in bf16, and the ratio would not start at 1.
+    reuse = cfg.updates_per_rollout > 1 and cfg.clip_eps > 0
     results = []
     for update in range(cfg.updates_per_rollout):
-        loss_fn = sega_loss_fn(session, normaliser, use_old=update > 0 and cfg.clip_eps > 0,
+        loss_fn = sega_loss_fn(session, normaliser, use_old=update > 0 and reuse,
                                use_ref=reference is not None)
         outputs = forward_backward(session.chunks, rt, micro, loss_fn)
-        loss = sum(float(o["loss_sum"]) for o in outputs) if outputs else 0.0
-        loss, = dp_all_reduce([loss], session)
-        loss_t = torch.tensor([loss], device=rt.device)
-        if rt.pp > 1:  # the loss lives on the last stage; every stage must agree to skip
-            torch.distributed.broadcast(
-                loss_t, src=torch.distributed.get_global_rank(rt.pp_group, rt.pp - 1),
-                group=rt.pp_group)
-        if not math.isfinite(float(loss_t)):
-            results.append({"loss": float("nan"), "skipped": True})
-            continue
-        results.append({"loss": float(loss_t), **optimizer_step(session.optimizer,
-                                                                 session.scheduler)})
+        if update == 0 and reuse:
+            for mb, out in zip(micro, outputs):  # outputs exist on the last stage only
+                mb["old_logp"] = out["logp"][:, :mb["tokens"].shape[1]]
+        loss, = dp_all_reduce([sum(float(o["loss_sum"]) for o in outputs)], session)
+        sums = _update_sums(outputs)  # reduced with the step's other statistics
+        # The losses live on the last stage: agree over the world before anyone skips.
+        if any_rank(not math.isfinite(loss), rt.device):
+            results.append({"loss": float("nan"), "skipped": True, "sums": sums})
+            break
+        results.append({"loss": loss, "sums": sums,
+                        **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
-    return _metrics(session, rollout, scored, results, timer, n_tokens)
+    return _metrics(session, rollout, scored, batch, results, timer)
 
 
-def _metrics(session, rollout: Rollout, scored: Scored, results: list[dict], timer: dict,
-             global_tokens: float) -> dict:
+def _update_sums(outputs: list[dict]) -> dict[str, float]:
+    """Token sums of one update's loss metrics on this rank (the last stage holds them)."""
+    tokens = [float(o["num_tokens"]) for o in outputs]
+    return {"update_tokens": sum(tokens),
+            "kl_sum": sum(float(o["kl_mean"]) * n for o, n in zip(outputs, tokens)),
+            "clipped_tokens": sum(float(o["clip_fraction"]) * n for o, n in zip(outputs, tokens)),
+            "ratio_dev_sum": sum(float(o.get("ratio_dev_sum", 0.0)) for o in outputs)}
+
+
+def step_sums(rollout: Rollout, scored: Scored, batch: Batch) -> dict[str, float]:
+    """This rank's additive statistics of a step, by name (summed over DP by the caller)."""
     valid = scored.valid
-    n_valid = max(int(valid.sum()), 1)
-    local = [
-        float(scored.score[valid].sum()), float((scored.score[valid] ** 2).sum()),
-        float(scored.h_final[valid].sum()), float(scored.fork[valid].sum()), float(valid.sum()),
-        float(rollout.lengths.float().sum()), float(rollout.num_samples),
-        float((~scored.group_used).sum()), float(len(scored.group_used)),
-        float(scored.advantage.abs().sum()), float((scored.advantage ** 2).sum()),
-        float(sum(r == "length" for r in rollout.finish_reason)),
-        float((rollout.lengths == 0).sum() + (rollout.content_mask.sum(1) == 0).sum()),
-        float(scored.reward[valid].sum()),
-    ]
-    s = dp_all_reduce(local, session)
-    n_valid = max(s[4], 1.0)
-    mean = s[0] / n_valid
+    k = rollout.num_samples // max(len(scored.group_used), 1)
+    # The candidates whose advantage enters the loss: valid members of used groups.
+    active = valid & scored.group_used.repeat_interleave(k)
+    adv = scored.advantage.double()[active]
+    empty = (rollout.lengths == 0) | (rollout.content_mask.sum(1) == 0)
+    return {
+        "samples": float(rollout.num_samples),
+        "valid": float(valid.sum()),
+        "score_sum": float(scored.score[valid].sum()),
+        "score_sq_sum": float((scored.score[valid] ** 2).sum()),
+        "h_final_sum": float(scored.h_final[valid].sum()),
+        "fork_sum": float(scored.fork[valid].sum()),
+        "reward_sum": float(scored.reward[valid].sum()),
+        "active": float(active.sum()),
+        "advantage_sum": float(adv.sum()),
+        "advantage_abs_sum": float(adv.abs().sum()),
+        "advantage_sq_sum": float((adv ** 2).sum()),
+        "length_sum": float(rollout.lengths.float().sum()),
+        "groups": float(len(scored.group_used)),
+        "groups_skipped": float((~scored.group_used).sum()),
+        "truncated": float(sum(r == "length" for r in rollout.finish_reason)),
+        "empty": float(empty.sum()),
+        "response_tokens": float(rollout.response_mask.sum()),
+        # What the update trains on: prompt + response tokens, in sequences this wide.
+        "train_tokens": float(batch.lengths.sum()),
+        "seq_len_sum": float(batch.tokens.shape[1]),
+        "ranks": 1.0,
+    }
+
+
+def step_metrics(s: dict[str, float]) -> dict[str, float]:
+    """The logged statistics from DP-summed :func:`step_sums` (and the last update's sums)."""
+    n, n_valid, n_active = max(s["samples"], 1.0), max(s["valid"], 1.0), max(s["active"], 1.0)
+    score_mean = s["score_sum"] / n_valid
+    adv_mean = s["advantage_sum"] / n_active  # 0 up to rounding: advantages are group-centred
+    return {
+        "score_mean": score_mean,
+        "score_std": math.sqrt(max(s["score_sq_sum"] / n_valid - score_mean ** 2, 0.0)),
+        "h_final_mean": s["h_final_sum"] / n_valid,
+        "fork_entropy_mean": s["fork_sum"] / n_valid,
+        "reward_mean": s["reward_sum"] / n_valid,
+        # Over the candidates in the update (skipped groups and invalid members have A = 0).
+        "advantage_abs_mean": s["advantage_abs_sum"] / n_active,
+        "advantage_std": math.sqrt(max(s["advantage_sq_sum"] / n_active - adv_mean ** 2, 0.0)),
+        "response_length_mean": s["length_sum"] / n,
+        "valid_fraction": s["valid"] / n,
+        "groups_skipped_fraction": s["groups_skipped"] / max(s["groups"], 1.0),
+        "truncated_fraction": s["truncated"] / n,
+        "empty_responses": s["empty"],
+        "seq_len": s["seq_len_sum"] / max(s["ranks"], 1.0),
+        "kl_mean": s.get("kl_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+        "clip_fraction": s.get("clipped_tokens", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+        # On a reused rollout: mean |ratio - 1| per response token (0 without reuse).
+        "ratio_abs_dev": s.get("ratio_dev_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
+    }
+
+
+def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: list[dict],
+             timer: dict) -> dict:
     last = results[-1]
+    s = dp_sum({**step_sums(rollout, scored, batch), **last["sums"]}, session)
     elapsed = timer["train"] - timer["t0"]
+    train_time = timer["train"] - timer["score"]
     return {
         "loss": last.get("loss"),
-        "score_mean": mean,
-        "score_std": math.sqrt(max(s[1] / n_valid - mean ** 2, 0.0)),
-        "h_final_mean": s[2] / n_valid,
-        "fork_entropy_mean": s[3] / n_valid,
-        "reward_mean": s[13] / n_valid,
-        "advantage_abs_mean": s[9] / max(s[6], 1.0),
-        "advantage_std": math.sqrt(s[10] / max(s[6], 1.0)),
-        "response_length_mean": s[5] / max(s[6], 1.0),
-        "valid_fraction": s[4] / max(s[6], 1.0),
-        "groups_skipped_fraction": s[7] / max(s[8], 1.0),
-        "truncated_fraction": s[11] / max(s[6], 1.0),
-        "empty_responses": s[12],
+        **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped", False)),
         "time_sample": timer["sample"] - timer["t0"],
         "time_score": timer["score"] - timer["sample"],
-        "time_train": timer["train"] - timer["score"],
-        "tokens_per_s": global_tokens / max(elapsed, 1e-9),
-        # Training FLOPs only (the update's forward/backward over the response tokens).
-        "mfu": mfu(session.spec, int(rollout.response_ids.shape[1]), global_tokens,
-                   timer["train"] - timer["score"], session.runtime.world_size),
+        "time_train": train_time,
+        "tokens_per_s": s["response_tokens"] / max(elapsed, 1e-9),
+        # Training FLOPs only: forward/backward over prompt + response tokens, per update.
+        "mfu": mfu(session.spec, int(round(s["seq_len_sum"] / s["ranks"])),
+                   s["train_tokens"] * len(results), train_time, session.runtime.world_size),
     }
 
 
@@ -251,18 +334,21 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
         session.print(f"{path}: dropped {len(prompts) - len(kept)} prompts longer than "
                       f"data.max_seq_len - sampling.max_new_tokens = {limit} tokens")
     if not kept:
-        raise FileNotFoundError(f"{path}: no prompt fits data.max_seq_len={data.max_seq_len} with "
-                                f"sampling.max_new_tokens={session.config.sampling.max_new_tokens}")
+        shortest = min(len(p.prompt_ids) for p in prompts) if prompts else 0
+        raise DataError(f"{path}: no prompt fits data.max_seq_len({data.max_seq_len}) - "
+                        f"sampling.max_new_tokens({session.config.sampling.max_new_tokens}) = "
+                        f"{limit} tokens (the shortest has {shortest}); raise data.max_seq_len "
+                        f"or lower sampling.max_new_tokens")
     return kept
 
 
 def make_sampler(session: Session) -> Sampler:
-    from megatron_sega.models.builder import have_transformer_engine
+    from megatron_sega.models.builder import unwrap_model
 
-    return Sampler(session.model, session.runtime, session.spec.vocab_size,
+    return Sampler(session.chunks, session.runtime, session.vocab_size,
                    session.tokenizer.pad_id,
                    max_batch_tokens=session.config.sampling.max_batch_tokens,
-                   bucket_by_length=have_transformer_engine())
+                   bucket_by_length=unwrap_model(session.model).uses_transformer_engine)
 
 
 def run_sega(config, args) -> int:
@@ -272,16 +358,26 @@ def run_sega(config, args) -> int:
     from megatron_sega.training.evaluate import load_reference
 
     if not config.data.train:
-        raise FileNotFoundError("sega needs data.train (prompts; chosen/rejected are not used)")
+        raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
+    preflight(config, "sega")
     cfg = config.sega
+    if cfg.k < 2:
+        from megatron_sega.config import ConfigError
+
+        raise ConfigError(f"sega.k = {cfg.k}: SEGA needs k >= 2 candidates per prompt "
+                          "(group-mean advantages need a group); set sega.k=4")
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
     announce(session, "sega")
     rt = session.runtime
+    check_sega_microbatches(config, rt.dp)
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
-                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed)
-    reference = load_reference(session, cfg.reference) if cfg.reference else None
+                                   dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,
+                                   name="sega.prompts_per_step")
+    # Before any resume: without sega.reference, the KL's reference is the starting weights.
+    use_reference = cfg.kl_coef > 0 or cfg.reference is not None
+    reference = load_reference(session, cfg.reference) if use_reference else None
     ckpt = CheckpointManager(session, config.checkpoint, stage="sega")
     start = ckpt.resume(iterator)
     sampler = make_sampler(session)
@@ -289,21 +385,14 @@ def run_sega(config, args) -> int:
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sega",
                            progress_total=cfg.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), interval=config.logging.interval)
     bad_in_a_row, step = 0, start
     batches = iter(iterator)
     for step in range(start, cfg.steps):
         index = next(batches)
-        try:
-            metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step,
-                                reference)
-        except ops.NonFiniteLogitsError as err:
-            if rt.pp > 1:  # the other stages cannot know; torchrun stops them when this exits
-                raise
-            # Every rank of the replica raised together (the ops agree over TP); the weights
-            # are broken, so this counts as a bad step and the run stops after max_bad_steps.
-            session.print(f"step {step + 1}: {err}")
-            metrics = {"loss": float("nan"), "skipped_update": True}
+        # A non-finite step is skipped by every rank together (sega_step), so this counter is
+        # the same on all ranks and they stop at the same step.
+        metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step, reference)
         bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
         metrics["bad_steps_in_a_row"] = bad_in_a_row
         logger.log(step + 1, metrics, progress_keys=("loss", "score_mean"))

@@ -8,11 +8,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sega.config import Config, torch_dtype
+from megatron_sega.config import Config, ConfigError, check_stages, torch_dtype
 from megatron_sega.data import PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR
 from megatron_sega.models.resolve import resolve_checkpoint_dir, resolve_spec
 from megatron_sega.models.spec import LlamaSpec
-from megatron_sega.runtime import Runtime, choose_device, setup
+from megatron_sega.runtime import Runtime, choose_device, launch_info, setup, validate_parallel_sizes
 from megatron_sega.training.engine import build_optimizer, build_training_model
 
 # Layout-independent random init (identical weights at every TP/PP) holds the full model once;
@@ -37,6 +37,13 @@ class Session:
         return self.chunks[0]
 
     @property
+    def vocab_size(self) -> int:
+        """The true vocabulary: the ids the tokenizer can produce. Entropies, log-probs and
+        sampling run over these columns only; the model's rows beyond them (a model vocabulary
+        larger than its tokenizer's, which no token reaches) and the TP padding never enter."""
+        return min(self.spec.vocab_size, self.tokenizer.vocab_size)
+
+    @property
     def is_metrics_rank(self) -> bool:
         """The rank that holds the DP-reduced metrics: last stage, TP rank 0, DP rank 0."""
         rt = self.runtime
@@ -58,7 +65,7 @@ def load_tokenizer(config: Config) -> Tokenizer:
         path = str(candidate) if candidate.is_dir() else None
     if path is None:
         if config.model.preset != "tiny":
-            raise FileNotFoundError(
+            raise ConfigError(
                 "no tokenizer: set model.tokenizer to a directory with tokenizer.json or "
                 "tokenizer.model (a converted checkpoint carries one in its 'tokenizer' subdir)")
         path = str(TINY_TOKENIZER_DIR)
@@ -71,11 +78,28 @@ def _random_init(chunks: list, spec: LlamaSpec, runtime: Runtime, seed: int) -> 
     padded = spec.padded_vocab_size(runtime.tp)
     n_params = sum(torch.Size(s).numel() for s in full_shapes(spec, padded).values())
     if n_params > _MAX_RANDOM_INIT_PARAMS:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"a {n_params / 1e9:.1f}B-parameter model cannot start from random weights here; "
             "convert a HF checkpoint with tools/convert.py and set model.load")
     full = random_full_state_dict(spec, padded, seed=seed, std=spec.init_std)
-    load_full_state_dict(chunks[0].module, full, runtime.tp, runtime.tp_rank)
+    load_full_state_dict(chunks, full, runtime.tp, runtime.tp_rank)
+
+
+def preflight(config: Config, *stages: str) -> int:
+    """What a run can check before it builds anything: the parallel sizes against this launch's
+    world size, the cross-section rules of its ``stages`` (``config.check_stages``), the device
+    and the optional packages the config asks for. Returns the data-parallel size."""
+    import importlib.util
+
+    world = dist.get_world_size() if dist.is_initialized() else launch_info()[1]
+    par = config.parallel
+    dp = validate_parallel_sizes(par.tp, par.pp, world)
+    check_stages(config, dp, stages)
+    choose_device(par.device)
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb = true but the wandb package is not installed; "
+                          "pip install wandb, or set logging.wandb=false")
+    return dp
 
 
 def open_session(config: Config, *, train: bool, total_steps: int = 1,
@@ -90,6 +114,10 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
                     sequence_parallel=par.sequence_parallel, num_layers=spec.num_layers,
                     num_attention_heads=spec.num_attention_heads,
                     num_query_groups=spec.num_query_groups, seed=config.model.init_seed)
+    if tokenizer.vocab_size < spec.vocab_size and runtime.rank == 0:
+        print(f"note: the model has {spec.vocab_size} vocabulary rows but the tokenizer "
+              f"{tokenizer.vocab_size} tokens; rows {tokenizer.vocab_size}..{spec.vocab_size - 1} "
+              "are unreachable and are left out of entropies, log-probs and sampling", flush=True)
     dtype = torch_dtype(config, device)
     chunks = build_training_model(spec, runtime, dtype, attention=config.model.attention,
                                   use_distributed_optimizer=par.distributed_optimizer,
@@ -97,7 +125,7 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     if config.model.load:
         from megatron_sega.checkpoint.mcore import load_model_checkpoint
 
-        load_model_checkpoint(chunks[0], resolve_checkpoint_dir(config.model.load))
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
         _random_init(chunks, spec, runtime, config.model.init_seed)
     session = Session(config, runtime, spec, tokenizer,
@@ -130,3 +158,10 @@ def dp_all_reduce(values: list[float], session: Session) -> list[float]:
     if session.runtime.dp > 1:
         dist.all_reduce(t, group=session.runtime.dp_group)
     return t.tolist()
+
+
+def dp_sum(values: dict[str, float], session: Session) -> dict[str, float]:
+    """Sum named scalars over the data-parallel group: one collective over the sorted keys
+    (every rank passes the same names), float64."""
+    keys = sorted(values)
+    return dict(zip(keys, dp_all_reduce([float(values[k]) for k in keys], session)))

@@ -12,9 +12,13 @@ import time
 import torch
 
 from megatron_sega import ops
+from megatron_sega.config import ConfigError
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
-from megatron_sega.training.engine import forward_backward, optimizer_step
-from megatron_sega.training.session import Session, announce, dp_all_reduce, open_session
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, open_session, preflight,
+)
 from megatron_sega.training.teacher_forced import vocab_shard_info
 
 
@@ -33,15 +37,19 @@ def sft_loss_fn(vocab_size: int, global_tokens: float, runtime):
     return loss_fn
 
 
-def split_microbatches(batch, micro_batch_size: int) -> list[dict]:
-    n = batch.tokens.shape[0]
-    if n % micro_batch_size:
-        raise ValueError(f"per-rank batch {n} is not a multiple of micro_batch_size "
-                         f"{micro_batch_size}; adjust sft.global_batch_size / sft.micro_batch_size")
-    return [{"tokens": batch.tokens[i:i + micro_batch_size],
-             "labels": batch.labels[i:i + micro_batch_size],
-             "loss_mask": batch.loss_mask[i:i + micro_batch_size]}
-            for i in range(0, n, micro_batch_size)]
+def sft_microbatches(batch, micro_batch_size: int) -> list[dict]:
+    """The batch's rows in microbatches; padding rows have a zero loss mask."""
+    return split_microbatches({"tokens": batch.tokens, "labels": batch.labels,
+                               "loss_mask": batch.loss_mask}, micro_batch_size)
+
+
+def check_sft_microbatches(config, dp: int) -> None:
+    """Refuse a batch split that the pipeline schedule cannot run (see check_microbatch_count)."""
+    sft = config.sft
+    check_microbatch_count(
+        -(-(sft.global_batch_size // dp) // sft.micro_batch_size), config.parallel.pp,
+        config.parallel.vpp, f"sft.global_batch_size({sft.global_batch_size}) / dp({dp}) / "
+        f"sft.micro_batch_size({sft.micro_batch_size})")
 
 
 def load_sft_examples(session: Session, path: str):
@@ -62,9 +70,9 @@ def sft_step(session: Session, shard) -> dict:
     sft = session.config.sft
     batch = collate(shard, session.tokenizer.pad_id)
     global_tokens, = dp_all_reduce([float(batch.loss_mask.sum())], session)
-    loss_fn = sft_loss_fn(session.spec.vocab_size, max(global_tokens, 1.0), session.runtime)
+    loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
     outputs = forward_backward(session.chunks, session.runtime,
-                               split_microbatches(batch, sft.micro_batch_size), loss_fn)
+                               sft_microbatches(batch, sft.micro_batch_size), loss_fn)
     step = optimizer_step(session.optimizer, session.scheduler)
     nll = sum(float(o["nll_sum"]) for o in outputs)
     nll, = dp_all_reduce([nll], session)
@@ -79,14 +87,17 @@ def run_sft(config, args) -> int:
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
     if not config.data.train:
-        raise FileNotFoundError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+        raise ConfigError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "sft")
     sft = config.sft
     session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
     announce(session, "sft")
     rt = session.runtime
+    check_sft_microbatches(config, rt.dp)
     examples = load_sft_examples(session, config.data.train)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
-                                   dp_size=rt.dp, seed=config.data.seed)
+                                   dp_size=rt.dp, seed=config.data.seed,
+                                   name="sft.global_batch_size")
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
     ckpt = CheckpointManager(session, config.checkpoint, stage="sft")
     start = ckpt.resume(iterator)
@@ -94,7 +105,7 @@ def run_sft(config, args) -> int:
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sft",
                            progress_total=sft.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), interval=config.logging.interval)
     batches = iter(iterator)
     for step in range(start, sft.steps):
         t0 = time.time()

@@ -7,12 +7,13 @@ the tests that check the sampler's statistics against a plain forward pass.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_sega import ops
 from megatron_sega.data import Batch
 from megatron_sega.runtime import Runtime
+from megatron_sega.runtime.stages import broadcast_from_last_stage
 from megatron_sega.training.engine import forward_backward
+from megatron_sega.training.microbatch import split_microbatches
 
 
 def vocab_shard_info(logits: torch.Tensor, runtime: Runtime):
@@ -28,20 +29,16 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
 
     Returned on every rank of the model-parallel group (broadcast from the last stage)."""
     mask = batch.loss_mask
-    batch = {"tokens": batch.tokens, "labels": batch.labels}
-    n, seq = batch["tokens"].shape
-    micro = []
-    for start in range(0, n, micro_batch_size):
-        part = {k: v[start:start + micro_batch_size] for k, v in batch.items()}
-        short = micro_batch_size - part["tokens"].shape[0]
-        if short:  # the pipeline needs equal microbatch shapes
-            part = {k: torch.cat([v, v[:1].expand(short, *v.shape[1:])]) for k, v in part.items()}
-        micro.append(part)
+    n, seq = batch.tokens.shape
+    micro = split_microbatches({"tokens": batch.tokens, "labels": batch.labels}, micro_batch_size)
 
     def loss_fn(logits, mb):
         start, group = vocab_shard_info(logits, runtime)
         labels = mb["labels"].to(logits.device)
-        logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        try:
+            logp, entropy = ops.log_probs_and_entropy(logits, labels, start, vocab_size, group)
+        except ops.NonFiniteLogitsError:  # raised below on every stage at once, not mid-pipeline
+            logp = entropy = torch.full(labels.shape, float("nan"), device=logits.device)
         return logits.new_zeros(()), {"logp": logp.detach(), "entropy": entropy.detach()}
 
     for chunk in model_chunks:
@@ -56,8 +53,8 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
     if runtime.is_last_stage:
         stats[0] = torch.cat([o["logp"] for o in outputs]).float()
         stats[1] = torch.cat([o["entropy"] for o in outputs]).float()
-    if runtime.pp > 1:
-        last = dist.get_global_rank(runtime.pp_group, runtime.pp - 1)
-        dist.broadcast(stats, src=last, group=runtime.pp_group)
-    stats = stats[:, :n].cpu() * mask.float()
+    stats = broadcast_from_last_stage(stats, runtime)[:, :n, :seq].cpu()
+    if torch.isnan(stats).any():  # the same on every rank of the model-parallel group
+        raise ops.NonFiniteLogitsError("NaN or Inf logits in a teacher-forced forward pass")
+    stats = stats * mask.float()
     return {"logp": stats[0], "entropy": stats[1]}

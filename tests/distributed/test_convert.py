@@ -1,12 +1,13 @@
 """HF <-> Megatron conversion end to end: logit parity with transformers at TP/PP 1/1, 2/1, 1/2,
-2/2; resharding (a checkpoint saved by a TP=2/PP=2 model loads at TP=1/PP=1); and the round trip
-HF -> torch_dist -> TP=2/PP=2 model -> torch_dist -> HF, bit-exact.
+2/2 and TP/PP/VPP 2/2/2 (two model chunks per stage); resharding (a checkpoint saved by
+TP=2/PP=2/VPP=2 model chunks loads at TP=1/PP=1 and at PP=2 without VPP); and the round trip
+HF -> torch_dist -> TP=2/PP=2/VPP=2 model -> torch_dist -> HF, bit-exact.
 
 Reference: transformers ``LlamaForCausalLM`` (fp32, eager attention) on the same tokens. The
 vocab-parallel logits are gathered over TP here, in the test only, and cut to the true vocab.
 
-Four spawns: convert + TP1/PP1 (1 process) -> TP2/PP2 + re-save (4) -> TP2/PP1, TP1/PP2 (2)
--> export the re-saved checkpoint + load it at TP1/PP1 (1)."""
+Four spawns: convert + TP1/PP1 (1 process) -> TP2/PP2, TP2/PP2/VPP2 + re-save (4) -> TP2/PP1,
+TP1/PP2, the re-saved one at TP1/PP2 (2) -> export the re-saved checkpoint + load it at TP1/PP1 (1)."""
 
 from __future__ import annotations
 
@@ -83,12 +84,13 @@ def _logits(spec, rt, ckpt_dir: str) -> torch.Tensor | None:
     import torch.distributed as dist
 
     from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model_chunks
     from megatron_sega.training.engine import forward_backward
 
-    model = build_model(spec, rt)
-    load_model_checkpoint(model, ckpt_dir)
-    model.eval()
+    chunks = build_model_chunks(spec, rt)
+    load_model_checkpoint(chunks, ckpt_dir)
+    for chunk in chunks:
+        chunk.eval()
     stash = []
 
     def loss_fn(logits, microbatch):
@@ -98,24 +100,26 @@ def _logits(spec, rt, ckpt_dir: str) -> torch.Tensor | None:
         return logits.sum() * 0.0, {}
 
     with torch.no_grad():
-        forward_backward([model], rt, [{"tokens": _tokens(spec.vocab_size)}], loss_fn,
+        forward_backward(chunks, rt, [{"tokens": _tokens(spec.vocab_size)}], loss_fn,
                          forward_only=True)
     return stash[0] if stash and rt.tp_rank == 0 else None
 
 
 def _layouts(root: str, layouts: list, source: str = "mcore") -> dict:
-    """Logits of every model at every (tp, pp) in ``layouts``, keyed 'name@tp,pp'."""
+    """Logits of every model at every (tp, pp[, vpp]) in ``layouts``, keyed 'name@tp,pp[,vpp]'
+    (prefixed 'source:' unless the source is the converted checkpoint)."""
     from megatron_sega import runtime
     from megatron_sega.checkpoint.mcore import read_info
 
     out = {}
-    for tp, pp in layouts:
-        rt = runtime.setup(tp, pp)
+    for layout in layouts:
+        rt = runtime.setup(*layout[:2], vpp=layout[2] if len(layout) > 2 else None)
         for name in CONFIGS:
             ckpt = f"{root}/{name}/{source}"
             logits = _logits(read_info(ckpt).spec, rt, ckpt)
             if logits is not None:
-                out[f"{name}@{tp},{pp}"] = logits
+                prefix = "" if source == "mcore" else f"{source}:"
+                out[f"{prefix}{name}@{','.join(map(str, layout))}"] = logits
     return out
 
 
@@ -128,19 +132,24 @@ def _convert_and_run_tp1pp1(root: str) -> dict:
 
 
 def _run_tp2pp2_and_resave(root: str) -> dict:
+    """Logits at TP2/PP2 and TP2/PP2/VPP2; the VPP model chunks re-save the checkpoint."""
     from megatron_sega import runtime
     from megatron_sega.checkpoint.mcore import load_model_checkpoint, save_model_checkpoint
-    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.builder import build_model_chunks
     from megatron_sega.checkpoint.mcore import read_info
 
-    out = _layouts(root, [(2, 2)])
-    rt = runtime.setup(2, 2)
+    out = _layouts(root, [(2, 2), (2, 2, 2)])
+    rt = runtime.setup(2, 2, vpp=2)
     for name in CONFIGS:
         info = read_info(f"{root}/{name}/mcore")
-        model = build_model(info.spec, rt)
-        load_model_checkpoint(model, f"{root}/{name}/mcore")
-        save_model_checkpoint(model, f"{root}/{name}/resaved", tokenizer_files=info.tokenizer_files)
+        chunks = build_model_chunks(info.spec, rt)
+        load_model_checkpoint(chunks, f"{root}/{name}/mcore")
+        save_model_checkpoint(chunks, f"{root}/{name}/resaved", tokenizer_files=info.tokenizer_files)
     return out
+
+
+def _two_process_layouts(root: str) -> dict:
+    return {**_layouts(root, [(2, 1), (1, 2)]), **_layouts(root, [(1, 2)], source="resaved")}
 
 
 def _export_resaved_and_run_tp1pp1(root: str) -> dict:
@@ -191,21 +200,24 @@ def test_conversion_end_to_end(hf_models):
     root, refs = hf_models
     logits = _merge(run_distributed(_convert_and_run_tp1pp1, 1, str(root)))
     logits.update(_merge(run_distributed(_run_tp2pp2_and_resave, 4, str(root))))
-    logits.update(_merge(run_distributed(_layouts, 2, str(root), [(2, 1), (1, 2)])))
+    logits.update(_merge(run_distributed(_two_process_layouts, 2, str(root))))
     resaved = _merge(run_distributed(_export_resaved_and_run_tp1pp1, 1, str(root)))
 
     # Logit parity with transformers at every layout.
     for name, ref in refs.items():
-        for layout in ("1,1", "2,1", "1,2", "2,2"):
+        for layout in ("1,1", "2,1", "1,2", "2,2", "2,2,2"):
             got = logits[f"{name}@{layout}"]
             assert got.shape == ref.shape, (name, layout)
             err = (got - ref).abs().max().item()
             assert err <= TOL, f"{name} at tp,pp={layout}: max abs logit diff {err:.3g}"
-        # A checkpoint written by TP=2/PP=2 ranks loads at TP=1/PP=1 with the same logits.
-        err = (resaved[f"{name}@1,1"] - logits[f"{name}@1,1"]).abs().max().item()
-        assert err <= 1e-5, f"{name}: re-saved TP2/PP2 checkpoint at TP1/PP1 differs by {err:.3g}"
+        # A checkpoint written by TP=2/PP=2/VPP=2 ranks loads at TP=1/PP=1 and at PP=2 without
+        # VPP with the same logits.
+        for layout, got in (("1,1", resaved["resaved:" + name + "@1,1"]),
+                            ("1,2", logits["resaved:" + name + "@1,2"])):
+            err = (got - logits[f"{name}@{layout}"]).abs().max().item()
+            assert err <= 1e-5, f"{name}: re-saved VPP checkpoint at tp,pp={layout}: {err:.3g}"
 
-    # Round trip HF -> Megatron (TP2/PP2 model) -> HF: every tensor bit-exact, the same config.
+    # Round trip HF -> Megatron (TP2/PP2/VPP2 chunks) -> HF: every tensor bit-exact, same config.
     for name in CONFIGS:
         original = _read_hf(root / name / "hf")
         for exported in ("hf_back", "hf_direct"):

@@ -1,4 +1,5 @@
-"""TP=2, PP=2, DP=2 and TP=2 x PP=2 against TP=PP=DP=1: same loss, gradients and Adam steps.
+"""TP=2, PP=2, DP=2, TP=2 x PP=2 and PP=2 x VPP=2 (the interleaved schedule over two model chunks
+per stage) against TP=PP=DP=1: same loss, gradients and Adam steps.
 
 Every layout starts from the same full weights, sees the same global batches and is compared on
 full (gathered) tensors in fp32."""
@@ -37,7 +38,8 @@ def _misplace_fc2_shards(model, full, tp, tp_rank) -> None:
                 param.copy_(tp_shard(key, full[key], tp, (tp_rank + 1) % tp))
 
 
-def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: bool = False) -> dict:
+def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: bool = False,
+                vpp: int | None = None) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_sega import runtime
@@ -48,10 +50,11 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
     )
 
     spec = _spec()
-    rt = runtime.setup(tp, pp)
+    rt = runtime.setup(tp, pp, vpp=vpp)
     chunks = build_training_model(spec, rt, use_distributed_optimizer=use_distributed_optimizer)
+    assert len(chunks) == (vpp or 1)
     full = random_full_state_dict(spec, spec.padded_vocab_size(tp), seed=0)
-    load_full_state_dict(chunks[0].module, full, rt.tp, rt.tp_rank)
+    load_full_state_dict(chunks, full, rt.tp, rt.tp_rank)
     if misplace:
         _misplace_fc2_shards(chunks[0].module, full, rt.tp, rt.tp_rank)
     optimizer, scheduler = build_optimizer(
@@ -77,10 +80,10 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
         torch.distributed.all_reduce(loss, group=rt.dp_group)
         if step == 0 and not use_distributed_optimizer:
             # (the distributed optimizer's buffers hold reduced grads only for this DP shard)
-            result["grads"] = gather_tp(chunks[0].module, rt.tp_group, "grad")
+            result["grads"] = gather_tp(chunks, rt.tp_group, "grad")
         optimizer_step(optimizer, scheduler)
         result["losses"].append(float(loss) if rt.is_last_stage else None)
-    result["params"] = gather_tp(chunks[0].module, rt.tp_group, "param")
+    result["params"] = gather_tp(chunks, rt.tp_group, "param")
     if rt.tp_rank != 0 or rt.dp_rank != 0:
         return {}
     return result
@@ -121,13 +124,15 @@ def _assert_close(got: dict, ref: dict, what: str, rel=1e-5):
 
 
 @pytest.mark.parametrize(
-    "world,tp,pp,distopt",
-    [(2, 2, 1, False), (2, 1, 2, False), (2, 1, 1, False), (2, 1, 1, True), (4, 2, 2, False),
-     (4, 2, 2, True)],
-    ids=["tp2", "pp2", "dp2", "dp2-distopt", "tp2xpp2", "tp2xpp2-distopt"],
+    "world,tp,pp,distopt,vpp",
+    [(2, 2, 1, False, None), (2, 1, 2, False, None), (2, 1, 1, False, None),
+     (2, 1, 1, True, None), (4, 2, 2, False, None), (4, 2, 2, True, None), (2, 1, 2, False, 2),
+     (4, 1, 2, True, 2)],
+    ids=["tp2", "pp2", "dp2", "dp2-distopt", "tp2xpp2", "tp2xpp2-distopt", "pp2xvpp2",
+         "pp2xvpp2xdp2-distopt"],
 )
-def test_layout_matches_single_process(reference, world, tp, pp, distopt):
-    got = _merge(run_distributed(_run_layout, world, tp, pp, distopt))
+def test_layout_matches_single_process(reference, world, tp, pp, distopt, vpp):
+    got = _merge(run_distributed(_run_layout, world, tp, pp, distopt, False, vpp))
     assert got["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     if not distopt:
         _assert_close(got["grads"], reference["grads"], "grad")

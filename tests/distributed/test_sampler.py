@@ -1,4 +1,5 @@
-"""The KV-cached sampler at TP=1, TP=2, PP=2 and TP=2 x PP=2 against references nobody here wrote.
+"""The KV-cached sampler at TP=1, TP=2, PP=2, PP=2 x VPP=2 and TP=2 x PP=2 against references nobody
+here wrote.
 
 The model is a tiny random ``transformers`` LlamaForCausalLM (GQA, vocab 500: not a multiple of
 the padding, so padded columns exist) converted with ``checkpoint.hf``: the same full weights at
@@ -13,7 +14,7 @@ every layout. References:
 - stops, stop strings, max_new_tokens, an empty response, KV-cache splits and finished-row
   compaction: the expectations derived from the uninterrupted greedy rollout.
 
-Two spawns: 2 processes (TP=1 as DP=2, then TP=2, then PP=2) and 4 processes (TP=2 x PP=2).
+Two spawns: 2 processes (TP=1 as DP=2, then TP=2, PP=2, PP=2 x VPP=2) and 4 processes (TP=2 x PP=2).
 """
 
 from __future__ import annotations
@@ -68,19 +69,19 @@ def results(hf_model, tmp_path_factory):
 # ------------------------------------------------------------------------------ child side
 
 
-def _load(path: str, config: dict, tp: int, pp: int):
+def _load(path: str, config: dict, tp: int, pp: int, vpp: int | None = None):
     from megatron_sega import runtime
     from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict
     from megatron_sega.checkpoint.layout import load_full_state_dict
     from megatron_sega.models.spec import from_hf_config
     from megatron_sega.training.engine import build_training_model
 
-    rt = runtime.setup(tp, pp)
+    rt = runtime.setup(tp, pp, vpp=vpp)
     spec = from_hf_config(config)
     chunks = build_training_model(spec, rt)
     full = hf_to_megatron_state_dict(torch.load(path, weights_only=True), spec,
                                      spec.padded_vocab_size(tp))
-    load_full_state_dict(chunks[0].module, full, rt.tp, rt.tp_rank)
+    load_full_state_dict(chunks, full, rt.tp, rt.tp_rank)
     return rt, chunks
 
 
@@ -147,7 +148,7 @@ def _layout_rollouts(sampler, chunks, rt) -> dict:
             temperature=0.0, max_new_tokens=NEW, stop_token_ids=tuple(_first_tokens(greedy.response_ids))))
     out = {"greedy": greedy, "sampled": sampled, "stopped": stopped}
     # The same through Megatron-Core's own forward (the lean one is the default here).
-    reference = Sampler(chunks[0], rt, VOCAB, PAD, lean=False)
+    reference = Sampler(chunks, rt, VOCAB, PAD, lean=False)
     result = {name: _as_dict(r) for name, r in out.items()}
     result["megatron_forward"] = {
         "greedy": _as_dict(reference.generate(PROMPTS, SamplingParams(temperature=0.0,
@@ -303,16 +304,17 @@ def _agreement_suite(path: str, config: dict) -> dict:
     return {"plan": plan, "greedy": _as_dict(rollout)}
 
 
-def _layout_suite(path: str, config: dict, tp: int, pp: int) -> dict:
+def _layout_suite(path: str, config: dict, tp: int, pp: int, vpp: int | None = None) -> dict:
     from megatron_sega.sampling import Sampler
 
-    rt, chunks = _load(path, config, tp, pp)
-    return _layout_rollouts(Sampler(chunks[0], rt, VOCAB, PAD), chunks, rt)
+    rt, chunks = _load(path, config, tp, pp, vpp)
+    return _layout_rollouts(Sampler(chunks, rt, VOCAB, PAD), chunks, rt)
 
 
 def _two_process_suite(path: str, config: dict) -> dict:
     return {"tp1": _tp1_suite(path, config), "tp2": _layout_suite(path, config, 2, 1),
-            "pp2": _layout_suite(path, config, 1, 2), "agreed": _agreement_suite(path, config)}
+            "pp2": _layout_suite(path, config, 1, 2),
+            "pp2vpp2": _layout_suite(path, config, 1, 2, 2), "agreed": _agreement_suite(path, config)}
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -416,7 +418,7 @@ def _check_layout(r: dict, what: str):
 def test_every_rank_agrees(results):
     """All ranks of a layout return the same rollout (the TP=1 replicas too)."""
     two, four = results["two"], results["four"]
-    for key in ("tp1", "tp2", "pp2"):
+    for key in ("tp1", "tp2", "pp2", "pp2vpp2"):
         for name in ("greedy", "sampled", "stopped"):
             _same_rollout(two[1][key][name], two[0][key][name], f"{key} rank 1 vs 0", tol=0.0)
     for rank in range(1, 4):
@@ -430,7 +432,7 @@ def test_greedy_equals_no_cache_recompute(results):
         assert tp1["greedy"]["response_ids"][i].tolist() == tokens, f"prompt {i}"
 
 
-@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2", "tp2pp2"])
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2", "pp2vpp2", "tp2pp2"])
 def test_layout(results, layout):
     """Statistics vs teacher forcing, masks, stops and compaction at every layout; tokens and
     statistics equal to TP=1 (greedy and seeded sampling)."""

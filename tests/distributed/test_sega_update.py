@@ -1,5 +1,5 @@
-"""From the same rollouts, one SEGA update at TP=2, PP=2 and DP=2 gives the same new weights as
-at TP=PP=DP=1 (fp32, CPU). The update goes through the real loop pieces: scoring of the rollout,
+"""From the same rollouts, one SEGA update at TP=2, PP=2, DP=2 and PP=2 x VPP=2 gives the same new
+weights as at TP=PP=DP=1 (fp32, CPU). The update goes through the real loop pieces: scoring of the rollout,
 advantages, microbatching, the SEGA loss through Megatron's schedule and the optimizer."""
 
 import pytest
@@ -43,7 +43,7 @@ def _rows(rollout, rows):
     return _select(rollout, torch.as_tensor(rows))
 
 
-def _sega_update(tp: int, pp: int) -> dict:
+def _sega_update(tp: int, pp: int, vpp: int | None = None) -> dict:
     """Gradients under both normalisations, then one optimizer step (sequence_sum)."""
     from megatron_sega.checkpoint.layout import gather_tp
     from megatron_sega.config import load_config
@@ -54,7 +54,8 @@ def _sega_update(tp: int, pp: int) -> dict:
     from megatron_sega.training.session import open_session
 
     config = load_config(None, [
-        f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.device=cpu", "optim.lr=1e-3",
+        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp or 'null'}",
+        "parallel.device=cpu", "optim.lr=1e-3",
         "optim.clip_grad=0.0", "optim.adam_eps=1e-4", f"sega.k={K}", "sega.micro_batch_size=2",
         "model.preset=tiny", "model.init_seed=5",
         # (the gradients are compared too: the non-distributed optimizer keeps them all-reduced)
@@ -69,14 +70,15 @@ def _sega_update(tp: int, pp: int) -> dict:
     batch = rollout_batch(session, mine)
     micro = training_microbatches(session, batch, scored.advantage,
                                   {"old_logp": at_label_positions(batch, mine, mine.logp)})
-    before = gather_tp(session.chunks[0].module, rt.tp_group, "param")
+    assert len(session.chunks) == (vpp or 1)
+    before = gather_tp(session.chunks, rt.tp_group, "param")
     grads = {}
     for norm in ("token_mean", "sequence_sum"):  # the last one's gradients feed the step
         normaliser = GROUPS if norm == "sequence_sum" else float(full.response_mask.sum())
         forward_backward(session.chunks, rt, micro, sega_loss_fn(session, normaliser, False, False, norm))
-        grads[norm] = gather_tp(session.chunks[0].module, rt.tp_group, "grad")
+        grads[norm] = gather_tp(session.chunks, rt.tp_group, "grad")
     optimizer_step(session.optimizer, session.scheduler)
-    after = gather_tp(session.chunks[0].module, rt.tp_group, "param")
+    after = gather_tp(session.chunks, rt.tp_group, "param")
     if rt.tp_rank != 0 or rt.dp_rank != 0:
         return {}
     return {"update": {k: after[k] - before[k] for k in after}, **grads}
@@ -95,10 +97,11 @@ def reference():
     return _merge(run_distributed(_sega_update, 1, 1, 1))
 
 
-@pytest.mark.parametrize("world,tp,pp", [(2, 2, 1), (2, 1, 2), (2, 1, 1)],
-                         ids=["tp2", "pp2", "dp2"])
-def test_sega_update_matches_single_process(reference, world, tp, pp):
-    got_all = _merge(run_distributed(_sega_update, world, tp, pp))
+@pytest.mark.parametrize("world,tp,pp,vpp", [(2, 2, 1, None), (2, 1, 2, None), (2, 1, 1, None),
+                                             (2, 1, 2, 2)],
+                         ids=["tp2", "pp2", "dp2", "pp2xvpp2"])
+def test_sega_update_matches_single_process(reference, world, tp, pp, vpp):
+    got_all = _merge(run_distributed(_sega_update, world, tp, pp, vpp))
     ref, got = reference["update"], got_all["update"]
     assert got.keys() == ref.keys()
     for norm in ("token_mean", "sequence_sum"):

@@ -1,7 +1,8 @@
 """Evaluation log-probs against transformers: ``log pi(a|q)`` per pair, at every layout.
 
 A tiny random ``LlamaForCausalLM`` (vocab = the tiny tokenizer's 460 tokens) is saved with the
-tokenizer files and converted with ``hf_to_mcore``. Its summed response log-probs, computed here
+tokenizer files and converted with ``hf_to_mcore``. Its summed response log-probs (the response
+and its end-of-turn token, as training sees them), computed here
 by transformers on each unpadded ``prompt + response`` (template ``none``, fp32), are the
 reference for what evaluation reports per pair:
 
@@ -70,7 +71,8 @@ def _hf_reference(model, data: Path) -> dict[str, tuple[float, float, int, int]]
     for pair in pairs:
         values = []
         for response in (pair.chosen, pair.rejected):
-            prompt_ids, response_ids = fmt.encode_pair(pair.prompt, response, append_eos=False)
+            # Scored with the end-of-turn token that closes the response, as training sees it.
+            prompt_ids, response_ids = fmt.encode_pair(pair.prompt, response, append_eos=True)
             ids = torch.tensor([prompt_ids + response_ids])
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
@@ -162,10 +164,14 @@ def test_eval_logps_match_transformers(checkpoint):
         assert diffs[name] <= TOL, f"{name}: max |logp - HF logp| = {diffs[name]:.3g}"
         expected = sum(lc > lr for lc, lr, _, _ in ref.values()) / len(ref)
         assert summary["pairs"] == N_PAIRS and summary["accuracy"] == expected, name
+        per_token = sum(lc / nc > lr / nr for lc, lr, nc, nr in ref.values()) / len(ref)
+        assert summary["accuracy_length_normalized"] == per_token, name
     print("max abs diff of summed log-probs vs transformers:",
           {k: f"{v:.2e}" for k, v in diffs.items()})
 
-    # Not vacuous: the log-probs are far from uniform and chosen/rejected differ.
+    # Not vacuous: the log-probs are far from uniform and chosen/rejected differ, and the
+    # length-normalised winner differs from the summed one on some pair.
+    assert any((lc > lr) != (lc / nc > lr / nr) for lc, lr, nc, nr in ref.values())
     values = [v for lc, lr, _, _ in ref.values() for v in (lc, lr)]
     assert max(values) - min(values) > 10
     assert len({round(v, 3) for v in values}) == len(values)

@@ -29,8 +29,23 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
     assert "| stage | preference accuracy | length-normalised | mean entropy score |" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["initial", "after SFT", "after SEGA"]
-    for stage in summary.values():
-        assert 0.0 <= stage["accuracy"] <= 1.0 and stage["pairs"] == 160
+    for stage, name in zip(summary.values(), ("initial", "sft", "sega")):
+        # Each row of the table is the stage's own eval, computed from its per-pair records.
+        records = [json.loads(line) for line in
+                   (out / f"eval_{name}" / "pairs.jsonl").read_text().splitlines()]
+        assert stage["pairs"] == len(records) == 160
+        won = sum(r["logp_chosen"] > r["logp_rejected"] for r in records) / len(records)
+        assert stage["accuracy"] == won
+        assert stage == json.loads((out / f"eval_{name}" / "summary.json").read_text())
+    initial, after_sft, after_sega = summary.values()
+    # SFT on the chosen responses raises their log-probability by a wide margin; SEGA then moves
+    # the weights again (3 quick steps: a small change).
+    assert after_sft["mean_logp_chosen"] > initial["mean_logp_chosen"] + 20
+    # 20 quick steps: the chosen (reasoned, longer) responses win per token first; the summed
+    # accuracy follows with more steps (0.194 -> 0.2 here, 0.750 in the full demo).
+    assert after_sft["accuracy_length_normalized"] > initial["accuracy_length_normalized"] + 0.2
+    assert after_sft["mean_reward_margin"] > initial["mean_reward_margin"] + 1.0
+    assert abs(after_sega["mean_logp_chosen"] - after_sft["mean_logp_chosen"]) > 1e-3
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "sft" / "ckpt" / "latest").is_file() and (out / "sega" / "ckpt" / "latest").is_file()
     sega = [json.loads(line) for line in (out / "sega" / "sega_metrics.jsonl").read_text().splitlines()]
@@ -72,8 +87,9 @@ def test_launcher_dry_run_validates_config_and_world_size(script, tmp_path):
 
 def test_gpu_check_dry_run_works_on_cpu():
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in ("== gpu tests", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
+    for step in ("== gpu tests", "== bf16 SFT + SEGA + eval (CLI)", "bf16 ok: SFT loss",
+                 "== vpp tests", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
                  "gpu check done"):
         assert step in result.stdout

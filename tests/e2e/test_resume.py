@@ -3,7 +3,8 @@
 - SFT and SEGA: a run SIGKILLed after its first checkpoint and resumed with ``--resume auto``
   logs the same per-step metrics and ends with the same weights and Adam state, bit for bit
   (fp32), as an uninterrupted run (SEGA: sampling included).
-- SIGTERM mid-run: a complete checkpoint of the last finished step and exit code 0.
+- SIGTERM mid-run: a complete checkpoint of the last finished step, the STOPPED marker naming
+  it, and exit code 75 ("stopped, resume me"), not 0.
 - Interrupted saves (no COMPLETE, a truncated .distcp, a leftover .tmp_step_*) are skipped, with
   a warning naming them, in favour of the previous checkpoint.
 - A TP=2 checkpoint (torchrun, 2 processes) resumes at TP=1: the optimizer state cannot be
@@ -29,7 +30,7 @@ import torch
 
 from tests.cli_run import REPO, TIMEOUT, Run
 
-from megatron_sega.checkpoint.manager import read_tensors
+from megatron_sega.checkpoint.manager import RESUME_EXIT_CODE, STOP_MARKER, read_tensors
 
 TINY_TOKENIZER = REPO / "megatron_sega/data/assets/tiny_tokenizer"
 # Wall-clock fields of the metrics: everything else must match exactly.
@@ -205,11 +206,11 @@ def sigterm_run(tmp_path_factory):
     # To the whole process group, as SLURM and a terminal do: no helper process of the save
     # (Megatron's would be one) may die of it.
     os.killpg(run.proc.pid, signal.SIGTERM)
-    output = run.wait(expect=0)
+    output = run.wait(expect=RESUME_EXIT_CODE)
     return root, root / "run" / "ckpt", output
 
 
-def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(sigterm_run):
+def test_sigterm_saves_a_complete_checkpoint_and_exits_with_the_resume_code(sigterm_run):
     root, save_dir, output = sigterm_run
     last_logged = _metrics(root / "run" / "sft_metrics.jsonl")[-1]["step"]
     latest = _latest(save_dir)
@@ -217,6 +218,8 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(sigterm_run):
     assert (latest / "COMPLETE").is_file()
     assert json.loads((latest / "train_state.json").read_text())["step"] == last_logged
     assert "signal received" in output
+    assert json.loads((save_dir / STOP_MARKER).read_text()) == {
+        "stage": "sft", "step": last_logged, "checkpoint": str(latest)}
     assert not list(save_dir.glob(".tmp_*"))
     assert read_tensors(latest / "model_optim", "output_layer")
 

@@ -1,11 +1,12 @@
 """Strict typed config: unknown keys, wrong types, overrides, cross-field rules, one-line CLI errors."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from megatron_sega.config import ConfigError, load_config
+from megatron_sega.config import ConfigError, check_stages, load_config
 
 
 def _write(tmp_path, text):
@@ -49,12 +50,70 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match=r"sega.k must be >= 2"):
-        load_config(None, ["sega.k=1"])
+    with pytest.raises(ConfigError, match=r"sega.k must be >= 1"):
+        load_config(None, ["sega.k=0"])
+    assert load_config(None, ["sega.k=1"]).sega.k == 1  # generate; run_sega asks for k >= 2
     with pytest.raises(ConfigError, match=r"sampling.top_p must be in \(0, 1\]"):
         load_config(None, ["sampling.top_p=1.5"])
-    with pytest.raises(ConfigError, match=r"sega.kl_coef > 0 needs sega.reference"):
-        load_config(None, ["sega.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"sega.kl_coef must be >= 0"):
+        load_config(None, ["sega.kl_coef=-0.1"])
+
+
+# Each value used to be accepted and to fail mid-run, or to give a silently wrong result.
+@pytest.mark.parametrize("overrides,message", [
+    (["eval.beta=0"], r"eval.beta must be > 0, got 0.0"),
+    (["eval.beta=-0.1"], r"eval.beta must be > 0, got -0.1"),
+    (["eval.micro_batch_size=0"], r"eval.micro_batch_size must be >= 1"),
+    (["sega.clip_eps=1.0"], r"sega.clip_eps must be in \[0, 1\), got 1.0"),
+    (["sega.clip_eps=-0.2"], r"sega.clip_eps must be in \[0, 1\)"),
+    (["sega.updates_per_rollout=2"], r"sega.updates_per_rollout = 2 reuses each rollout.*"
+                                     r"set sega.clip_eps > 0"),
+    (["sega.micro_batch_size=0"], r"sega.micro_batch_size must be >= 1, got 0"),
+    (["sega.prompts_per_step=0"], r"sega.prompts_per_step must be >= 1, got 0"),
+    (["sega.lr=0"], r"sega.lr must be > 0, got 0.0"),
+    (["sega.kl_coef=-1", "sega.reference=x"], r"sega.kl_coef must be >= 0"),
+    (["sft.global_batch_size=0"], r"sft.global_batch_size must be >= 1, got 0"),
+    (["sft.micro_batch_size=-4"], r"sft.micro_batch_size must be >= 1, got -4"),
+    (["sft.lr=-1e-5"], r"sft.lr must be > 0"),
+    (["optim.lr=.nan"], r"optim.lr must be > 0, got nan"),
+    (["scoring.trim_z=-1"], r"scoring.trim_z must be >= 0"),
+    (["scoring.trim_fraction=1.0"], r"scoring.trim_fraction must be in \[0, 1\), got 1.0"),
+    (["scoring.lam=-0.4"], r"scoring.lam must be >= 0"),
+    (["scoring.top_m=2.5"], r"scoring.top_m = 2.5 >= 1 is a token count and must be whole"),
+    (["logging.interval=0"], r"logging.interval must be >= 1, got 0"),
+    (["checkpoint.keep_last=0"], r"checkpoint.keep_last must be >= 1, got 0"),
+])
+def test_option_ranges_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_option_ranges_accept_their_bounds():
+    config = load_config(None, ["sega.clip_eps=0.0", "scoring.lam=0", "scoring.trim_z=0",
+                                "scoring.trim_fraction=0", "scoring.top_m=3",
+                                "sega.updates_per_rollout=2", "sega.clip_eps=0.2"])
+    assert config.sega.updates_per_rollout == 2 and config.scoring.top_m == 3
+
+
+def test_stage_rules_join_sections_and_the_data_parallel_size():
+    config = load_config(None, ["sft.global_batch_size=12", "sega.prompts_per_step=6",
+                                "dpo.global_batch_size=12", "dpo.micro_batch_size=2",
+                                "data.max_seq_len=64"])  # sampling.max_new_tokens: 256
+    check_stages(config, 3, ("sft", "eval"))  # SFT and eval do not sample: no length rule
+    with pytest.raises(ConfigError, match=r"sft.global_batch_size\(12\) is not divisible by "
+                                          r"the data-parallel size dp\(8\)"):
+        check_stages(config, 8, ("sft",))
+    with pytest.raises(ConfigError, match=r"sega.prompts_per_step\(6\) is not divisible by the "
+                                          r"data-parallel size dp\(4\)"):
+        check_stages(config, 4, ("sega",))
+    with pytest.raises(ConfigError, match=r"dpo.global_batch_size\(12\) is not divisible by the "
+                                          r"data-parallel size dp\(8\)"):
+        check_stages(config, 8, ("dpo",))
+    for stage in ("sega", "generate"):
+        with pytest.raises(ConfigError, match=r"data.max_seq_len\(64\) must exceed "
+                                              r"sampling.max_new_tokens\(256\)"):
+            check_stages(config, 1, (stage,))
+    check_stages(config.with_overrides("sampling.max_new_tokens=48"), 3)  # every stage
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -66,7 +125,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_config_is_frozen_and_round_trips():
     config = load_config(None, ["sega.k=6"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.sega.k = 3
     again = load_config(None, [], base=config.to_dict())
     assert again == config
@@ -74,11 +133,16 @@ def test_config_is_frozen_and_round_trips():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_sega.cli", *args],
-                          capture_output=True, text=True, timeout=120)
+    from tests.cli_run import REPO, cli_env
+
+    return subprocess.run([sys.executable, "-m", "megatron_sega.cli", *args], cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    import importlib.util
+
+    train = "data.train=examples/demo_data/train.jsonl"
     cases = [
         (("check", "sega.kk=3"), "unknown key 'sega.kk'"),
         (("check", "parallel.tp=x"), "parallel.tp = 'x' should be an integer"),
@@ -86,9 +150,22 @@ def test_cli_errors_are_one_line(tmp_path):
         (("check", "--world-size", "6", "parallel.tp=2", "parallel.pp=2"),
          "tp(2) * pp(2) = 4 does not divide WORLD_SIZE(6)"),
         (("check", "model.preset=llama4-8b"), "valid presets: llama2-7b"),
+        (("check", "--world-size", "2", "parallel.pp=2", "parallel.vpp=2",
+          "sft.global_batch_size=6", "sft.micro_batch_size=2"),
+         "sft.global_batch_size(6) / dp(1) / sft.micro_batch_size(2) gives 3 microbatches per "
+         "rank, not a multiple of pp(2)"),
         (("sft", "data.train=" + str(tmp_path / "none.jsonl"), "parallel.device=cpu"),
          "none.jsonl"),
+        # Checked before any model is built (these used to be tracebacks, some after loading).
+        (("sega", train, "data.max_seq_len=64", "parallel.device=cpu"),
+         "data.max_seq_len(64) must exceed sampling.max_new_tokens(256)"),
+        (("sft", train, "parallel.device=cuda"), "parallel.device = cuda but no GPU is visible"),
+        (("sft", train, "parallel.device=cpu", "sft.global_batch_size=4096"),
+         "fewer than one global batch (sft.global_batch_size = 4096)"),
     ]
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((("sft", train, "parallel.device=cpu", "logging.wandb=true"),
+                      "logging.wandb = true but the wandb package is not installed"))
     for args, expected in cases:
         result = _cli(*args)
         assert result.returncode == 2, (args, result.stderr[-2000:])
@@ -100,5 +177,25 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_help_lists_subcommands():
     result = _cli("--help")
     assert result.returncode == 0
-    for command in ("sft", "sega", "eval", "generate", "demo", "check"):
+    for command in ("sft", "sega", "dpo", "eval", "generate", "demo", "check"):
         assert command in result.stdout
+
+
+def test_vpp_needs_whole_microbatch_groups():
+    """The interleaved schedule runs microbatches in groups of pp: SFT and SEGA splits that
+    give another count are refused before a model is built (padded SEGA rows count whole)."""
+    from megatron_sega.runtime import ParallelConfigError
+    from megatron_sega.training.sega import check_sega_microbatches
+    from megatron_sega.training.sft import check_sft_microbatches
+
+    config = load_config(None, ["parallel.pp=2", "parallel.vpp=2", "sft.global_batch_size=8",
+                                "sft.micro_batch_size=2", "sega.prompts_per_step=2", "sega.k=3",
+                                "sega.micro_batch_size=2"])
+    check_sft_microbatches(config, 1)  # 4 microbatches
+    with pytest.raises(ParallelConfigError, match=r"gives 1 microbatches per rank, not a multi"):
+        check_sft_microbatches(config, 4)
+    with pytest.raises(ParallelConfigError, match=r"sega.k\(3\) / sega.micro_batch_size\(2\), "
+                                                  r"rounded up, gives 3 microbatches"):
+        check_sega_microbatches(config, 1)  # 6 rows -> 3 microbatches
+    check_sega_microbatches(config.with_overrides("sega.k=4"), 1)  # 8 rows -> 4
+    check_sega_microbatches(config.with_overrides("parallel.vpp=null", "sega.k=3"), 1)

@@ -18,7 +18,10 @@ from megatron_sega.runtime import ParallelConfigError, validate_parallel_sizes
     (dict(tp=4, pp=1, world_size=4, num_attention_heads=32, num_query_groups=2),
      r"num_query_groups\(2\) .* is not divisible by tp\(4\)"),
     (dict(tp=1, pp=3, world_size=3, num_layers=32), r"num_layers\(32\) is not divisible by pp\(3\)"),
-    (dict(tp=1, pp=2, world_size=2, vpp=2, on_gpu=False), r"vpp .* GPU only"),
+    (dict(tp=1, pp=2, world_size=2, num_layers=6, vpp=2),
+     r"num_layers\(6\) is not divisible by pp\(2\) \* vpp\(2\) = 4"),
+    (dict(tp=1, pp=1, world_size=1, vpp=2), r"parallel.vpp=2 needs pp >= 2"),
+    (dict(tp=1, pp=2, world_size=2, vpp=1), r"parallel.vpp must be an integer >= 2"),
     (dict(tp=2, pp=1, world_size=2, sequence_parallel=True, on_gpu=False), r"GPU only"),
     (dict(tp=0, pp=1, world_size=1), r"parallel.tp must be a positive integer"),
 ])
@@ -31,6 +34,7 @@ def test_valid_sizes_give_dp():
     assert validate_parallel_sizes(2, 2, 16, num_layers=32, num_attention_heads=32,
                                    num_query_groups=8) == 4
     assert validate_parallel_sizes(2, 2, 8, num_layers=32, vpp=4, on_gpu=True) == 2
+    assert validate_parallel_sizes(1, 2, 2, num_layers=4, vpp=2, on_gpu=False) == 1
 
 
 def test_cpu_bridge_is_idempotent_and_refuses_a_gpu():

@@ -1,7 +1,7 @@
 """The SFT loss sees response targets only (METHOD.md, stage A: "loss on response tokens only").
 
 Microbatches are built the way ``sft_step`` builds them (``tokenize_sft`` -> ``collate`` ->
-``split_microbatches``) from the shipped demo data and the tiny tokenizer (chat template), and
+``sft_microbatches``) from the shipped demo data and the tiny tokenizer (chat template), and
 ``sft_loss_fn`` runs on fixed random logits with padded vocabulary columns, as a TP=1 rank sees
 them. Rewriting every target the mask excludes (prompt targets and padding) leaves the loss and
 its gradient bitwise unchanged; rewriting one response target changes the loss. The loss also
@@ -18,7 +18,7 @@ import torch
 from megatron_sega.data import (
     TINY_TOKENIZER_DIR, PromptFormatter, Tokenizer, collate, read_pairs, tokenize_sft,
 )
-from megatron_sega.training.sft import sft_loss_fn, split_microbatches
+from megatron_sega.training.sft import sft_loss_fn, sft_microbatches
 
 REPO = Path(__file__).resolve().parents[2]
 N_EXAMPLES, MICRO = 6, 2
@@ -48,7 +48,7 @@ def _loss_and_grad(s, labels: torch.Tensor):
                         batch.lengths, batch.ids)
     logits = s.logits.clone().requires_grad_(True)
     total = torch.zeros(())
-    for i, mb in enumerate(split_microbatches(batch, MICRO)):
+    for i, mb in enumerate(sft_microbatches(batch, MICRO)):
         loss, metrics = loss_fn(logits[i * MICRO:(i + 1) * MICRO], mb)
         assert float(metrics["tokens"]) == float(mb["loss_mask"].sum())
         total = total + loss

@@ -1,0 +1,162 @@
+"""The paper's baselines, DPO and IPO (METHOD.md, Baselines), on the SFT/SEGA machinery.
+
+One step, top to bottom (:func:`dpo_step`):
+  1. take this DP rank's share of a global batch of pairs; collate chosen and rejected to one
+     length, rows in microbatch order (each microbatch: its m chosen rows, then their m
+     rejected rows, so that a pair never straddles two microbatches);
+  2. the frozen reference's summed log-probs of every row, teacher-forced once, under no_grad;
+  3. forward/backward with the DPO/IPO loss (``megatron_sega.dpo``), normalised by the global
+     number of pairs, through Megatron's schedule; optimizer step;
+  4. metrics: sums by name, reduced over DP in one collective.
+
+The reference defaults to the starting weights (``model.load``, or the seeded random init),
+copied before any resume, so a resumed run keeps the reference it started with.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_sega import ops
+from megatron_sega.config import ConfigError
+from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
+from megatron_sega.dpo import preference_loss, sequence_logps
+from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.session import (
+    Session, announce, dp_all_reduce, open_session, preflight,
+)
+from megatron_sega.training.sft import split_microbatches
+from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
+
+
+def microbatch_order(pairs: PairBatch, micro_batch_size: int) -> Batch:
+    """The pair batch's 2P rows reordered so that consecutive blocks of ``2 * m`` rows are
+    microbatches: the chosen rows of m pairs, then the rejected rows of the same pairs."""
+    n = len(pairs.ids)
+    order: list[int] = []
+    for start in range(0, n, micro_batch_size):
+        block = list(range(start, min(start + micro_batch_size, n)))
+        order += block + [n + i for i in block]
+    both, index = pairs.concat(), torch.tensor(order)
+    return Batch(both.tokens[index], both.labels[index], both.loss_mask[index],
+                 both.prompt_lengths[index], both.lengths[index], [both.ids[i] for i in order])
+
+
+def dpo_loss_fn(session: Session, global_pairs: float):
+    """Per microbatch ``[chosen m; rejected m]``: the DPO/IPO loss of its m pairs over the
+    global pair count, with the reference's sequence log-probs from ``mb['ref_logp']``."""
+    cfg = session.config.dpo
+
+    def loss_fn(logits: torch.Tensor, mb: dict):
+        start, group = vocab_shard_info(logits, session.runtime)
+        labels = mb["labels"].to(logits.device)
+        logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
+        seq = sequence_logps(logp, mb["loss_mask"].to(logits.device) > 0)
+        ref = mb["ref_logp"].to(seq.device)
+        m = seq.shape[0] // 2
+        loss, sums = preference_loss(seq[:m], seq[m:], ref[:m], ref[m:], loss=cfg.loss,
+                                     beta=cfg.beta, normaliser=global_pairs)
+        sums["logp_chosen_sum"] = seq[:m].detach().sum()
+        sums["logp_rejected_sum"] = seq[m:].detach().sum()
+        return loss, sums
+
+    return loss_fn
+
+
+def _reduce_sums(outputs: list[dict], session: Session) -> dict[str, float]:
+    """Sum the microbatches' named sums, then over DP (one collective, sorted keys). Stages
+    other than the last have no outputs and reduce zeros."""
+    names = ["chosen_reward_sum", "correct", "logp_chosen_sum", "logp_rejected_sum", "loss_sum",
+             "margin_sum", "pairs", "rejected_reward_sum"]
+    local = [sum(float(o[k]) for o in outputs) for k in names]
+    return dict(zip(names, dp_all_reduce(local, session)))
+
+
+def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> dict:
+    """One optimizer step on this rank's share of a global batch of pairs."""
+    rt, m = session.runtime, session.config.dpo.micro_batch_size
+    batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
+    # The reference runs on the same 2m-row microbatches as the policy, so that at the first
+    # step (policy == reference) both give the same log-probs and the loss is exactly DPO's log 2.
+    ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
+                             micro_batch_size=2 * m)["logp"]
+    ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
+    micro = split_microbatches(batch, 2 * m)
+    for i, mb in enumerate(micro):
+        mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
+    global_pairs, global_tokens = dp_all_reduce([len(shard), float(batch.loss_mask.sum())],
+                                                session)
+    outputs = forward_backward(session.chunks, rt, micro, dpo_loss_fn(session, global_pairs))
+    step = optimizer_step(session.optimizer, session.scheduler)
+    s = _reduce_sums(outputs, session)
+    n = max(s["pairs"], 1.0)
+    return {"loss": s["loss_sum"] / n, "reward_accuracy": s["correct"] / n,
+            "chosen_reward": s["chosen_reward_sum"] / n,
+            "rejected_reward": s["rejected_reward_sum"] / n, "margin": s["margin_sum"] / n,
+            "logp_chosen": s["logp_chosen_sum"] / n, "logp_rejected": s["logp_rejected_sum"] / n,
+            "tokens": global_tokens, "seq_len": batch.tokens.shape[1], **step}
+
+
+def _check_batch_split(session: Session) -> None:
+    cfg, dp, par = session.config.dpo, session.runtime.dp, session.config.parallel
+    if cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batch_size:
+        raise ConfigError(
+            f"dpo.global_batch_size({cfg.global_batch_size}) must split into dp({dp}) equal "
+            f"shares that are multiples of dpo.micro_batch_size({cfg.micro_batch_size}); "
+            f"use a multiple of {dp * cfg.micro_batch_size}")
+    check_microbatch_count(
+        cfg.global_batch_size // dp // cfg.micro_batch_size, par.pp, par.vpp,
+        f"dpo.global_batch_size({cfg.global_batch_size}) / dp({dp}) / "
+        f"dpo.micro_batch_size({cfg.micro_batch_size})")
+
+
+def run_dpo(config, args) -> int:
+    """``megatron-sega dpo``: the DPO / IPO loop with evaluation, logging and checkpoints."""
+    from megatron_sega.checkpoint.manager import CheckpointManager
+    from megatron_sega.logging import MetricsLogger, mfu
+    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs, load_reference
+
+    if not config.data.train:
+        raise ConfigError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
+    preflight(config, "dpo")
+    cfg = config.dpo
+    session = open_session(config, train=True, total_steps=cfg.steps, lr_override=cfg.lr)
+    announce(session, "dpo")
+    _check_batch_split(session)
+    rt = session.runtime
+    # Before any resume: without dpo.reference the reference is the starting weights.
+    reference = load_reference(session, cfg.reference)
+    pairs = load_eval_pairs(session, config.data.train, append_eos=True)
+    iterator = GlobalBatchIterator(pairs, cfg.global_batch_size, dp_rank=rt.dp_rank,
+                                   dp_size=rt.dp, seed=config.data.seed)
+    eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
+    ckpt = CheckpointManager(session, config.checkpoint, stage="dpo")
+    start = ckpt.resume(iterator)
+    logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
+                           tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
+                           wandb=config.logging.wandb, name="dpo",
+                           progress_total=cfg.steps - start, progress=config.logging.progress,
+                           run_config=config.to_dict())
+    batches = iter(iterator)
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        metrics = dpo_step(session, reference, next(batches))
+        metrics["step_time"] = time.time() - t0
+        metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
+        # Training FLOPs of the policy only (the reference's forward is not counted).
+        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["tokens"],
+                             metrics["step_time"], rt.world_size)
+        if cfg.eval_interval and eval_pairs and (step + 1) % cfg.eval_interval == 0:
+            _, summary = evaluate_pairs(session, eval_pairs, beta=cfg.beta,
+                                        reference_chunks=reference,
+                                        micro_batch_size=config.eval.micro_batch_size)
+            metrics["eval_accuracy"] = summary["accuracy"]
+            metrics["eval_reward_accuracy"] = summary["accuracy_vs_reference"]
+        logger.log(step + 1, metrics, progress_keys=("loss", "reward_accuracy"))
+        if ckpt.should_stop(step + 1, cfg.steps, iterator):
+            break
+    ckpt.finalize(step + 1 if cfg.steps > start else start, iterator)
+    logger.close()
+    return 0

@@ -1,0 +1,91 @@
+"""A non-finite SEGA step is skipped by every rank together: DP=2 x PP=2 on gloo (4 processes).
+
+The real ``megatron-sega sega`` loop (``run_sega``) runs 4 steps with ``sega.max_bad_steps=2``.
+A forward hook on the output layer of ONE data-parallel replica's last stage turns its logits
+into NaN: while sampling at step 1 (replica 1) and step 4 (replica 0), and in the training
+forward at step 3 (replica 0). Every rank must skip steps 1, 3 and 4 together, step 2 must
+update, the bad-step counters must match on all ranks (1, 0, 1, 2), every rank must stop at
+step 4 with exit code 1, the replicas' weights must stay equal, and none of it may hang
+(the ranks are killed after a deadline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[2]
+# step -> (where the NaN appears, the DP replica it appears on)
+INJECT = {1: ("sample", 1), 3: ("train", 0), 4: ("sample", 0)}
+
+
+def _run_with_injected_nans(logdir: str) -> dict:
+    import torch.distributed as dist
+
+    import megatron_sega.training.sega as sega
+    from megatron_sega.config import load_config
+    from megatron_sega.logging import MetricsLogger
+    from megatron_sega.models.builder import unwrap_model
+
+    current = {"step": 0}
+    seen: list[tuple] = []
+    sessions = []
+
+    def hook(module, args, output):
+        where, replica = INJECT.get(current["step"], (None, None))
+        mode = "train" if module.training else "sample"
+        if where == mode and sessions[0].runtime.dp_rank == replica:
+            logits, bias = output
+            return logits * float("nan"), bias
+        return output
+
+    open_session, sega_step, log = sega.open_session, sega.sega_step, MetricsLogger.log
+
+    def opening(*args, **kwargs):
+        session = open_session(*args, **kwargs)
+        sessions.append(session)
+        gpt = unwrap_model(session.model)
+        if session.runtime.is_last_stage:
+            gpt.output_layer.register_forward_hook(hook)
+        return session
+
+    def stepping(session, sampler, prompts, index, step, reference=None):
+        current["step"] = step + 1
+        return sega_step(session, sampler, prompts, index, step, reference)
+
+    def logging(self, step, metrics, **kwargs):
+        seen.append((step, bool(metrics["skipped_update"]), metrics["bad_steps_in_a_row"]))
+        return log(self, step, metrics, **kwargs)
+
+    sega.open_session, sega.sega_step, MetricsLogger.log = opening, stepping, logging
+    config = load_config(None, [
+        "model.preset=tiny", "model.dtype=bf16", "model.init_seed=3", "parallel.tp=1",
+        "parallel.pp=2", "parallel.device=cpu", f"data.train={REPO}/examples/demo_data/train.jsonl",
+        "data.max_seq_len=112", "sampling.max_new_tokens=8", "sega.k=2", "sega.steps=4",
+        "sega.prompts_per_step=2", "sega.micro_batch_size=2", "sega.max_bad_steps=2",
+        "optim.lr=1e-3", f"logging.dir={logdir}", "logging.progress=false",
+        "logging.tensorboard=false"])
+    rc = sega.run_sega(config, None)
+    session = sessions[0]
+    rt = session.runtime
+    flat = torch.cat([p.detach().float().flatten() for p in session.model.module.parameters()])
+    other = flat.clone()
+    dist.all_reduce(other, op=dist.ReduceOp.MAX, group=rt.dp_group)
+    return {"rc": rc, "seen": seen, "replicas_equal": bool(torch.equal(flat, other)),
+            "dp_rank": rt.dp_rank, "pp_rank": rt.pp_rank}
+
+
+def test_nan_on_one_replica_is_skipped_by_all(tmp_path):
+    results = run_distributed(_run_with_injected_nans, 4, str(tmp_path), deadline=420)
+    assert sorted((r["dp_rank"], r["pp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0),
+                                                                     (1, 1)]
+    expected = [(1, True, 1), (2, False, 0), (3, True, 1), (4, True, 2)]
+    for r in results:
+        assert r["rc"] == 1, r  # stopped after max_bad_steps=2 in a row
+        assert r["seen"] == expected, r
+        assert r["replicas_equal"], r
