@@ -139,7 +139,7 @@ def _layout_rollouts(sampler, chunks, rt) -> dict:
     their teacher-forced statistics at this layout."""
     from megatron_sega.sampling import Sampler, SamplingParams
 
-    assert type(sampler.forward).__name__ == "LeanForward"
+    assert all(type(f).__name__ == "LeanForward" for f in sampler.forwards)
     greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     sampled = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, **SAMPLED),
                                sample_ids=SAMPLE_IDS)
