@@ -40,9 +40,9 @@ for all the rows of the call in a single all-gather. From that table every rank 
 - the draw: argmax (w + G) over the support, from the candidates alone (G from their ids).
 
 Rows whose support the candidates do not determine (a nucleus longer than the known candidates,
-ties across the boundary, top_k > C) fall back to the exact bisection of ``_bisect.py``
-(~35-70 more collectives, for all such rows of the call together); :class:`SampleStats` counts
-them. Greedy sends one candidate (the argmax); plain temperature sends each rank's best Gumbel
+ties across the boundary, top_k > C) fall back to the exact search of ``_bisect.py`` (64-way:
+8 more collectives for top-p, 15 with top-k > C as well, for all such rows of the call
+together); :class:`SampleStats` counts them. Greedy sends one candidate (the argmax); plain temperature sends each rank's best Gumbel
 score over its whole shard instead of candidates. Neither ever falls back.
 
 Cost. ``8 + 4 (2C + 1..3)`` bytes per row and rank (~550 B at C = 64) against ``4 V / TP`` for an
@@ -72,8 +72,9 @@ from megatron_sega.ops._shard import (
     row_reader, sum64,
 )
 
-# Rows per chunk of the local pass and of the fallback: the fallback keeps ~20 bytes of
-# temporaries per logit (masks, the exp weights, a masked copy); 64 rows keep it modest.
+# Rows per chunk of the local pass (two fp32 temporaries per logit); the fallback reads half as
+# many at a time (~32 bytes of temporaries per logit: the masked weights, their fp64 copy, the
+# histogram bins), so that both stay below 1/TP of an all-gather's memory.
 SAMPLE_CHUNK_SIZE = DEFAULT_CHUNK_SIZE // 4
 
 # Candidates per rank and row, chosen from the fallback rates measured on SmolLM2-135M-Instruct's
@@ -101,7 +102,7 @@ class SampleStats:
 
     calls: int = 0
     rows: int = 0
-    fallback_rows: int = 0  # rows whose support needed the bisection
+    fallback_rows: int = 0  # rows whose support needed the exact search
 
     @property
     def fallback_rate(self) -> float:
@@ -353,6 +354,30 @@ def _combine(layout: _Layout, table: Tensor, mode: _Mode, keys: Tensor | None
     return out
 
 
+def _read_flags(flags: Tensor, out: dict[str, Tensor], temperature: float, vocab_size: int
+               ) -> list[int]:
+    """The call's one host synchronisation: raise the errors every rank sees in the gathered
+    flags, and return the rows the candidates left open."""
+    head = [flags.amax(0)]
+    if "overflow" in out:
+        head.append(out["overflow"].int().view(1))
+    if "determined" in out:
+        head.append((~out["determined"]).int())
+    host = torch.cat(head).tolist()
+    if host[0] > 0:
+        raise NonFiniteLogitsError(
+            f"logits_shard contains NaN or Inf in the true vocabulary (TP rank {host[0] - 1}): "
+            f"fix the model output (overflow in fp16/bf16? a -inf mask?) before computing "
+            f"entropies, log-probs or samples")
+    if host[1] < vocab_size:
+        raise ValueError(f"the shards cover ids [0, {host[1]}) but vocab_size={vocab_size}: "
+                         f"check vocab_start on each rank and vocab_size")
+    if "overflow" in out and host[2]:
+        raise ValueError(f"temperature={temperature!r} is so small that logits / temperature "
+                         f"overflows fp32: use temperature=0 (greedy) instead")
+    return [i for i, flag in enumerate(host[3:]) if flag] if "determined" in out else []
+
+
 def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
            temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int | Tensor = 0,
            step: int | Tensor = 0, chunk_size: int = SAMPLE_CHUNK_SIZE,
@@ -395,27 +420,9 @@ def sample(logits_shard: Tensor, vocab_start: int, vocab_size: int, tp_group, *,
     table = all_gather(torch.cat([local.reshape(-1), flags]), tp_group)  # the one collective
     flags, table = table[:, -2:], table[:, :-2].view(tp, n, layout.words)
     out = _combine(layout, table, mode, keys)
-    # The one host synchronisation: the error flags and the rows the candidates left open.
-    head = [flags.amax(0)]
-    if "overflow" in out:
-        head.append(out["overflow"].int().view(1))
-    if "determined" in out:
-        head.append((~out["determined"]).int())
-    host = torch.cat(head).tolist()
-    if host[0] > 0:
-        raise NonFiniteLogitsError(
-            f"logits_shard contains NaN or Inf in the true vocabulary (TP rank {host[0] - 1}): "
-            f"fix the model output (overflow in fp16/bf16? a -inf mask?) before computing "
-            f"entropies, log-probs or samples")
-    if host[1] < vocab_size:
-        raise ValueError(f"the shards cover ids [0, {host[1]}) but vocab_size={vocab_size}: "
-                         f"check vocab_start on each rank and vocab_size")
-    if "overflow" in out and host[2]:
-        raise ValueError(f"temperature={temperature!r} is so small that logits / temperature "
-                         f"overflows fp32: use temperature=0 (greedy) instead")
+    open_rows = _read_flags(flags, out, temperature, vocab_size)
     tokens, logp_sampling = out["tokens"], out["logp_sampling"]
     logp_untempered = out["logp_untempered"]
-    open_rows = [i for i, flag in enumerate(host[3:]) if flag] if "determined" in out else []
     if open_rows:
         index = torch.tensor(open_rows, device=device)
 

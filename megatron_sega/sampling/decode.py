@@ -42,7 +42,8 @@ def lean_unsupported(model) -> Optional[str]:
             c.qk_layernorm or c.num_moe_experts or c.multi_latent_attention or c.rotary_interleaved
             or c.sequence_parallel or c.context_parallel_size != 1 or c.fp32_residual_connection
             or c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma
-            or getattr(c, "use_mup", False)),
+            or getattr(c, "use_mup", False) or getattr(c, "attention_output_gate", False)
+            or getattr(c, "rotary_percent", 1.0) != 1.0),
         "not RoPE": getattr(model, "position_embedding_type", None) == "rope",
     }
     for layer in model.decoder.layers:
