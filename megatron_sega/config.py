@@ -296,6 +296,13 @@ class Config:
 STAGES = ("sft", "sega", "dpo", "eval", "generate")
 
 
+def check_sega_group(config: Config) -> None:
+    """SEGA's advantages are centred on each prompt's group mean: one candidate has none."""
+    k = config.sega.k
+    _check(k >= 2, f"sega.k = {k}: SEGA needs k >= 2 candidates per prompt "
+                   "(group-mean advantages need a group); set sega.k=4")
+
+
 def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> None:
     """The rules that join two sections or depend on the data-parallel size ``dp``, for the
     ``stages`` a command runs. Every run checks its own before it builds anything
@@ -309,6 +316,7 @@ def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> N
         _check(gbs % dp == 0, f"dpo.global_batch_size({gbs}) is not divisible by the "
                               f"data-parallel size dp({dp}); make it a multiple of {dp}")
     if "sega" in stages:
+        check_sega_group(config)
         prompts = config.sega.prompts_per_step
         _check(prompts % dp == 0, f"sega.prompts_per_step({prompts}) is not divisible by the "
                                   f"data-parallel size dp({dp}); make it a multiple of {dp}")

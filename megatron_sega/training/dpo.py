@@ -27,7 +27,7 @@ from megatron_sega.training.engine import check_microbatch_count, forward_backwa
 from megatron_sega.training.session import (
     Session, announce, dp_all_reduce, open_session, preflight,
 )
-from megatron_sega.training.sft import split_microbatches
+from megatron_sega.training.sft import sft_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
@@ -83,7 +83,7 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
     ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
                              micro_batch_size=2 * m)["logp"]
     ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
-    micro = split_microbatches(batch, 2 * m)
+    micro = sft_microbatches(batch, 2 * m)
     for i, mb in enumerate(micro):
         mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
     global_pairs, global_tokens = dp_all_reduce([len(shard), float(batch.loss_mask.sum())],

@@ -20,7 +20,7 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
-from megatron_sega.config import ConfigError
+from megatron_sega.config import ConfigError, check_sega_group
 from megatron_sega.data import (
     Batch, DataError, GlobalBatchIterator, TokenizedExample, collate, read_pairs, tokenize_prompts,
 )
@@ -359,13 +359,9 @@ def run_sega(config, args) -> int:
 
     if not config.data.train:
         raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
+    check_sega_group(config)  # a config error before any launch-size error
     preflight(config, "sega")
     cfg = config.sega
-    if cfg.k < 2:
-        from megatron_sega.config import ConfigError
-
-        raise ConfigError(f"sega.k = {cfg.k}: SEGA needs k >= 2 candidates per prompt "
-                          "(group-mean advantages need a group); set sega.k=4")
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
     announce(session, "sega")

@@ -113,7 +113,8 @@ def build_reference(hf_dir: Path, work: Path) -> SimpleNamespace:
         prompt_ids, chosen_ids = _hf_response_ids(tok, prompt, chosen)
         _, rejected_ids = _hf_response_ids(tok, prompt, rejected)
         ref.pairs.append([prompt_ids, chosen_ids, rejected_ids])
-        ref.eval_logp.append([float(_token_stats(model, prompt_ids, r)[0].sum())
+        # Eval scores each response with its end of turn, as SFT and SEGA train it.
+        ref.eval_logp.append([float(_token_stats(model, prompt_ids, r + [EOS])[0].sum())
                               for r in (chosen_ids, rejected_ids)])
     # Logits on two real sequences (prompt + chosen), cut to a common length.
     seqs = [p + c for p, c, _ in ref.pairs[:2]]
@@ -253,7 +254,8 @@ def _check_logits(got, reference, layout: str) -> None:
 
 
 def _check_eval(result, reference, layout: str) -> None:
-    assert result["eval_ids"] == reference.pairs, f"{layout}: chat-template token ids differ"
+    expected = [[p, c + [EOS], r + [EOS]] for p, c, r in reference.pairs]
+    assert result["eval_ids"] == expected, f"{layout}: chat-template token ids differ"
     for i, (got, ref) in enumerate(zip(result["eval_logp"], reference.eval_logp)):
         for side, g, r in zip(("chosen", "rejected"), got, ref):
             assert abs(g - r) <= LOGP_TOL, f"{layout} pair {i} {side}: {g} vs {r}"
