@@ -7,7 +7,7 @@
 Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor: peak memory is
 about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
 TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padding. Tokenizer
-files are copied along in both directions. See megatron_sega/checkpoint/convert.py.
+files are copied along in both directions. See megatron_sega/convert/hf_mcore.py.
 """
 
 from __future__ import annotations
