@@ -162,3 +162,34 @@ def test_restore_adam_steps_unshares_and_sets_the_saved_count():
     steps = [adam.state[p]["step"] for p in params]
     assert steps[0] is not steps[1]
     assert [float(s) for s in steps] == [4.0, 4.0] and steps[0].dtype == shared.dtype
+
+
+def test_model_load_of_a_save_directory_resolves_its_latest_model_spec_and_tokenizer(tmp_path):
+    """``model.load`` may name a save directory: its ``latest`` checkpoint's ``model_optim``
+    holds the spec (which wins over the preset) and the tokenizer the run uses."""
+    from megatron_sega.checkpoint.mcore import CheckpointInfo, resolve_checkpoint_dir, write_info
+    from megatron_sega.checkpoint.names import LATEST_FILE, TOKENIZER_DIR, step_dir_name
+    from megatron_sega.config import ConfigError, load_config
+    from megatron_sega.data import TINY_TOKENIZER_DIR, Tokenizer
+    from megatron_sega.models import preset
+    from megatron_sega.training.session import load_tokenizer, model_spec
+
+    recorded = preset("tiny").replace(num_layers=3)
+    older = _checkpoint(tmp_path, step_dir_name(2)) / MODEL_OPTIM_DIR
+    newest = _checkpoint(tmp_path, step_dir_name(4)) / MODEL_OPTIM_DIR
+    write_info(older, CheckpointInfo(spec=preset("tiny"), padded_vocab_size=512, dtype="float32"))
+    write_info(newest, CheckpointInfo(spec=recorded, padded_vocab_size=512, dtype="float32"))
+    Tokenizer.from_path(str(TINY_TOKENIZER_DIR)).save(newest / TOKENIZER_DIR)
+    (tmp_path / LATEST_FILE).write_text(step_dir_name(4) + "\n")
+
+    assert resolve_checkpoint_dir(tmp_path) == newest
+    assert resolve_checkpoint_dir(tmp_path / step_dir_name(2)) == older
+    # A preset other than 'tiny' has no tokenizer of its own: the checkpoint's must be found.
+    config = load_config(None, ["model.preset=llama3-8b", f"model.load={tmp_path}"])
+    assert model_spec(config) == recorded
+    assert model_spec(load_config(None, ["model.preset=llama3-8b"])) == preset("llama3-8b")
+    tokenizer = load_tokenizer(config)
+    assert tokenizer.vocab_size == Tokenizer.from_path(str(TINY_TOKENIZER_DIR)).vocab_size
+    (tmp_path / LATEST_FILE).write_text(step_dir_name(2) + "\n")  # no tokenizer in that one
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_tokenizer(config)
