@@ -55,11 +55,21 @@ def table(results: dict) -> str:
                     f"{ours['peak_temp_bytes'] / 2**20:.1f} MiB "
                     f"({ours['peak_temp_bytes'] / gather['peak_temp_bytes']:.2f} of gather) | "
                     f"{gather['peak_temp_bytes'] / 2**20:.1f} MiB |")
+        if "collectives" in ours:
+            fallback = ours.get("fallback_rate")
+            rows.append(f"| vocab-parallel {op}, TP={tp} | wall time (best of 3), collectives"
+                        f"{', fallback rows' if fallback is not None else ''} | "
+                        f"{ours['seconds']:.3f} s "
+                        f"({gather['seconds'] / max(ours['seconds'], 1e-9):.2f}x faster), "
+                        f"{ours['collectives']}"
+                        f"{'' if fallback is None else f', {fallback:.1%}'} | "
+                        f"all-gather {gather['seconds']:.3f} s, {gather['collectives']} |")
     sampler = results.get("sampler") or {}
     decoders = {r["decoder"]: r for r in sampler.get("results", [])}
     ours = decoders.get("sampler")
     cfg = sampler.get("config", {})
     for name, label in (("hf_generate", "transformers generate (KV cache)"),
+                        ("sampler_megatron", "the sampler on Megatron-Core's forward"),
                         ("no_cache", "no-cache recompute")):
         if ours and name in decoders:
             base = decoders[name]
@@ -68,6 +78,15 @@ def table(results: dict) -> str:
                 f"{cfg.get('new')} new tokens) | tokens per CPU-second vs {label} | "
                 f"{ours['tokens_per_cpu_s']:.0f} ({ours['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x)"
                 f" | {base['tokens_per_cpu_s']:.0f} |")
+    tp2 = sampler.get("tp2_demo") or {}
+    for name, run in (tp2.get("runs") or {}).items():
+        rows.append(
+            f"| sampler TP=2, demo model, {tp2['rows']} rows, T=1 p=0.95 ({name}) | per decode "
+            f"step: forward / sampling / bookkeeping | {run['forward_ms']:.1f} / "
+            f"{run['sampling_ms']:.1f} / {run['bookkeeping_ms']:.2f} ms; collectives "
+            f"{run['sampling_collectives_per_step']:.2f} sampling + "
+            f"{run['forward_collectives_per_step']:.0f} forward; fallback "
+            f"{run['fallback_rate']:.1%} | host wall time |")
     conv = results.get("convert") or {}
     for direction, run in (conv.get("runs") or {}).items():
         rows.append(f"| convert {direction} ({conv.get('checkpoint_bytes', 0) / 1e9:.2f} GB) | "

@@ -9,10 +9,13 @@ same weights, greedily, on the same prompts (random ids, lengths from ``prompt/2
 ``prompt``), for exactly ``--new`` tokens (no stop token; HF with ``min_new_tokens``):
 
     sampler        ``Sampler.generate`` on the model as ``build_model`` makes it without
-                   Transformer Engine (SDPA core attention): prefill + KV-cached decode with the
-                   vocab-parallel ops, which also compute the untempered log-prob and the
-                   entropy of every token;
-    sampler_local  the same with Megatron's local core attention (``attention="local"``);
+                   Transformer Engine (SDPA core attention): prefill + KV-cached decode through
+                   the sampler's lean forward (``sampling/decode.py``) and the vocab-parallel
+                   ops, which also compute the untempered log-prob and the entropy of every
+                   token;
+    sampler_megatron  the same through Megatron-Core's own forward and StaticInferenceContext
+                   (``Sampler(lean=False)``, what the sampler ran before);
+    sampler_local  Megatron's forward with its local core attention (``attention="local"``);
     hf_generate    ``model.generate(..., use_cache=True, do_sample=False)``, SDPA attention,
                    left-padded batch (argmax only: no log-probs, no entropies);
     no_cache       the Megatron model on the whole sequence at every step (a sampler without a
@@ -24,7 +27,15 @@ process's CPU time. On a shared machine the wall clock mostly measures the neigh
 speed-ups are taken from the best CPU time (with one thread, CPU time = the work done); the
 best wall time is reported next to it. tokens/s counts the generated tokens of the whole batch.
 The greedy outputs are compared with the sampler's (fp32 rounding may flip a near-tie after a
-few hundred steps). Results go to benchmarks/results/sampler.json; a markdown table is printed.
+few hundred steps).
+
+Then ``tp2_demo``: the demo's model (the ``tiny`` preset, 460-token vocabulary, random weights)
+at TP = 2 in two gloo processes, generating as a demo SEGA step does (32 rows = 8 prompts x 4
+candidates of 12-24 tokens, 40 new tokens, T = 1, top-p = 0.95, no stop token), with both
+forwards: the time per decode step split into forward / sampling / bookkeeping
+(``SamplerStats``), the collectives per decode step (sampling and forward apart) and the rows
+left to the sampling fallback. Results go to benchmarks/results/sampler.json; a markdown table
+is printed.
 """
 
 from __future__ import annotations
@@ -133,6 +144,97 @@ def run_no_cache(model, prompts, new: int, vocab: int):
     return torch.stack(out, 1)
 
 
+def _tp2_rank(rank: int, workdir: str, rows: int, new: int, repeats: int) -> None:
+    """One rank of the TP=2 demo-model run (see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO))
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    from megatron_sega import runtime
+    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.models import preset
+    from megatron_sega.models.builder import build_model
+    from megatron_sega.sampling import Sampler, SamplingParams
+
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
+                            world_size=2)
+    rt = runtime.setup(2, 1)
+    spec = preset("tiny", vocab_size=460)
+    model = build_model(spec, rt, use_te=False)
+    load_full_state_dict(model, random_full_state_dict(spec, spec.padded_vocab_size(2), seed=7),
+                         rt.tp, rt.tp_rank)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 460, (int(n),), generator=g).tolist()
+               for n in torch.randint(12, 25, (rows // 4,), generator=g) for _ in range(4)]
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=new)
+    calls = {"n": 0}
+    originals = {name: getattr(dist, name) for name in
+                 ("all_reduce", "all_gather_single", "all_gather_into_tensor", "broadcast")
+                 if hasattr(dist, name)}
+
+    def counted(fn):
+        def wrapper(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, counted(fn))
+    runs = {}
+    for name, lean in (("lean (default)", True), ("megatron", False)):
+        sampler = Sampler(model, rt, spec.vocab_size, pad_id=0, lean=lean)
+        split = {"forward": 0, "sampling": 0}
+        for part, method in (("forward", "_forward"), ("sampling", "_sample_and_share")):
+            original = getattr(sampler, method)
+
+            def tally(*a, _part=part, _original=original, **k):
+                before = calls["n"]
+                out = _original(*a, **k)
+                split[_part] += calls["n"] - before
+                return out
+
+            setattr(sampler, method, tally)
+        sampler.generate(prompts[:4], SamplingParams(max_new_tokens=4))  # warm-up
+        best = None
+        for _ in range(repeats):
+            sampler.stats.reset()
+            split.update(forward=0, sampling=0)
+            sampler.generate(prompts, params, sample_ids=list(range(len(prompts))))
+            st = sampler.stats
+            per = st.per_step_ms()
+            run = dict(forward_ms=per["forward"], sampling_ms=per["sampling"],
+                       bookkeeping_ms=per["bookkeeping"], decode_steps=st.decode_steps,
+                       prefill_s=st.prefill_s,
+                       sampling_collectives_per_step=split["sampling"] / st.decode_steps,
+                       # steps forwards in all (the prefill and steps - 1 decodes)
+                       forward_collectives_per_step=split["forward"] / st.decode_steps,
+                       fallback_rate=st.fallback_rows / max(st.sampled_rows, 1),
+                       total_ms=sum(per.values()))
+            if best is None or run["total_ms"] < best["total_ms"]:
+                best = run
+        runs[name] = best
+    for name, fn in originals.items():
+        setattr(dist, name, fn)
+    if rank == 0:
+        torch.save({"runs": runs, "rows": len(prompts), "new": new},
+                   Path(workdir) / "tp2.pt")
+    runtime.teardown()
+
+
+def run_tp2_demo(rows: int = 32, new: int = 40, repeats: int = 3) -> dict:
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="msega_tp2_") as workdir:
+        mp.start_processes(_tp2_rank, args=(workdir, rows, new, repeats), nprocs=2,
+                           start_method="spawn")
+        return torch.load(Path(workdir) / "tp2.pt", weights_only=True)
+
+
 def timed(fn, *args):
     """(wall seconds, CPU seconds, result)."""
     import torch
@@ -160,6 +262,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=0, help="0: hidden / 128")
     parser.add_argument("--ffn", type=int, default=0, help="0: 11/4 hidden")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/sampler.json"))
+    parser.add_argument("--no-tp2-demo", action="store_true", help="skip the TP=2 demo-model run")
     args = parser.parse_args()
 
     import torch
@@ -177,10 +280,12 @@ def main() -> None:
     model, spec = megatron_model(hf, rt, dtype=dtype)
     local_model, _ = megatron_model(hf, rt, attention="local", dtype=dtype)
     prompts = prompts_for(args.batch, args.prompt, args.vocab)
-    samplers = {name: Sampler(m, rt, spec.vocab_size, pad_id=0)
-                for name, m in (("sampler", model), ("sampler_local", local_model))}
+    samplers = {"sampler": Sampler(model, rt, spec.vocab_size, pad_id=0, lean=True),
+                "sampler_megatron": Sampler(model, rt, spec.vocab_size, pad_id=0, lean=False),
+                "sampler_local": Sampler(local_model, rt, spec.vocab_size, pad_id=0)}
     runners = {
         "sampler": lambda n: run_sampler(samplers["sampler"], prompts, n),
+        "sampler_megatron": lambda n: run_sampler(samplers["sampler_megatron"], prompts, n),
         "sampler_local": lambda n: run_sampler(samplers["sampler_local"], prompts, n),
         "hf_generate": lambda n: run_hf(hf, prompts, n),
         "no_cache": lambda n: run_no_cache(model, prompts, n, spec.vocab_size),
@@ -206,6 +311,8 @@ def main() -> None:
             "first_call_s": first_call[name],
             "token_agreement": float((outputs[name].cpu() == ref).float().mean()),
         })
+    runtime.teardown()
+    tp2 = None if args.no_tp2_demo else run_tp2_demo()
     record = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "model_params": sum(p.numel() for p in hf.parameters()),
@@ -213,7 +320,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows, "tp2_demo": tp2,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +338,16 @@ def main() -> None:
         print(f"| {r['decoder']} | {r['cpu_s']:.2f} | {r['tokens_per_cpu_s']:.0f} | {speedup} | "
               f"{r['wall_s']:.2f} | {r['tokens_per_s_wall']:.0f} | {r['first_call_s']:.2f} | "
               f"{r['token_agreement']:.3f} |")
-    runtime.teardown()
+    if tp2:
+        print(f"\nTP=2, demo model, {tp2['rows']} rows x {tp2['new']} new tokens, "
+              f"T=1 p=0.95, per decode step (ms, host wall):\n")
+        print("| forward | ms forward | ms sampling | ms bookkeeping | collectives: sampling | "
+              "forward | sampling fallback rows |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in tp2["runs"].items():
+            print(f"| {name} | {r['forward_ms']:.2f} | {r['sampling_ms']:.2f} | "
+                  f"{r['bookkeeping_ms']:.2f} | {r['sampling_collectives_per_step']:.2f} | "
+                  f"{r['forward_collectives_per_step']:.2f} | {r['fallback_rate']:.1%} |")
 
 
 if __name__ == "__main__":

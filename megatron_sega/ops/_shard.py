@@ -63,6 +63,8 @@ def sum64(x: Tensor, block: int = 128) -> Tensor:
     CPU. Blocks of 128 keep the fp32 part short without any copy (the reshape is a view).
     """
     c, w = x.shape
+    if c * w <= 1 << 16:  # small: one fp64 sum costs less than the ops that avoid it
+        return x.sum(-1, dtype=torch.float64)
     full = w - w % block
     out = x[:, :full].reshape(c, full // block, block).sum(-1).double().sum(-1)
     if full < w:
@@ -70,11 +72,13 @@ def sum64(x: Tensor, block: int = 128) -> Tensor:
     return out
 
 
-def row_reader(t: Tensor) -> Callable[[slice], Tensor]:
-    """``read(rows) -> [len(rows), V]`` for a slice of the flattened leading dims of ``t [..., V]``.
+def row_reader(t: Tensor) -> Callable[[slice | Tensor], Tensor]:
+    """``read(rows) -> [len(rows), V]`` for a slice (or an index tensor) of the flattened leading
+    dims of ``t [..., V]``.
 
-    A view when the leading dims flatten without a copy; otherwise (e.g. ``logits[:, :-1]``)
-    each chunk of rows is gathered on its own, so that no full copy of ``t`` is ever made.
+    A view for a slice when the leading dims flatten without a copy; otherwise (e.g.
+    ``logits[:, :-1]``) each chunk of rows is gathered on its own, so that no full copy of ``t``
+    is ever made.
     """
     try:
         flat = t.view(-1, t.shape[-1])
@@ -82,8 +86,9 @@ def row_reader(t: Tensor) -> Callable[[slice], Tensor]:
     except RuntimeError:
         lead = t.shape[:-1]
 
-        def read(rows: slice) -> Tensor:
-            index = torch.arange(rows.start, rows.stop, device=t.device)
+        def read(rows: slice | Tensor) -> Tensor:
+            index = rows if isinstance(rows, Tensor) else \
+                torch.arange(rows.start, rows.stop, device=t.device)
             return t[torch.unravel_index(index, lead)]
 
         return read

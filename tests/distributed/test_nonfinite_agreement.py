@@ -62,6 +62,21 @@ def _run_with_injected_nans(logdir: str) -> dict:
         seen.append((step, bool(metrics["skipped_update"]), metrics["bad_steps_in_a_row"]))
         return log(self, step, metrics, **kwargs)
 
+    # The sampler decodes through its lean forward (sampling/decode.py), which reads the output
+    # layer's weight without calling the module: inject there too.
+    from megatron_sega.sampling import decode
+
+    lean_call = decode.LeanForward.__call__
+
+    def lean_forward(self, tokens, hidden=None):
+        out = lean_call(self, tokens, hidden)
+        where, replica = INJECT.get(current["step"], (None, None))
+        if (self.model.post_process and where == "sample"
+                and sessions[0].runtime.dp_rank == replica):
+            return out * float("nan")
+        return out
+
+    decode.LeanForward.__call__ = lean_forward
     sega.open_session, sega.sega_step, MetricsLogger.log = opening, stepping, logging
     config = load_config(None, [
         "model.preset=tiny", "model.dtype=bf16", "model.init_seed=3", "parallel.tp=1",

@@ -33,6 +33,25 @@ CONFIGS = [
     dict(temperature=1.3, top_k=100, top_p=0.8),
 ]  # more filter settings (k = 1, tiny p, ...) are in the single-process tests
 SEED, STEP = 7, 3
+FEW = 4  # candidates per rank that cannot hold these nuclei: most rows take the fallback
+
+
+def peaked_logits(case: str) -> torch.Tensor:
+    """Rows shaped like a trained model's, with ties across ranks: three ids at 6, five at 5
+    (spread over the shards), the rest well below; padding as in ``full_logits``."""
+    vocab, _ = CASES[case]
+    g = torch.Generator().manual_seed(4321)
+    z = torch.randn(*ROWS, V_PAD, generator=g) * 0.5 - 3.0
+    for idx in range(ROWS[0] * ROWS[1]):
+        ids = torch.randperm(vocab, generator=g)[:8]
+        z.view(-1, V_PAD)[idx, ids[:3]] = 6.0
+        z.view(-1, V_PAD)[idx, ids[3:]] = 5.0
+    z[..., vocab:] = 1e4
+    return z
+
+
+PEAKED = [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=5),
+          dict(temperature=1.0, top_k=4, top_p=0.95)]
 
 
 def full_logits(case: str) -> torch.Tensor:
@@ -71,7 +90,7 @@ def _worker() -> dict:
 def _checks(group, world: int) -> dict:
     import torch.distributed as dist
 
-    from megatron_sega.ops import entropy, log_probs, log_probs_and_entropy, sample
+    from megatron_sega.ops import SampleStats, entropy, log_probs, log_probs_and_entropy, sample
     from megatron_sega.ops.sampling import _support
 
     rank, shard = dist.get_rank(group), V_PAD // world
@@ -108,6 +127,26 @@ def _checks(group, world: int) -> dict:
         seeds = torch.arange(ROWS[0] * ROWS[1]).view(ROWS) * 11 + 1
         out[f"{case}/row_seeds"] = sample(local.detach(), start, vocab, group, temperature=1.0,
                                           top_p=0.95, seed=seeds, step=STEP).tokens
+        # Few candidates: the rows left open go through the fallback, in one call with the rest.
+        for i, cfg in enumerate(CONFIGS):
+            if cfg["temperature"] > 0:
+                stats = SampleStats()
+                s = sample(local.detach(), start, vocab, group, seed=SEED, step=STEP,
+                           candidates=FEW, stats=stats, **cfg)
+                out[f"{case}/few{i}/tokens"], out[f"{case}/few{i}/lp"] = s.tokens, s.logp_sampling
+                out[f"{case}/few{i}/open"] = stats.fallback_rows
+        # Peaked rows with ties across ranks: settled by the one all-gather (default C), and
+        # through the fallback (2 candidates); count the collectives of each.
+        peaked = peaked_logits(case)[..., start:start + shard]
+        for i, cfg in enumerate(PEAKED):
+            for c in (None, 2):
+                stats, calls = SampleStats(), _count_collectives()
+                with calls:
+                    s = sample(peaked, start, vocab, group, seed=SEED, step=STEP, stats=stats,
+                               **({} if c is None else dict(candidates=c)), **cfg)
+                key = f"{case}/peaked{i}/c{c}"
+                out[f"{key}/tokens"], out[f"{key}/lp"] = s.tokens, s.logp_sampling
+                out[f"{key}/open"], out[f"{key}/collectives"] = stats.fallback_rows, calls.n
     # Errors that only one rank can see must raise on every rank (not hang the others).
     z = full_logits("v1000")[..., start:start + shard].clone()
     if rank == world - 1:
@@ -123,6 +162,32 @@ def _checks(group, world: int) -> dict:
             errors.append(str(exc))
     out["errors"] = errors
     return out
+
+
+class _count_collectives:
+    """Counts torch.distributed all_reduce / all-gather calls while active."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.n, self.saved = 0, {}
+        for name in ("all_reduce", "all_gather_single", "all_gather_into_tensor"):
+            if hasattr(dist, name):
+                self.saved[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(self.saved[name]))
+        return self
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            self.n += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -217,3 +282,51 @@ def test_errors_seen_by_one_rank_raise_on_every_rank(tp_run):
         assert "NaN or Inf" in nan_entropy and f"TP rank {world - 1}" in nan_entropy
         assert "NaN or Inf" in nan_sample
         assert "vocab_size=1025" in too_big
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fallback_rows_are_exact_and_tp_invariant(tp_run, case):
+    """With 4 candidates most rows are open; they and the settled ones give the tokens and
+    sampling log-probs of TP=1 with the default candidates, i.e. of the exact draw."""
+    from megatron_sega.ops import sample
+
+    from tests.unit.test_ops_vocab_parallel import reference_tokens
+
+    world, results = tp_run
+    vocab, _ = CASES[case]
+    z = full_logits(case)
+    for i, cfg in enumerate(CONFIGS):
+        if cfg["temperature"] == 0:
+            continue
+        single = sample(z, 0, vocab, None, seed=SEED, step=STEP, **cfg)
+        expected = reference_tokens(z[..., :vocab].reshape(-1, vocab), seed=SEED, step=STEP, **cfg)
+        assert torch.equal(single.tokens.flatten(), expected), cfg
+        for rank_out in results:
+            assert torch.equal(rank_out[f"{case}/few{i}/tokens"], single.tokens), (cfg, world)
+            _assert_close(rank_out[f"{case}/few{i}/lp"], single.logp_sampling)
+        if cfg.get("top_p", 1) < 1 or 0 < cfg.get("top_k", 0) > FEW:
+            assert results[0][f"{case}/few{i}/open"] > 0, cfg  # the fallback did run
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peaked_rows_take_one_collective_and_split_ties_by_id(tp_run, case):
+    from megatron_sega.ops import sample
+
+    from tests.unit.test_ops_vocab_parallel import reference_tokens
+
+    world, results = tp_run
+    vocab, _ = CASES[case]
+    z = peaked_logits(case)
+    for i, cfg in enumerate(PEAKED):
+        single = sample(z, 0, vocab, None, seed=SEED, step=STEP, **cfg)
+        expected = reference_tokens(z[..., :vocab].reshape(-1, vocab), seed=SEED, step=STEP, **cfg)
+        assert torch.equal(single.tokens.flatten(), expected), cfg
+        for rank_out in results:
+            for c in (None, 2):
+                key = f"{case}/peaked{i}/c{c}"
+                assert torch.equal(rank_out[f"{key}/tokens"], single.tokens), (cfg, c, world)
+                _assert_close(rank_out[f"{key}/lp"], single.logp_sampling)
+        assert results[0][f"{case}/peaked{i}/cNone/open"] == 0, cfg
+        assert results[0][f"{case}/peaked{i}/cNone/collectives"] == 1, cfg
+        assert results[0][f"{case}/peaked{i}/c2/open"] > 0, cfg
+        assert results[0][f"{case}/peaked{i}/c2/collectives"] > 1, cfg

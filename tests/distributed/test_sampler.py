@@ -137,8 +137,9 @@ class _CompactionSpy:
 def _layout_rollouts(sampler, chunks, rt) -> dict:
     """What every layout computes: greedy, seeded sampling, early stops with compaction, and
     their teacher-forced statistics at this layout."""
-    from megatron_sega.sampling import SamplingParams
+    from megatron_sega.sampling import Sampler, SamplingParams
 
+    assert all(type(f).__name__ == "LeanForward" for f in sampler.forwards)
     greedy = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     sampled = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, **SAMPLED),
                                sample_ids=SAMPLE_IDS)
@@ -146,7 +147,15 @@ def _layout_rollouts(sampler, chunks, rt) -> dict:
         stopped = sampler.generate(PROMPTS, SamplingParams(
             temperature=0.0, max_new_tokens=NEW, stop_token_ids=tuple(_first_tokens(greedy.response_ids))))
     out = {"greedy": greedy, "sampled": sampled, "stopped": stopped}
+    # The same through Megatron-Core's own forward (the lean one is the default here).
+    reference = Sampler(chunks, rt, VOCAB, PAD, lean=False)
     result = {name: _as_dict(r) for name, r in out.items()}
+    result["megatron_forward"] = {
+        "greedy": _as_dict(reference.generate(PROMPTS, SamplingParams(temperature=0.0,
+                                                                      max_new_tokens=NEW))),
+        "sampled": _as_dict(reference.generate(PROMPTS, SamplingParams(max_new_tokens=NEW,
+                                                                       **SAMPLED),
+                                               sample_ids=SAMPLE_IDS))}
     for name, r in out.items():
         result[name]["teacher"] = _teacher_forced(chunks, rt, r)
     result["compactions"] = spy.calls
@@ -236,7 +245,63 @@ def _tp1_suite(path: str, config: dict) -> dict:
             errors[name] = str(err)
     out["errors"] = errors
     out["training_mode_restored"] = bool(chunks[0].module.training)
+
+    # Host reads per decode step: the difference between 4 and NEW steps (stop strings on).
+    reads = {}
+    for steps in (4, NEW):
+        with _HostReads() as counter:
+            sampler.stats.reset()
+            sampler.generate(PROMPTS, SamplingParams(max_new_tokens=steps, stop_strings=("<none>",),
+                                                     **SAMPLED), sample_ids=SAMPLE_IDS,
+                             decode=lambda ids: "".join(f"<{i}>" for i in ids))
+        reads[steps] = (counter.lists, counter.scalars, sampler.stats.decode_steps)
+    out["host_reads"] = reads
     return out
+
+
+class _HostReads:
+    """Counts ``Tensor.tolist`` calls and scalar reads (``item``, ``int``, ``bool``) while active:
+    the host reads that synchronise with a GPU."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.lists = self.scalars = 0
+        self.tolist, outer = torch.Tensor.tolist, self
+
+        def tolist(t, *args, **kwargs):
+            outer.lists += 1
+            return outer.tolist(t, *args, **kwargs)
+
+        class Scalars(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer.scalars += 1
+                return func(*args, **(kwargs or {}))
+
+        torch.Tensor.tolist = tolist
+        self.mode = Scalars()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        torch.Tensor.tolist = self.tolist
+
+
+def _agreement_suite(path: str, config: dict) -> dict:
+    """TP=2 ranks with different memory budgets (2 rows vs all rows per batch) plan alike."""
+    from megatron_sega.sampling import Sampler, SamplingParams
+
+    rt, chunks = _load(path, config, 2, 1)
+    probe = Sampler(chunks[0], rt, VOCAB, PAD)
+    total = max(len(p) for p in PROMPTS) + NEW
+    per_row = total * (probe.kv_bytes_per_token + 8 * probe.hidden_size * probe.dtype.itemsize)
+    budget = 2 * per_row if rt.tp_rank == 0 else 100 * per_row
+    sampler = Sampler(chunks[0], rt, VOCAB, PAD, memory_budget_bytes=budget)
+    plan = sampler._plan([len(p) for p in PROMPTS], NEW)
+    rollout = sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=NEW))
+    return {"plan": plan, "greedy": _as_dict(rollout)}
 
 
 def _layout_suite(path: str, config: dict, tp: int, pp: int, vpp: int | None = None) -> dict:
@@ -249,7 +314,7 @@ def _layout_suite(path: str, config: dict, tp: int, pp: int, vpp: int | None = N
 def _two_process_suite(path: str, config: dict) -> dict:
     return {"tp1": _tp1_suite(path, config), "tp2": _layout_suite(path, config, 2, 1),
             "pp2": _layout_suite(path, config, 1, 2),
-            "pp2vpp2": _layout_suite(path, config, 1, 2, 2)}
+            "pp2vpp2": _layout_suite(path, config, 1, 2, 2), "agreed": _agreement_suite(path, config)}
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -376,6 +441,8 @@ def test_layout(results, layout):
     tp1 = results["two"][0]["tp1"]
     for name in ("greedy", "sampled", "stopped"):
         _same_rollout(r[name], tp1[name], f"{layout} vs tp1 {name}")
+    for name in ("greedy", "sampled"):  # the lean forward vs Megatron-Core's
+        _same_rollout(r["megatron_forward"][name], r[name], f"{layout} Megatron forward {name}")
 
 
 def test_statistics_equal_hugging_face(results, hf_model):
@@ -463,3 +530,22 @@ def test_kv_cache_planning_splits_and_refuses(results):
     assert "at least one prompt" in errors["no_prompts"]
     assert "decode" in errors["stop_strings_without_decode"]
     assert tp1["training_mode_restored"]
+
+
+def test_one_host_synchronisation_per_decode_step(results):
+    """Per decode step: the one read in ops.sample and the one of the lagged stop state (a
+    host buffer: no synchronisation on a GPU); no scalar reads. Per batch: a few constants."""
+    reads = results["two"][0]["tp1"]["host_reads"]
+    (lists4, scalars4, steps4), (lists, scalars, steps) = reads[4], reads[NEW]
+    assert steps - steps4 == NEW - 4, reads
+    assert lists - lists4 <= 2 * (NEW - 4), reads
+    assert scalars == scalars4, reads
+
+
+def test_ranks_with_different_budgets_agree_on_one_plan(results):
+    """The smallest budget of the model-parallel group wins: same plan, no hang."""
+    agreed = [r["agreed"] for r in results["two"]]
+    assert agreed[0]["plan"] == agreed[1]["plan"], [a["plan"] for a in agreed]
+    assert len(agreed[0]["plan"]) == 3, agreed[0]["plan"]  # 2 rows per batch: rank 0's budget
+    _same_rollout(agreed[0]["greedy"], results["two"][0]["tp2"]["greedy"], "agreed plan, TP=2")
+    _same_rollout(agreed[1]["greedy"], agreed[0]["greedy"], "agreed plan, rank 1", tol=0.0)

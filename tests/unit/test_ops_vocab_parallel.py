@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_sega.ops import entropy, log_probs, log_probs_and_entropy, sample
-from megatron_sega.ops.sampling import _support, gumbel_noise, row_keys
+from megatron_sega.ops.sampling import SampleStats, _support, gumbel_noise, row_keys
 
 V, V_PAD = 1000, 1024
 
@@ -259,3 +259,99 @@ def test_sample_returns_the_untempered_entropy():
         torch.testing.assert_close(s.entropy, entropy(z, 0, 300, None), rtol=0, atol=1e-6)
         p = torch.softmax(z.double(), -1)
         torch.testing.assert_close(s.entropy.double(), -(p * p.log()).sum(-1), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-collective path: candidates, the fallback, ties at the candidate boundary
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_tokens(z: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0, step: int = 0) -> torch.Tensor:
+    """The exact draw: Gumbel-max with the op's noise over the float64 reference support of
+    ``z [n, V]`` (``w`` rounded to fp32 as the op does; the first id among equal scores)."""
+    keep = reference_support(z, temperature, top_k, top_p)
+    g = gumbel_noise(row_keys(seed, step, torch.Size([z.shape[0]])), torch.arange(z.shape[1]))
+    return torch.where(keep, (z / temperature).double() + g, -math.inf).argmax(-1)
+
+
+def _peaked(n: int, seed: int = 0) -> torch.Tensor:
+    """Rows shaped like a trained model's: a few likely tokens, a long flat tail; the peak
+    width varies by row so that some nuclei fit in a few candidates and some do not."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, V_PAD, generator=g)
+    width = torch.randint(1, 40, (n, 1), generator=g)
+    rank = torch.argsort(torch.rand(n, V_PAD, generator=g), -1).argsort(-1)
+    z = z + torch.where(rank < width, 9.0, 0.0)
+    z[:, V:] = 1e4
+    return z
+
+
+@pytest.mark.parametrize("cfg", SUPPORT_CASES[1:] + [dict(temperature=1.0, top_p=0.95)], ids=str)
+def test_candidates_change_only_how_often_the_fallback_runs(cfg):
+    """Every row's token is the exact draw whatever C: the rows the candidates settle, the rows
+    left to the bisection (small C), and calls with both."""
+    z = torch.cat([_peaked(24, seed=1), _logits(8, seed=2)])
+    expected = reference_tokens(z[:, :V], seed=5, step=2, **cfg)
+    base = None
+    for candidates in (1, 3, 16, 64, V):
+        stats = SampleStats()
+        s = sample(z, 0, V, None, seed=5, step=2, candidates=candidates, stats=stats, **cfg)
+        assert torch.equal(s.tokens, expected), (cfg, candidates)
+        if base is None:
+            base = s
+        for name in ("logp_sampling", "logp_untempered", "entropy"):
+            _assert_close(getattr(s, name), getattr(base, name))
+        assert stats.calls == 1 and stats.rows == 32
+        if candidates == V:  # every logit is a candidate: nothing is left open
+            assert stats.fallback_rows == 0, cfg
+        if candidates == 1 and cfg.get("top_k", 0) != 1:
+            assert stats.fallback_rows > 0, cfg
+    if cfg == dict(temperature=1.0, top_p=0.95):  # peaked rows fit in 64, flat ones do not
+        stats = SampleStats()
+        sample(z, 0, V, None, seed=5, step=2, stats=stats, **cfg)
+        assert 8 <= stats.fallback_rows < 32, stats
+
+
+@pytest.mark.parametrize("cfg, settled", [
+    (dict(temperature=1.0, top_k=3), True), (dict(temperature=1.0, top_k=4), False),
+    (dict(temperature=1.0, top_k=6), False), (dict(temperature=0.5, top_p=0.6), True),
+    (dict(temperature=1.0, top_p=0.97), False), (dict(temperature=1.0, top_k=5, top_p=0.9), False),
+], ids=str)
+def test_ties_at_the_candidate_boundary(cfg, settled):
+    """Equal logits across the C-th candidate: the support takes tied tokens in id order, on
+    the candidates when they settle it and through the fallback when the tie straddles c*."""
+    n = 64
+    z = torch.full((n, V_PAD), -3.0)
+    g = torch.Generator().manual_seed(9)
+    for row in range(n):  # three tied at 6, then five tied at 5 (C = 4 cuts through them)
+        ids = torch.randperm(V, generator=g)[:8]
+        z[row, ids[:3]], z[row, ids[3:]] = 6.0, 5.0
+    z[:, V:] = 1e4
+    expected = reference_tokens(z[:, :V], seed=1, step=0, **cfg)
+    for candidates in (2, 4, 8, 16):
+        stats = SampleStats()
+        s = sample(z, 0, V, None, seed=1, step=0, candidates=candidates, stats=stats, **cfg)
+        assert torch.equal(s.tokens, expected), (cfg, candidates)
+        keep = reference_support(z[:, :V], **cfg)
+        wq = torch.where(keep, z[:, :V].double() / cfg["temperature"], -math.inf)
+        _assert_close(s.logp_sampling, torch.log_softmax(wq, -1).gather(1, s.tokens[:, None])[:, 0])
+        if candidates == 4:  # c* = 5: only the three 6s are known; a support in them is settled
+            assert stats.fallback_rows == (0 if settled else n), (cfg, stats)
+
+
+def test_the_fallback_draws_the_filtered_distribution():
+    """The bisection path alone (1 candidate cannot hold these nuclei) over 12 true ids."""
+    n, vocab = 100_000, 12
+    z = torch.full((n, 16), 1e4)
+    z[:, :vocab] = torch.tensor([2.0, 1.5, 1.5, 1.0, 0.7, 0.3, 0.0, -0.5, -1.0, 1.2, 0.1, -2.0])
+    cfg = dict(temperature=1.0, top_p=0.7)
+    stats = SampleStats()
+    s = sample(z, 0, vocab, None, seed=77, step=3, chunk_size=n, candidates=1, stats=stats, **cfg)
+    assert stats.fallback_rows == n
+    counts = torch.bincount(s.tokens, minlength=16).double()
+    keep = reference_support(z[:1, :vocab], **cfg)[0]
+    q = torch.softmax(torch.where(keep, z[0, :vocab].double(), -math.inf), 0)
+    assert counts[vocab:].sum() == 0 and counts[:vocab][~keep].sum() == 0
+    bound = _bernstein_halfwidth(n, q, 1e-7 / vocab)
+    assert ((counts[:vocab] - n * q).abs() <= bound).all(), (counts[:vocab], n * q, bound)

@@ -34,6 +34,7 @@ def _planner(max_batch_tokens: int = 0, budget: int | None = None, bucket: bool 
     sampler.kv_bytes_per_token = kv_bytes_per_token
     sampler.hidden_size = 8
     sampler.dtype = torch.float32
+    sampler.rt = None  # no model-parallel group to agree the budget with
     return sampler
 
 
@@ -61,12 +62,15 @@ def test_a_row_that_cannot_fit_is_refused(sampler):
     assert "max_new_tokens" in str(err.value)
 
 
-def _run(state: _DecodeState, steps: list[list[int]], decode=None, rows=None) -> Rollout:
+def _run(state: _DecodeState, steps: list[list[int]], rows=None) -> Rollout:
+    """Drive the state as the decode loop does: the host catches up one step late."""
     for step, tokens in enumerate(steps):
         active = torch.arange(len(tokens)) if rows is None else rows[step]
-        stats = torch.tensor([[-1.0 - step] * len(tokens), [-2.0] * len(tokens),
-                              [0.5] * len(tokens)])
-        state.advance(active, step, torch.tensor(tokens), stats, decode)
+        state.catch_up()
+        state.stats[:, active, step] = torch.tensor(
+            [[-1.0 - step] * len(tokens), [-2.0] * len(tokens), [0.5] * len(tokens)])
+        state.advance(active, step, torch.tensor(tokens))
+    state.catch_up()
     return state.to_rollout([[7]] * len(state.lengths), PAD, lambda t: t)
 
 
@@ -90,8 +94,9 @@ def test_stop_tokens_lengths_and_masks():
 def test_stop_strings_see_the_text_so_far():
     params = SamplingParams(max_new_tokens=4, stop_token_ids=(2,), stop_strings=("ab",))
     text = {3: "a", 4: "b", 5: "x", 2: "</s>"}
-    rollout = _run(_DecodeState(3, params, [0, 1, 2], "cpu"), [[3, 5, 3], [4, 3, 2], [5, 4, 5]],
-                   decode=lambda ids: "".join(text[i] for i in ids))
+    decode = lambda ids: "".join(text[i] for i in ids)  # noqa: E731
+    rollout = _run(_DecodeState(3, params, [0, 1, 2], "cpu", decode),
+                   [[3, 5, 3], [4, 3, 2], [5, 4, 5]])
     assert rollout.finish_reason == ["stop_string", "stop_string", "stop"]
     assert rollout.lengths.tolist() == [2, 3, 2]
     # A stop string is content; a stop token is not.

@@ -1,0 +1,247 @@
+"""The sampler's forward passes: one pipeline stage, one batch, a KV cache that grows by steps.
+
+Two implementations of one small interface (``start`` a batch, ``__call__`` on the next positions,
+``compact`` the batch to some rows):
+
+- :class:`LeanForward`, for the layers ``models.builder`` makes without Transformer Engine
+  (RMSNorm, SwiGLU, RoPE, ``SDPAttention``): the same math as Megatron-Core's forward on the
+  same parameters and in the same op order, without its per-call machinery. It exists because
+  decoding on CPU is bound by that machinery, not by arithmetic (see docs/design-notes.md,
+  "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
+  place, so attention reads a contiguous prefix; the attention mask is one additive row per
+  sequence made at ``start`` and sliced per step; RoPE's cos/sin are computed once per batch; a
+  decode step folds each query group onto its key/value head (one SDPA call without GQA
+  broadcasting); the output layer sees the last position only.
+- :class:`MegatronForward`: Megatron-Core's own forward with its ``StaticInferenceContext``, for
+  any other layer spec (Transformer Engine) and as the reference the lean one is tested against.
+
+Both return, on the last pipeline stage, the vocab-parallel logits of the last position
+``[batch, V/TP]``; on other stages the hidden states ``[s, batch, hidden]`` to send on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lean_unsupported(model) -> Optional[str]:
+    """Why :class:`LeanForward` cannot run ``model`` (None: it can)."""
+    from megatron_sega.models.sdpa import CachedRotarySelfAttention, SDPAttention
+
+    c = model.config
+    checks = {
+        "not the RMSNorm/SwiGLU Llama layer": c.normalization == "RMSNorm" and c.gated_linear_unit
+        and c.activation_func is F.silu and not c.add_bias_linear and not c.add_qkv_bias,
+        "a feature it does not implement": not (
+            c.qk_layernorm or c.num_moe_experts or c.multi_latent_attention or c.rotary_interleaved
+            or c.sequence_parallel or c.context_parallel_size != 1 or c.fp32_residual_connection
+            or c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma
+            or getattr(c, "use_mup", False) or getattr(c, "attention_output_gate", False)
+            or getattr(c, "rotary_percent", 1.0) != 1.0),
+        "not RoPE": getattr(model, "position_embedding_type", None) == "rope",
+    }
+    for layer in model.decoder.layers:
+        attention = layer.self_attention
+        checks["a layer spec other than models.builder's local one (e.g. Transformer Engine)"] = (
+            isinstance(attention, CachedRotarySelfAttention)
+            and isinstance(attention.core_attention, SDPAttention)
+            and isinstance(layer.input_layernorm, torch.nn.RMSNorm)
+            and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm))
+    for reason, ok in checks.items():
+        if not ok:
+            return reason
+    return None
+
+
+def _rms_norm(norm: torch.nn.RMSNorm, x: Tensor) -> Tensor:
+    return torch.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Megatron's non-interleaved RoPE (``rope_utils._apply_rotary_pos_emb_bshd``): the same
+    elementwise ops, so the same values."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+
+
+class _Layer(NamedTuple):
+    """One decoder layer's parameters, the linear weights transposed (views) for matmul."""
+
+    norm1: torch.nn.RMSNorm
+    qkv_t: Tensor
+    proj_t: Tensor
+    norm2: torch.nn.RMSNorm
+    fc1_t: Tensor
+    fc2_t: Tensor
+
+
+class LeanForward:
+    """Megatron-Core's Llama forward on its own parameters, for decoding (see the module doc)."""
+
+    def __init__(self, model, tp_group):
+        self.model = model
+        self.tp_group = tp_group if dist.is_initialized() and dist.get_world_size(tp_group) > 1 \
+            else None
+        first = model.decoder.layers[0].self_attention
+        self.groups = first.num_query_groups_per_partition
+        self.heads = first.num_attention_heads_per_partition
+        self.head_dim = first.hidden_size_per_attention_head
+        self.scale = first.core_attention.softmax_scale
+        self.dtype = model.config.params_dtype
+        self.cache: list[tuple[Tensor, Tensor]] = []
+        self.offset = 0
+
+    # ------------------------------------------------------------------ batch state
+    def start(self, is_pad: Tensor, total: int) -> None:
+        """A new batch of ``is_pad [B, total]`` (True: a left-padding position)."""
+        batch, device = is_pad.shape[0], is_pad.device
+        shape = (batch, self.groups, total, self.head_dim)
+        self.cache = [(torch.empty(shape, dtype=self.dtype, device=device),
+                       torch.empty(shape, dtype=self.dtype, device=device))
+                      for _ in self.model.decoder.layers]
+        self.is_pad = is_pad
+        # Additive key mask per row (0 or -inf), sliced at every step: no per-step allocation.
+        self.key_mask = torch.zeros(batch, 1, 1, total, dtype=self.dtype, device=device) \
+            .masked_fill_(is_pad[:, None, None, :], -math.inf)
+        # Parameters are read at every batch: training updates them in place between batches.
+        self.layers = [_Layer(layer.input_layernorm, layer.self_attention.linear_qkv.weight.t(),
+                              layer.self_attention.linear_proj.weight.t(),
+                              layer.pre_mlp_layernorm, layer.mlp.linear_fc1.weight.t(),
+                              layer.mlp.linear_fc2.weight.t())
+                       for layer in self.model.decoder.layers]
+        freqs = self.model.rotary_pos_emb(total)  # [total, 1, 1, head_dim]
+        self.cos = torch.cos(freqs).to(self.dtype)
+        self.sin = torch.sin(freqs).to(self.dtype)
+        self.offset = 0
+
+    def compact(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (an index tensor) of the KV cache and the masks."""
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+        self.key_mask, self.is_pad = self.key_mask[index], self.is_pad[index]
+
+    # ------------------------------------------------------------------ forward
+    def _mask(self, s: int, end: int) -> Tensor:
+        """``[B, 1, s, end]`` additive mask of positions ``[end - s, end)`` over keys ``[0, end)``
+        (a decode step: ``[B, 1, 1, end]``, a view of the per-row mask)."""
+        keys = self.key_mask[..., :end]
+        if s == 1:
+            return keys
+        causal = torch.ones(s, end, dtype=torch.bool, device=keys.device).triu(end - s + 1)
+        mask = keys.expand(-1, -1, s, -1).masked_fill(causal, -math.inf)
+        # Every query attends to itself, so that no row is empty (padding queries: NaN in SDPA).
+        diag = torch.arange(s, device=keys.device)
+        mask[:, :, diag, diag + end - s] = 0.0
+        return mask
+
+    def _all_reduce(self, x: Tensor) -> Tensor:
+        if self.tp_group is not None:
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        """``[B, s]`` ids -> ``[s, B, hidden]`` (Megatron's VocabParallelEmbedding)."""
+        emb = self.model.embedding.word_embeddings
+        if self.tp_group is None:
+            out = F.embedding(tokens, emb.weight)
+        else:
+            outside = (tokens < emb.vocab_start_index) | (tokens >= emb.vocab_end_index)
+            out = F.embedding((tokens - emb.vocab_start_index).masked_fill_(outside, 0), emb.weight)
+            out[outside, :] = 0.0
+            self._all_reduce(out)
+        return out.transpose(0, 1).contiguous()
+
+    def _attention(self, layer: _Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   mask: Tensor) -> Tensor:
+        s, b, _ = x.shape
+        start, end = self.offset, self.offset + s
+        per_group, d = self.heads // self.groups, self.head_dim
+        # Megatron's fused layout: per query group, its queries, then its key and its value.
+        qkv = torch.matmul(_rms_norm(layer.norm1, x), layer.qkv_t)
+        qkv = qkv.view(s, b, self.groups, per_group + 2, d)
+        qk = _rotate(qkv[:, :, :, :per_group + 1], self.cos[start:end, None], self.sin[start:end, None])
+        k_cache[:, :, start:end] = qk[:, :, :, per_group].permute(1, 2, 0, 3)
+        v_cache[:, :, start:end] = qkv[:, :, :, per_group + 1].permute(1, 2, 0, 3)
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        q = qk[:, :, :, :per_group]  # [s, b, groups, per_group, d]
+        if s == 1:  # one query per head: a group's queries are a sequence on its kv head
+            out = F.scaled_dot_product_attention(q[0], keys, values, attn_mask=mask,
+                                                 scale=self.scale)
+            out = out.reshape(1, b, self.heads * d)
+        else:
+            q = q.reshape(s, b, self.heads, d).permute(1, 2, 0, 3)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=per_group > 1)
+            out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * d)
+        return self._all_reduce(torch.matmul(out, layer.proj_t))
+
+    def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
+        gate, up = torch.chunk(torch.matmul(_rms_norm(layer.norm2, x), layer.fc1_t), 2, dim=-1)
+        return self._all_reduce(torch.matmul(F.silu(gate) * up, layer.fc2_t))
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, hidden: Optional[Tensor] = None) -> Tensor:
+        """The next ``s`` positions of every row: ``tokens [B, s]`` on the first stage, else
+        ``hidden [s, B, hidden]`` from the previous one."""
+        model = self.model
+        x = self._embed(tokens) if model.pre_process else hidden
+        s = x.shape[0]
+        mask = self._mask(s, self.offset + s)
+        for layer, (k_cache, v_cache) in zip(self.layers, self.cache):
+            x = x + self._attention(layer, x, k_cache, v_cache, mask)
+            x = x + self._mlp(layer, x)
+        self.offset += s
+        if not model.post_process:
+            return x
+        last = _rms_norm(model.decoder.final_layernorm, x[-1:])
+        weight = model.shared_embedding_or_output_weight() \
+            if model.share_embeddings_and_output_weights else model.output_layer.weight
+        return torch.matmul(last, weight.t())[0]  # [B, V/TP]
+
+
+class MegatronForward:
+    """Megatron-Core's forward with a ``StaticInferenceContext`` (the same interface)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ctx = None
+
+    def start(self, is_pad: Tensor, total: int) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.ctx = StaticInferenceContext(is_pad.shape[0], total)
+        self.is_pad = is_pad
+
+    def compact(self, index: Tensor) -> None:
+        memory = self.ctx.key_value_memory_dict
+        for layer, (k, v) in list(memory.items()):
+            memory[layer] = (k.index_select(1, index), v.index_select(1, index))
+        self.ctx.max_batch_size = len(index)
+        self.is_pad = self.is_pad[index]
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, hidden: Optional[Tensor] = None) -> Tensor:
+        start = self.ctx.sequence_len_offset
+        batch, s = tokens.shape
+        device = tokens.device
+        end = start + s
+        if s == 1:
+            mask = self.is_pad[:, None, None, :end]
+        else:
+            causal = torch.ones(s, end, dtype=torch.bool, device=device).triu(end - s + 1)
+            mask = causal.unsqueeze(0) | self.is_pad[:, None, :end]
+            # Pad queries attend to themselves so no attention row is empty (NaN under SDPA).
+            eye = torch.zeros(s, end, dtype=torch.bool, device=device)
+            eye[:, end - s:] = torch.eye(s, dtype=torch.bool, device=device)
+            mask = (mask & ~eye).unsqueeze(1)
+        if hidden is not None:
+            self.model.set_input_tensor(hidden)
+        positions = torch.arange(start, end, device=device).unsqueeze(0).expand(batch, -1)
+        out = self.model(tokens, positions, mask, inference_context=self.ctx)
+        self.ctx.sequence_len_offset += s
+        return out[:, -1, :] if self.model.post_process else out
