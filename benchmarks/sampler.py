@@ -153,7 +153,8 @@ def _tp2_rank(rank: int, workdir: str, rows: int, new: int, repeats: int) -> Non
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from megatron_sega import runtime
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.models import preset
     from megatron_sega.models.builder import build_model
     from megatron_sega.sampling import Sampler, SamplingParams
