@@ -39,7 +39,7 @@ def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
 import torch, megatron.core  # noqa: F401
-from megatron_sega.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from megatron_sega.convert.hf_mcore import hf_to_mcore, mcore_to_hf
 baseline = status("VmRSS")
 direction, src, dst, tp, pp = sys.argv[1:6]
 start = time.time()
@@ -57,8 +57,8 @@ def write_random_hf(directory: Path, spec, dtype) -> int:
     """A random HF checkpoint written tensor by tensor; returns the weight bytes."""
     import torch
 
-    from megatron_sega.checkpoint import hf
-    from megatron_sega.checkpoint.hf_io import ShardedSafetensorsWriter
+    from megatron_sega.convert import hf
+    from megatron_sega.convert.hf_io import ShardedSafetensorsWriter
     from megatron_sega.models.spec import to_hf_config
 
     shapes = hf.hf_shapes(spec)
@@ -84,7 +84,7 @@ def measure(direction: str, src: Path, dst: Path, tp: int, pp: int) -> dict:
 def same_weights(a: Path, b: Path) -> bool:
     import torch
 
-    from megatron_sega.checkpoint.hf_io import HFCheckpoint
+    from megatron_sega.convert.hf_io import HFCheckpoint
 
     left, right = HFCheckpoint(a), HFCheckpoint(b)
     if set(left.names) != set(right.names):

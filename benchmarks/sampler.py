@@ -4,7 +4,7 @@
                                   --new 256 --repeats 3 --threads 1]
 
 One process, TP=1/PP=1, CPU (or the GPU when one is visible), fp32. A random Hugging Face
-``LlamaForCausalLM`` is converted to Megatron (``checkpoint.hf``) so that every decoder runs the
+``LlamaForCausalLM`` is converted to Megatron (``convert.hf``) so that every decoder runs the
 same weights, greedily, on the same prompts (random ids, lengths from ``prompt/2`` to
 ``prompt``), for exactly ``--new`` tokens (no stop token; HF with ``min_new_tokens``):
 
@@ -69,8 +69,8 @@ def hf_model(hidden: int, layers: int, vocab: int, seed: int = 0, heads: int = 0
 
 
 def megatron_model(hf, rt, attention: str = "auto", dtype=None):
-    from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict
-    from megatron_sega.checkpoint.layout import load_full_state_dict
+    from megatron_sega.convert.hf import hf_to_megatron_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
     from megatron_sega.models.builder import build_model, wrap_mixed_precision
     from megatron_sega.models.spec import from_hf_config
 
@@ -153,7 +153,8 @@ def _tp2_rank(rank: int, workdir: str, rows: int, new: int, repeats: int) -> Non
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from megatron_sega import runtime
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.models import preset
     from megatron_sega.models.builder import build_model
     from megatron_sega.sampling import Sampler, SamplingParams

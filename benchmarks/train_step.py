@@ -34,7 +34,8 @@ def gpu_peak() -> tuple[str, float | None]:
 
 def ours(spec, dtype, batch, micro, seq, steps, device):
     from megatron_sega import ops, runtime
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.config import OptimConfig
     from megatron_sega.training.engine import (
         build_optimizer, build_training_model, forward_backward, optimizer_step,

@@ -25,6 +25,7 @@
 set -euo pipefail
 
 RESUME_EXIT_CODE=75   # = megatron_sega.checkpoint.stop.RESUME_EXIT_CODE
+STOP_MARKER=STOPPED   # = megatron_sega.checkpoint.names.STOP_MARKER
 STOP_REQUESTED=0
 TRAPPED=0
 CURRENT_STAGE=""
@@ -112,10 +113,10 @@ pipeline_main() {
   train() {  # train NAME DIR ARGS...: an sft/sega stage writing DIR; stopped, failed or done
     local name="$1" dir="$2" rc=0
     shift 2
-    [ "$dry" = 1 ] || rm -f "$dir/ckpt/STOPPED"
+    [ "$dry" = 1 ] || rm -f "$dir/ckpt/$STOP_MARKER"
     if [ "$STOP_REQUESTED" = 1 ]; then stopped "$name"; fi  # asked before the launch
     megatron "$name" "$@" "logging.dir=$dir" "checkpoint.save_dir=$dir/ckpt" || rc=$?
-    if [ "$dry" = 0 ] && [ -f "$dir/ckpt/STOPPED" ]; then stopped "$name"; fi
+    if [ "$dry" = 0 ] && [ -f "$dir/ckpt/$STOP_MARKER" ]; then stopped "$name"; fi
     if [ "$rc" != 0 ]; then
       echo "== $name failed (exit $rc)" >&2
       [ "$rc" != "$RESUME_EXIT_CODE" ] || rc=1  # no marker: not a stop

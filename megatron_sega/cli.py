@@ -45,7 +45,6 @@ def run_check(config, args) -> int:
     """Validate the config, the model shape and the parallel layout for ``--world-size``: the
     rules of every stage (``check``), or of the one a ``--dry-run`` names."""
     from megatron_sega.config import STAGES, check_stages
-    from megatron_sega.models.resolve import resolve_spec
     from megatron_sega.runtime import validate_parallel_sizes
 
     if config.model.load and not os.path.exists(config.model.load):
@@ -54,7 +53,9 @@ def run_check(config, args) -> int:
         print(f"note: model.load = {config.model.load} does not exist yet; checking "
               f"model.preset={config.model.preset} / model.hf_config={config.model.hf_config}")
         config = config.with_overrides("model.load=null")
-    spec = resolve_spec(config)
+    from megatron_sega.training.session import model_spec
+
+    spec = model_spec(config)
     world = getattr(args, "world_size", None) or int(os.environ.get("WORLD_SIZE", "1"))
     dp = validate_parallel_sizes(
         config.parallel.tp, config.parallel.pp, world, num_layers=spec.num_layers,

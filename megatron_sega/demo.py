@@ -33,7 +33,7 @@ from megatron_sega.config import Config, load_config
 def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
     """Preference accuracy of the configured model, plus the mean Eq. 1 score of samples."""
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs, write_eval_outputs
-    from megatron_sega.training.sega import load_prompts, mean_entropy_score
+    from megatron_sega.training.rollouts import load_prompts, mean_entropy_score
     from megatron_sega.training.session import open_session
 
     start = time.time()
@@ -116,13 +116,14 @@ def dpo_settings(config_path: Optional[str]) -> Optional[Path]:
     return path if isinstance(loaded, dict) and "dpo" in loaded else None
 
 
-def _dpo_command():
-    """``run_dpo`` of this version, or None when it has no ``megatron-sega dpo``."""
+def _command(name: str):
+    """The function of CLI subcommand ``name`` (the demo runs each stage as its command), or
+    None when this version has no such command."""
     from megatron_sega.cli import COMMANDS
 
-    if "dpo" not in COMMANDS:
+    if name not in COMMANDS:
         return None
-    module, function, _ = COMMANDS["dpo"]
+    module, function, _ = COMMANDS[name]
     try:
         return getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as err:
@@ -140,7 +141,7 @@ def _run_dpo(after_sft: Config, args, out: Path, log) -> Optional[Path]:
     settings = dpo_settings(getattr(args, "config", None))
     if settings is None:
         return None
-    run_dpo = _dpo_command()
+    run_dpo = _command("dpo")
     if run_dpo is None:
         log("[dpo] skipped: this version has no `megatron-sega dpo` command; the table has no "
             "DPO row (rerun the demo on a version that has it)")
@@ -159,13 +160,11 @@ def _run_dpo(after_sft: Config, args, out: Path, log) -> Optional[Path]:
 def run_demo(config: Config, args) -> int:
     import torch.distributed as dist
 
-    from megatron_sega.training.sega import run_sega
-    from megatron_sega.training.sft import run_sft
-
     from megatron_sega.config import STAGES
     from megatron_sega.training.session import preflight
 
     preflight(config, *STAGES)
+    run_sft, run_sega = _command("sft"), _command("sega")
     out = Path(args.out or "outputs/demo")
     quick = bool(args.quick)
     base = config.with_overrides("checkpoint.resume=none")

@@ -131,7 +131,9 @@ def sample_diagnostics(session, rollout, scored, answers: list[str], k: int) -> 
 def evaluate(config, checkpoint: Path, prompts: int) -> dict:
     from megatron_sega.data import read_pairs
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
-    from megatron_sega.training.sega import load_prompts, make_sampler, sampling_params, score_rollout
+    from megatron_sega.training.rollouts import (
+        load_prompts, make_sampler, sampling_params, score_rollout,
+    )
     from megatron_sega.training.session import open_session
 
     session = open_session(config.with_overrides(f"model.load={checkpoint}"), train=False)

@@ -7,7 +7,7 @@
 Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor: peak memory is
 about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
 TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padding. Tokenizer
-files are copied along in both directions. See megatron_sega/checkpoint/convert.py.
+files are copied along in both directions. See megatron_sega/convert/hf_mcore.py.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not source.is_dir():
         print(f"error: {source}: no such directory", file=sys.stderr)
         return 2
-    from megatron_sega.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_sega.convert.hf_mcore import hf_to_mcore, mcore_to_hf
     from megatron_sega.errors import UserError
 
     start = time.time()

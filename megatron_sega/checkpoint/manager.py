@@ -1,6 +1,6 @@
 """Training checkpoints that survive preemption: atomic save, exact resume, model resharding.
 
-Layout of ``checkpoint.save_dir``::
+Layout of ``checkpoint.save_dir`` (the names: :mod:`megatron_sega.checkpoint.names`)::
 
     step_00000040/            one complete checkpoint
         model_optim/          torch_dist: model + distributed optimizer + megatron_sega.json
@@ -26,43 +26,43 @@ only; resuming at another TP/PP therefore needs ``--no-load-optim`` (a clear err
 continues with the saved weights, LR schedule and data position and a fresh Adam state.
 
 Safe loading. Nothing is unpickled: JSON for our files, ``torch.load(weights_only=True)`` for the
-RNG tensors, and :func:`safe_loading` around ``dist_checkpointing.load``, which restricts the
-pickled DCP ``.metadata`` to checkpoint-metadata types and forces ``weights_only`` on the objects
-that torch's DCP planner would otherwise unpickle in full.
+RNG tensors, and :func:`megatron_sega.checkpoint.safe_loading.safe_loading` around
+``dist_checkpointing.load``.
+
+Parts. The manager is given everything it saves and restores in its constructor (model chunks,
+optimizer, scheduler, data iterator, runtime, spec, tokenizer); ``training.session``'s
+``checkpoint_manager`` wires them from a session.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import pickle
 import queue
 import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_sega.checkpoint import stop
-from megatron_sega.checkpoint.hf_io import dtype_name
 from megatron_sega.checkpoint.mcore import (
-    CheckpointError, CheckpointInfo, check_compatible, load_model_state, read_info,
+    CheckpointInfo, check_compatible, dtype_name, load_model_state, read_info,
     sharded_model_state, unwrap, write_info,
 )
-from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE, STOP_MARKER  # noqa: F401 (API)
+from megatron_sega.checkpoint.names import (
+    COMPLETE_MARKER, LATEST_FILE, MODEL_OPTIM_DIR, RNG_DIR, STEP_GLOB, STOP_MARKER, TMP_PREFIX,
+    TOKENIZER_DIR, TRAIN_STATE_FILE, rng_file_name, step_dir_name,
+)
+from megatron_sega.checkpoint.safe_loading import safe_loading
+from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE
+from megatron_sega.errors import CheckpointError
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
 _OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 class CheckpointWarning(RuntimeWarning):
@@ -75,109 +75,14 @@ def find_latest(save_dir: str | Path, warn: bool = True) -> Optional[Path]:
     root = Path(save_dir)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    candidates = sorted((p for p in root.glob(STEP_GLOB) if p.is_dir()), reverse=True)
     for path in candidates:
-        if (path / COMPLETE).is_file():
+        if (path / COMPLETE_MARKER).is_file():
             return path
         if warn:
-            warnings.warn(f"checkpoint {path} has no {COMPLETE} marker (interrupted save?); "
+            warnings.warn(f"checkpoint {path} has no {COMPLETE_MARKER} marker (interrupted save?); "
                           "skipping it in favour of an older one", CheckpointWarning, stacklevel=2)
     return None
-
-
-# ----------------------------------------------------------------------------- safe loading
-
-# What a torch DCP ``.metadata`` pickle may name: plain data classes of the checkpoint format.
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.planner": {
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "collections": {"OrderedDict"},
-    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, refused: list[str]):
-        super().__init__(file)
-        self.refused = refused
-
-    def find_class(self, module: str, name: str):
-        allowed = name in _METADATA_GLOBALS.get(module, ())
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
-        if not allowed:
-            message = (f"names '{module}.{name}', which is not a checkpoint metadata type; "
-                       "refused to unpickle it (untrusted or unsupported checkpoint)")
-            self.refused.append(message)
-            raise pickle.UnpicklingError(f"checkpoint metadata {message}")
-        return super().find_class(module, name)
-
-
-class _RestrictedPickle:
-    """Stands in for the ``pickle`` module inside torch's DCP file-system reader."""
-
-    def __init__(self):
-        self.refused: list[str] = []  # what the unpickler refused (DCP rewraps its errors)
-
-    def __getattr__(self, name: str):
-        return getattr(pickle, name)
-
-    def load(self, file, **_ignored):
-        return _MetadataUnpickler(file, self.refused).load()
-
-
-def _vet_metadata(path: Path) -> None:
-    """Unpickle a DCP ``.metadata`` file with the allow-list unpickler; raise on a refusal."""
-    if not path.is_file():
-        return  # not a DCP checkpoint, or a layout DCP reports itself
-    refused: list[str] = []
-    try:
-        with open(path, "rb") as f:
-            _MetadataUnpickler(f, refused).load()
-    except Exception as err:  # noqa: BLE001 - any unreadable pickle is a bad checkpoint
-        detail = refused[0] if refused else f"is unreadable ({type(err).__name__}: {err})"
-        raise CheckpointError(f"{path} {detail}") from None
-
-
-@contextlib.contextmanager
-def safe_loading(directory: str | Path | None = None) -> Iterator[None]:
-    """Within this context, reading a torch_dist checkpoint unpickles nothing arbitrary: the DCP
-    ``.metadata`` file goes through an allow-list unpickler and every ``torch.load`` (DCP's
-    planner loads byte objects with ``weights_only=False``) is forced to ``weights_only=True``.
-
-    With ``directory``, its ``.metadata`` is vetted before anything reads it: a refused one is a
-    :class:`CheckpointError` naming the file (inside DCP, the refusal would be logged with two
-    tracebacks and rewrapped on its way up)."""
-    from torch.distributed.checkpoint import filesystem
-
-    if directory is not None:
-        _vet_metadata(Path(directory) / ".metadata")
-
-    env_key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    saved_env = os.environ.get(env_key)
-    saved_pickle = getattr(filesystem, "pickle", None)
-    os.environ[env_key] = "1"
-    restricted = _RestrictedPickle()
-    filesystem.pickle = restricted
-    try:
-        yield
-    except BaseException as err:  # DCP's CheckpointException is a BaseException
-        if not restricted.refused or isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        where = Path(directory) / ".metadata" if directory is not None else "checkpoint .metadata"
-        raise CheckpointError(f"{where} {restricted.refused[0]}") from None
-    finally:
-        filesystem.pickle = saved_pickle
-        if saved_env is None:
-            os.environ.pop(env_key, None)
-        else:
-            os.environ[env_key] = saved_env
 
 
 def read_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -239,27 +144,50 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------- the manager
 
 class CheckpointManager:
-    """Save/resume for one training stage ('sft' or 'sega') of a session."""
+    """Save/resume for one training stage ('sft', 'sega' or 'dpo'), with every part it saves and
+    restores given here: the model ``chunks`` of this rank, the ``optimizer`` and ``scheduler``
+    (None when not training), the data ``iterator`` (its position; None for none), the
+    ``runtime`` (ranks, groups, device), the model ``spec`` and ``tokenizer`` (written into each
+    checkpoint), the resolved ``run_config`` (a dict, recorded for the record) and whether the
+    optimizer is ``distributed_optimizer`` (its state layout). ``config``: the ``checkpoint``
+    section (save_dir, resume, save_interval, keep_last, load_optim)."""
 
-    def __init__(self, session, config, stage: str):
-        self.session = session
+    def __init__(self, config, stage: str, *, chunks: list, optimizer, scheduler, iterator,
+                 runtime, spec, tokenizer, run_config: dict, distributed_optimizer: bool):
         self.config = config
         self.stage = stage
+        self.chunks = chunks
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.iterator = iterator
+        self.runtime = runtime
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.run_config = run_config
+        self.distributed_optimizer = distributed_optimizer
         self.save_dir = Path(config.save_dir) if config.save_dir else None
         self.stopped = False
         self.extra: dict = {}
         if self.save_dir is not None:
             stop.install_handlers()  # the CLI did already; library callers need it here
-            if session.is_main:  # the stop of an earlier run: this one starts the stage again
+            if self.is_main:  # the stop of an earlier run: this one starts the stage again
                 (self.save_dir / STOP_MARKER).unlink(missing_ok=True)
 
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.rank == 0
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
     def _layout(self) -> dict:
-        rt = self.session.runtime
+        rt = self.runtime
         return {"world_size": rt.world_size, "tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp,
-                "distributed_optimizer": self.session.config.parallel.distributed_optimizer}
+                "distributed_optimizer": self.distributed_optimizer}
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, iterator=None, extra: Optional[dict] = None,
+    def save(self, step: int, extra: Optional[dict] = None,
              stopping: bool = False) -> Optional[Path]:
         """Collective: write a complete checkpoint of ``step`` atomically; with ``stopping``,
         also the ``STOPPED`` marker, before the last barrier (no rank exits before it exists)."""
@@ -267,66 +195,68 @@ class CheckpointManager:
             return None
         from megatron.core import dist_checkpointing
 
-        s = self.session
-        final = self.save_dir / _step_name(step)
-        tmp = self.save_dir / f".tmp_{_step_name(step)}"
-        if s.is_main:
+        optimizer, iterator = self.optimizer, self.iterator
+        final = self.save_dir / step_dir_name(step)
+        tmp = self.save_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
+        model_dir = tmp / MODEL_OPTIM_DIR
+        if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            (tmp / "model_optim").mkdir(parents=True)
-            (tmp / "rng").mkdir()
+            model_dir.mkdir(parents=True)
+            (tmp / RNG_DIR).mkdir()
         dist.barrier()
         _in_process_write_results()
-        model = unwrap(s.model)
-        state = sharded_model_state(s.chunks)  # 'model', or 'model0', 'model1'... under VPP
+        model = unwrap(self.chunks[0])
+        state = sharded_model_state(self.chunks)  # 'model', or 'model0', 'model1'... under VPP
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
         # after a --no-load-optim resume) holds the model only.
-        with_optim = torch.tensor([int(s.optimizer is not None and _has_state(s.optimizer))],
-                                  device=s.runtime.device)
+        with_optim = torch.tensor([int(optimizer is not None and _has_state(optimizer))],
+                                  device=self.runtime.device)
         dist.all_reduce(with_optim, op=dist.ReduceOp.MAX)  # every rank saves the same entries
         with_optim = bool(with_optim.item())
         if with_optim:
-            state["optimizer"] = s.optimizer.sharded_state_dict(dict(state),
-                                                                metadata=_OPTIM_SHARDING)
-        dist_checkpointing.save(state, str(tmp / "model_optim"), content_metadata=_OPTIM_SHARDING)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{s.runtime.rank:05d}.pt")
+            state["optimizer"] = optimizer.sharded_state_dict(dict(state),
+                                                              metadata=_OPTIM_SHARDING)
+        dist_checkpointing.save(state, str(model_dir), content_metadata=_OPTIM_SHARDING)
+        torch.save(_rng_state(), tmp / RNG_DIR / rng_file_name(self.runtime.rank))
         dist.barrier()
-        if s.is_main:
-            write_info(tmp / "model_optim", CheckpointInfo(
-                spec=s.spec, padded_vocab_size=int(model.vocab_size),
+        if self.is_main:
+            write_info(model_dir, CheckpointInfo(
+                spec=self.spec, padded_vocab_size=int(model.vocab_size),
                 dtype=dtype_name(model.config.params_dtype)))
             train_state = {
                 "stage": self.stage, "step": step,
-                "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "iterator": iterator.state_dict() if iterator is not None else None,
-                "optimizer_state": with_optim, **self._layout(), "config": s.config.to_dict(),
+                "optimizer_state": with_optim, **self._layout(), "config": self.run_config,
                 **(extra or {}),
             }
-            _write_synced(tmp / "train_state.json", json.dumps(train_state, indent=1))
-            s.tokenizer.save(tmp / "model_optim" / "tokenizer")
-            _write_synced(tmp / COMPLETE, "ok\n")
+            _write_synced(tmp / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
+            self.tokenizer.save(model_dir / TOKENIZER_DIR)
+            _write_synced(tmp / COMPLETE_MARKER, "ok\n")
             if final.exists():  # a re-save of this step: the previous checkpoint still exists
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer = self.save_dir / f".{LATEST}.tmp"
+            pointer = self.save_dir / f".{LATEST_FILE}.tmp"
             _write_synced(pointer, final.name + "\n")
-            os.replace(pointer, self.save_dir / LATEST)
+            os.replace(pointer, self.save_dir / LATEST_FILE)
             self._prune(final)
             if stopping:
                 _write_synced(self.save_dir / STOP_MARKER, json.dumps(
                     {"stage": self.stage, "step": step, "checkpoint": str(final)}) + "\n")
         dist.barrier()
-        s.print(f"saved checkpoint {final}")
+        self.print(f"saved checkpoint {final}")
         return final
 
     def _prune(self, current: Path) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of killed saves."""
         keep = max(self.config.keep_last, 1)
-        complete = sorted(p for p in self.save_dir.glob("step_*") if (p / COMPLETE).is_file())
+        complete = sorted(p for p in self.save_dir.glob(STEP_GLOB)
+                          if (p / COMPLETE_MARKER).is_file())
         for old in complete[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.save_dir.glob(".tmp_step_*"):
-            if stale.name != f".tmp_{current.name}":
+        for stale in self.save_dir.glob(TMP_PREFIX + STEP_GLOB):
+            if stale.name != f"{TMP_PREFIX}{current.name}":
                 shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
@@ -337,57 +267,58 @@ class CheckpointManager:
         if resume == "auto":
             return find_latest(self.save_dir) if self.save_dir else None
         path = Path(resume)
-        if not (path / COMPLETE).is_file() and any(path.glob("step_*")):
+        if not (path / COMPLETE_MARKER).is_file() and any(path.glob(STEP_GLOB)):
             path = find_latest(path) or path  # a save directory: its newest complete checkpoint
-        if not (path / COMPLETE).is_file():
+        if not (path / COMPLETE_MARKER).is_file():
             raise CheckpointError(f"checkpoint.resume = {resume}: {path} is not a complete "
-                                  f"checkpoint (no {COMPLETE} marker)")
+                                  f"checkpoint (no {COMPLETE_MARKER} marker)")
         return path
 
-    def resume(self, iterator=None) -> int:
+    def resume(self) -> int:
         """Load the checkpoint chosen by ``checkpoint.resume``; return the step to start from."""
         path = self._resume_path()
         if path is None:
             return 0
         from megatron.core import dist_checkpointing
 
-        s = self.session
+        optimizer = self.optimizer
+        model_dir = path / MODEL_OPTIM_DIR
         train_state = _read_train_state(path)
         if train_state.get("stage") != self.stage:
             raise CheckpointError(f"{path} is a '{train_state.get('stage')}' checkpoint; this is "
                                   f"the '{self.stage}' stage (use model.load to start from it)")
-        model = unwrap(s.model)
-        check_compatible(read_info(path / "model_optim"), s.spec, int(model.vocab_size), str(path))
-        load_optim = self.config.load_optim and s.optimizer is not None
+        model = unwrap(self.chunks[0])
+        check_compatible(read_info(model_dir), self.spec, int(model.vocab_size), str(path))
+        load_optim = self.config.load_optim and optimizer is not None
         if load_optim and not train_state.get("optimizer_state", True):
             load_optim = False
-            s.print(f"note: {path} holds no optimizer state (saved before the first step)")
+            self.print(f"note: {path} holds no optimizer state (saved before the first step)")
         elif load_optim:
             self._check_optimizer_layout(path, train_state)
-        wanted = sharded_model_state(s.chunks)
+        wanted = sharded_model_state(self.chunks)
         state = dict(wanted)
         if load_optim:
-            _ensure_optimizer_state(s.optimizer)
-            state["optimizer"] = s.optimizer.sharded_state_dict(wanted, is_loading=True,
-                                                                metadata=_OPTIM_SHARDING)
-        with safe_loading(path / "model_optim"):
-            loaded = dist_checkpointing.load(state, str(path / "model_optim"))
-        load_model_state(s.chunks, wanted, loaded)
+            _ensure_optimizer_state(optimizer)
+            state["optimizer"] = optimizer.sharded_state_dict(wanted, is_loading=True,
+                                                              metadata=_OPTIM_SHARDING)
+        with safe_loading(model_dir):
+            loaded = dist_checkpointing.load(state, str(model_dir))
+        load_model_state(self.chunks, wanted, loaded)
         if load_optim:
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
-                s.optimizer.load_state_dict(loaded["optimizer"])
-            _restore_adam_steps(s.optimizer)
-        elif s.optimizer is not None:
-            s.optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
+                optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
+        elif optimizer is not None:
+            optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
             if not self.config.load_optim:
-                s.print(f"note: {path}: optimizer state not loaded (checkpoint.load_optim=false); "
-                        "Adam moments restart from zero")
-        if s.scheduler is not None and train_state.get("scheduler"):
-            s.scheduler.load_state_dict(train_state["scheduler"])
-        if iterator is not None and train_state.get("iterator"):
-            iterator.load_state_dict(train_state["iterator"])
+                self.print(f"note: {path}: optimizer state not loaded "
+                           "(checkpoint.load_optim=false); Adam moments restart from zero")
+        if self.scheduler is not None and train_state.get("scheduler"):
+            self.scheduler.load_state_dict(train_state["scheduler"])
+        if self.iterator is not None and train_state.get("iterator"):
+            self.iterator.load_state_dict(train_state["iterator"])
         self._restore_rng(path, train_state)
-        s.print(f"resumed from {path} at step {train_state['step']}")
+        self.print(f"resumed from {path} at step {train_state['step']}")
         self.extra = {k: v for k, v in train_state.items()
                       if k not in ("scheduler", "iterator", "config")}
         return int(train_state["step"])
@@ -412,53 +343,52 @@ class CheckpointManager:
                 "setting or resume with --no-load-optim (checkpoint.load_optim=false)")
 
     def _restore_rng(self, path: Path, train_state: dict) -> None:
-        s = self.session
         here = self._layout()
         same = all(train_state.get(k) == here[k] for k in ("world_size", "tp", "pp"))
-        rng_file = path / "rng" / f"rank_{s.runtime.rank:05d}.pt"
+        rng_file = path / RNG_DIR / rng_file_name(self.runtime.rank)
         if same and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         else:
-            s.print(f"note: resuming {path} at another layout (tp/pp/world "
-                    f"{train_state.get('tp')}/{train_state.get('pp')}/"
-                    f"{train_state.get('world_size')} -> {here['tp']}/{here['pp']}/"
-                    f"{here['world_size']}); RNG states restart")
+            self.print(f"note: resuming {path} at another layout (tp/pp/world "
+                       f"{train_state.get('tp')}/{train_state.get('pp')}/"
+                       f"{train_state.get('world_size')} -> {here['tp']}/{here['pp']}/"
+                       f"{here['world_size']}); RNG states restart")
 
     # ------------------------------------------------------------------ loop hooks
-    def should_stop(self, step: int, total: int, iterator=None) -> bool:
+    def should_stop(self, step: int, total: int) -> bool:
         """Save on the interval; on SIGTERM/SIGUSR1 save, mark the stop and tell the loop to
         stop (unless ``step`` is the last one: then the stage just finishes)."""
         if self.save_dir is None:
             return False
-        flag = torch.tensor([int(stop.requested())], device=self.session.runtime.device)
+        flag = torch.tensor([int(stop.requested())], device=self.runtime.device)
         dist.all_reduce(flag)  # every rank must agree to save together
         if int(flag.item()) and step < total:
-            self.session.print(f"signal received: saving step {step} and stopping")
-            stop.mark_stopped(self.save(step, iterator, stopping=True))
+            self.print(f"signal received: saving step {step} and stopping")
+            stop.mark_stopped(self.save(step, stopping=True))
             self.stopped = True
-            self.session.print(f"stopped at step {step} of {total}; run the same command "
-                               f"again to resume (exit code {RESUME_EXIT_CODE})")
+            self.print(f"stopped at step {step} of {total}; run the same command "
+                       f"again to resume (exit code {RESUME_EXIT_CODE})")
             return True
         interval = self.config.save_interval
         if interval and step % interval == 0 and step < total:
-            self.save(step, iterator)
+            self.save(step)
         return False
 
-    def finalize(self, step: int, iterator=None) -> None:
+    def finalize(self, step: int) -> None:
         """Save the final step unless it is already the newest checkpoint (or a signal saved)."""
         if self.save_dir is None or self.stopped:
             return
-        if find_latest(self.save_dir, warn=False) != self.save_dir / _step_name(step):
-            self.save(step, iterator)
+        if find_latest(self.save_dir, warn=False) != self.save_dir / step_dir_name(step):
+            self.save(step)
 
 
 def _read_train_state(path: Path) -> dict:
     try:
-        state = json.loads((path / "train_state.json").read_text())
+        state = json.loads((path / TRAIN_STATE_FILE).read_text())
         int(state["step"])
         return state
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}/train_state.json: unreadable "
+        raise CheckpointError(f"{path}/{TRAIN_STATE_FILE}: unreadable "
                               f"({type(err).__name__}: {err})") from None
 
 

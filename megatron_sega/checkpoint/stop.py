@@ -4,8 +4,9 @@ The protocol (what a launcher can rely on):
 
 - a stage (``sft``, ``sega``) with a ``checkpoint.save_dir`` records SIGTERM and SIGUSR1 from the
   start of the process on; the training loop acts on them at the next step boundary (every rank
-  agreeing): it saves a complete checkpoint and writes :data:`STOP_MARKER` into the save
-  directory (JSON: stage, step, checkpoint) before the save's last barrier;
+  agreeing): it saves a complete checkpoint and writes the ``STOPPED`` marker
+  (``checkpoint.names.STOP_MARKER``) into the save directory (JSON: stage, step, checkpoint)
+  before the save's last barrier;
 - the process then exits with :data:`RESUME_EXIT_CODE` (75, sysexits ``EX_TEMPFAIL``), distinct
   from 0 (finished) and from failures (1; 2 for user errors);
 - torchrun turns any non-zero worker exit into its own exit code 1, so a launcher recognises a stop
@@ -24,7 +25,6 @@ import signal
 from pathlib import Path
 from typing import Optional
 
-STOP_MARKER = "STOPPED"
 RESUME_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -1,4 +1,4 @@
-"""Llama presets, HF config.json import/export and the per-stage model builder."""
+"""Llama presets, HF config.json import/export, the per-stage model builder and random init."""
 
 from megatron_sega.models.spec import (
     PRESETS,

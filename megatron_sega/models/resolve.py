@@ -8,26 +8,20 @@ from typing import Optional
 from megatron_sega.models.spec import LlamaSpec, ModelConfigError, from_hf_config, preset
 
 
-def checkpoint_spec(directory: str | Path) -> Optional[LlamaSpec]:
-    """The LlamaSpec recorded in a megatron-sega checkpoint directory, if any."""
-    from megatron_sega.checkpoint.mcore import METADATA_FILE, read_info
-
-    if not (Path(directory) / METADATA_FILE).is_file():
-        return None
-    return read_info(directory).spec
-
-
-def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
-    """The model spec of a run. A checkpoint's own metadata wins; a preset may be resized to its
-    tokenizer ('tiny' only). A tokenizer larger than the model is an error; a smaller one is
-    allowed (models pad their vocabulary): the session scores the tokenizer's ids only."""
+def resolve_spec(config, tokenizer_vocab: Optional[int] = None, *,
+                 checkpoint_spec: Optional[LlamaSpec] = None) -> LlamaSpec:
+    """The model spec of a run. ``checkpoint_spec``: the spec recorded in ``model.load``'s
+    checkpoint, read by the caller (``checkpoint.mcore.checkpoint_spec``; None when it records
+    none), which wins; a preset may be resized to its tokenizer ('tiny' only). A tokenizer larger
+    than the model is an error; a smaller one is allowed (models pad their vocabulary): the
+    session scores the tokenizer's ids only."""
     model = config.model
     spec, from_preset = None, False
     if model.load:
         if not Path(model.load).exists():
             raise ModelConfigError(f"model.load = {model.load} does not exist; convert a HF model "
                                    "with tools/convert.py or point to a saved checkpoint")
-        spec = checkpoint_spec(resolve_checkpoint_dir(model.load))
+        spec = checkpoint_spec
     if spec is None and model.hf_config:
         spec = from_hf_config(model.hf_config)
     if spec is None:
@@ -43,15 +37,3 @@ def resolve_spec(config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
                 f"{spec.vocab_size}; use the tokenizer that belongs to the model"
             )
     return spec
-
-
-def resolve_checkpoint_dir(path: str) -> Path:
-    """The torch_dist model directory behind ``path``: a converted checkpoint itself, a training
-    checkpoint's ``model_optim``, or the latest checkpoint of a save directory."""
-    directory = Path(path)
-    latest = directory / "latest"
-    if latest.is_file():
-        directory = directory / latest.read_text().strip()
-    if (directory / "model_optim").is_dir():
-        directory = directory / "model_optim"
-    return directory

@@ -25,7 +25,7 @@ from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedP
 from megatron_sega.dpo import preference_loss, sequence_logps
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.session import (
-    Session, announce, dp_all_reduce, open_session, preflight,
+    Session, announce, checkpoint_manager, dp_all_reduce, load_reference, open_session, preflight,
 )
 from megatron_sega.training.sft import sft_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
@@ -114,9 +114,8 @@ def _check_batch_split(session: Session) -> None:
 
 def run_dpo(config, args) -> int:
     """``megatron-sega dpo``: the DPO / IPO loop with evaluation, logging and checkpoints."""
-    from megatron_sega.checkpoint.manager import CheckpointManager
     from megatron_sega.logging import MetricsLogger, mfu
-    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs, load_reference
+    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
     if not config.data.train:
         raise ConfigError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
@@ -132,8 +131,8 @@ def run_dpo(config, args) -> int:
     iterator = GlobalBatchIterator(pairs, cfg.global_batch_size, dp_rank=rt.dp_rank,
                                    dp_size=rt.dp, seed=config.data.seed)
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
-    ckpt = CheckpointManager(session, config.checkpoint, stage="dpo")
-    start = ckpt.resume(iterator)
+    ckpt = checkpoint_manager(session, "dpo", iterator)
+    start = ckpt.resume()
     logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="dpo",
@@ -155,8 +154,8 @@ def run_dpo(config, args) -> int:
             metrics["eval_accuracy"] = summary["accuracy"]
             metrics["eval_reward_accuracy"] = summary["accuracy_vs_reference"]
         logger.log(step + 1, metrics, progress_keys=("loss", "reward_accuracy"))
-        if ckpt.should_stop(step + 1, cfg.steps, iterator):
+        if ckpt.should_stop(step + 1, cfg.steps):
             break
-    ckpt.finalize(step + 1 if cfg.steps > start else start, iterator)
+    ckpt.finalize(step + 1 if cfg.steps > start else start)
     logger.close()
     return 0

@@ -118,7 +118,7 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 def run_eval(config, args) -> int:
     """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
     from megatron_sega.config import ConfigError
-    from megatron_sega.training.session import announce, open_session, preflight
+    from megatron_sega.training.session import announce, load_reference, open_session, preflight
 
     if not config.data.eval:
         raise ConfigError("eval needs data.eval (a JSONL of prompt/chosen/rejected pairs)")
@@ -138,26 +138,3 @@ def run_eval(config, args) -> int:
         print(json.dumps(summary, indent=2))
         print(f"wrote {out}/pairs.jsonl and {out}/summary.json")
     return 0
-
-
-def load_reference(session, path: Optional[str] = None) -> list:
-    """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
-    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
-    from megatron_sega.checkpoint.mcore import load_model_checkpoint
-    from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
-    from megatron_sega.models.resolve import resolve_checkpoint_dir
-
-    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
-                                attention=session.config.model.attention)
-    if path is None:
-        for model, policy in zip(chunks, session.chunks):
-            model.load_state_dict(unwrap_model(policy).state_dict(), strict=True)
-    else:
-        load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
-    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
-    chunks = [wrap_mixed_precision(model) for model in chunks]
-    for model in chunks:
-        model.config.calculate_per_token_loss = True
-    for p in (p for model in chunks for p in model.parameters()):
-        p.requires_grad_(False)
-    return chunks

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_sega.config import ConfigError
 from megatron_sega.data import TokenizedExample
 from megatron_sega.sampling import Rollout
-from megatron_sega.training.sega import (
+from megatron_sega.training.rollouts import (
     Scored, load_prompts, make_sampler, sampling_params, score_rollout,
 )
 from megatron_sega.training.session import Session, open_session, preflight

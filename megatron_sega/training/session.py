@@ -1,4 +1,5 @@
-"""Everything a run needs, built once from the Config: runtime, tokenizer, model, optimizer."""
+"""Everything a run needs, built once from the Config: runtime, tokenizer, model, optimizer, and
+the parts built from a session: a frozen reference model, the checkpoint manager."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import torch.distributed as dist
 
 from megatron_sega.config import Config, ConfigError, check_stages, torch_dtype
 from megatron_sega.data import PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR
-from megatron_sega.models.resolve import resolve_checkpoint_dir, resolve_spec
+from megatron_sega.checkpoint.mcore import (
+    checkpoint_spec, checkpoint_tokenizer_dir, load_model_checkpoint, resolve_checkpoint_dir,
+)
+from megatron_sega.models.init import random_init
+from megatron_sega.models.resolve import resolve_spec
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime, choose_device, launch_info, setup, validate_parallel_sizes
 from megatron_sega.training.engine import build_optimizer, build_training_model
-
-# Layout-independent random init (identical weights at every TP/PP) holds the full model once;
-# beyond this size a run must start from a converted checkpoint instead.
-_MAX_RANDOM_INIT_PARAMS = 2_000_000_000
 
 
 @dataclass
@@ -61,8 +62,8 @@ class Session:
 def load_tokenizer(config: Config) -> Tokenizer:
     path = config.model.tokenizer
     if path is None and config.model.load:
-        candidate = resolve_checkpoint_dir(config.model.load) / "tokenizer"
-        path = str(candidate) if candidate.is_dir() else None
+        candidate = checkpoint_tokenizer_dir(config.model.load)
+        path = str(candidate) if candidate is not None else None
     if path is None:
         if config.model.preset != "tiny":
             raise ConfigError(
@@ -72,17 +73,12 @@ def load_tokenizer(config: Config) -> Tokenizer:
     return Tokenizer.from_path(path)
 
 
-def _random_init(chunks: list, spec: LlamaSpec, runtime: Runtime, seed: int) -> None:
-    from megatron_sega.checkpoint.layout import full_shapes, load_full_state_dict, random_full_state_dict
-
-    padded = spec.padded_vocab_size(runtime.tp)
-    n_params = sum(torch.Size(s).numel() for s in full_shapes(spec, padded).values())
-    if n_params > _MAX_RANDOM_INIT_PARAMS:
-        raise ConfigError(
-            f"a {n_params / 1e9:.1f}B-parameter model cannot start from random weights here; "
-            "convert a HF checkpoint with tools/convert.py and set model.load")
-    full = random_full_state_dict(spec, padded, seed=seed, std=spec.init_std)
-    load_full_state_dict(chunks, full, runtime.tp, runtime.tp_rank)
+def model_spec(config: Config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
+    """The run's model spec (``models.resolve.resolve_spec``), with the spec that ``model.load``'s
+    checkpoint records, if it records one."""
+    load = config.model.load
+    recorded = checkpoint_spec(load) if load else None
+    return resolve_spec(config, tokenizer_vocab, checkpoint_spec=recorded)
 
 
 def preflight(config: Config, *stages: str) -> int:
@@ -107,7 +103,7 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     """Build the runtime, tokenizer and model (loaded from ``model.load`` or randomly
     initialised, identically at every layout) and, when training, the optimizer."""
     tokenizer = load_tokenizer(config)
-    spec = resolve_spec(config, tokenizer_vocab=tokenizer.vocab_size)
+    spec = model_spec(config, tokenizer_vocab=tokenizer.vocab_size)
     par = config.parallel
     device = choose_device(par.device)
     runtime = setup(par.tp, par.pp, device=device, vpp=par.vpp,
@@ -123,11 +119,9 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
                                   use_distributed_optimizer=par.distributed_optimizer,
                                   sequence_parallel=par.sequence_parallel)
     if config.model.load:
-        from megatron_sega.checkpoint.mcore import load_model_checkpoint
-
         load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
-        _random_init(chunks, spec, runtime, config.model.init_seed)
+        random_init(chunks, spec, runtime.tp, runtime.tp_rank, config.model.init_seed)
     session = Session(config, runtime, spec, tokenizer,
                       PromptFormatter(tokenizer, template=config.data.template), chunks, dtype)
     if train:
@@ -136,6 +130,39 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
             use_distributed_optimizer=par.distributed_optimizer)
         session.optimizer.reload_model_params()
     return session
+
+
+def load_reference(session: Session, path: Optional[str] = None) -> list:
+    """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
+    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
+    from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
+
+    chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
+                                attention=session.config.model.attention)
+    if path is None:
+        for model, policy in zip(chunks, session.chunks):
+            model.load_state_dict(unwrap_model(policy).state_dict(), strict=True)
+    else:
+        load_model_checkpoint(chunks, resolve_checkpoint_dir(path))
+    # Wrapped like the policy (bf16 norms, fp32 logits), so both log-probs are alike.
+    chunks = [wrap_mixed_precision(model) for model in chunks]
+    for model in chunks:
+        model.config.calculate_per_token_loss = True
+    for p in (p for model in chunks for p in model.parameters()):
+        p.requires_grad_(False)
+    return chunks
+
+
+def checkpoint_manager(session: Session, stage: str, iterator=None):
+    """The ``CheckpointManager`` of a training stage, given this session's parts explicitly."""
+    from megatron_sega.checkpoint.manager import CheckpointManager
+
+    config = session.config
+    return CheckpointManager(
+        config.checkpoint, stage, chunks=session.chunks, optimizer=session.optimizer,
+        scheduler=session.scheduler, iterator=iterator, runtime=session.runtime,
+        spec=session.spec, tokenizer=session.tokenizer, run_config=config.to_dict(),
+        distributed_optimizer=config.parallel.distributed_optimizer)
 
 
 def announce(session: Session, stage: str) -> None:

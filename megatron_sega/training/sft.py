@@ -17,7 +17,7 @@ from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, colla
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
-    Session, announce, dp_all_reduce, open_session, preflight,
+    Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight,
 )
 from megatron_sega.training.teacher_forced import vocab_shard_info
 
@@ -82,7 +82,6 @@ def sft_step(session: Session, shard) -> dict:
 
 def run_sft(config, args) -> int:
     """``megatron-sega sft``: the SFT loop with evaluation, logging and checkpoints."""
-    from megatron_sega.checkpoint.manager import CheckpointManager
     from megatron_sega.logging import MetricsLogger, mfu
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
@@ -99,8 +98,8 @@ def run_sft(config, args) -> int:
                                    dp_size=rt.dp, seed=config.data.seed,
                                    name="sft.global_batch_size")
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
-    ckpt = CheckpointManager(session, config.checkpoint, stage="sft")
-    start = ckpt.resume(iterator)
+    ckpt = checkpoint_manager(session, "sft", iterator)
+    start = ckpt.resume()
     logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
                            tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                            wandb=config.logging.wandb, name="sft",
@@ -118,8 +117,8 @@ def run_sft(config, args) -> int:
             _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
             metrics["eval_accuracy"] = summary["accuracy"]
         logger.log(step + 1, metrics)
-        if ckpt.should_stop(step + 1, sft.steps, iterator):
+        if ckpt.should_stop(step + 1, sft.steps):
             break
-    ckpt.finalize(step + 1 if sft.steps > start else start, iterator)
+    ckpt.finalize(step + 1 if sft.steps > start else start)
     logger.close()
     return 0

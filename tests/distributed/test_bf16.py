@@ -54,7 +54,8 @@ def _session(tp: int, pp: int, dtype: str, *overrides: str):
 
 def _load_bf16_representable(session) -> None:
     """The same weights in either dtype: the init rounded to bf16 (then exact in fp32 too)."""
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
 
     spec, rt = session.spec, session.runtime
     full = random_full_state_dict(spec, spec.padded_vocab_size(rt.tp), seed=5, std=0.08)
@@ -64,7 +65,7 @@ def _load_bf16_representable(session) -> None:
 
 
 def _sft_loss_and_grads(session) -> tuple[float, dict]:
-    from megatron_sega.checkpoint.layout import gather_tp
+    from megatron_sega.convert.layout import gather_tp
     from megatron_sega.data import collate
     from megatron_sega.training.engine import forward_backward
     from megatron_sega.training.session import dp_all_reduce
@@ -82,11 +83,10 @@ def _sft_loss_and_grads(session) -> tuple[float, dict]:
 
 
 def _sega_loss_and_grads(session) -> tuple[float, dict]:
-    from megatron_sega.checkpoint.layout import gather_tp
+    from megatron_sega.convert.layout import gather_tp
     from megatron_sega.training.engine import forward_backward
-    from megatron_sega.training.sega import (
-        rollout_batch, score_rollout, sega_loss_fn, training_microbatches,
-    )
+    from megatron_sega.training.sega import rollout_batch, sega_loss_fn, training_microbatches
+    from megatron_sega.training.rollouts import score_rollout
     from megatron_sega.training.session import dp_all_reduce
     from tests.distributed.test_sega_update import GROUPS, K, _rollout, _rows
 
@@ -161,9 +161,8 @@ def _step_rounds_main_params(session) -> dict:
 
 def _reuse_ratio(tp: int, pp: int) -> dict:
     """A bf16 SEGA step reusing its rollout, at a learning rate that moves no bf16 weight."""
-    from megatron_sega.training.sega import (
-        at_label_positions, load_prompts, make_sampler, rollout_batch, sampling_params, sega_step,
-    )
+    from megatron_sega.training.sega import at_label_positions, rollout_batch, sega_step
+    from megatron_sega.training.rollouts import load_prompts, make_sampler, sampling_params
     from megatron_sega.training.teacher_forced import token_stats
 
     session = _session(tp, pp, "bf16", "sega.updates_per_rollout=2", "sega.clip_eps=0.2",

@@ -124,7 +124,7 @@ def _layouts(root: str, layouts: list, source: str = "mcore") -> dict:
 
 
 def _convert_and_run_tp1pp1(root: str) -> dict:
-    from megatron_sega.checkpoint.convert import hf_to_mcore
+    from megatron_sega.convert.hf_mcore import hf_to_mcore
 
     for name in CONFIGS:
         hf_to_mcore(f"{root}/{name}/hf", f"{root}/{name}/mcore", tp=2, pp=2)
@@ -153,7 +153,7 @@ def _two_process_layouts(root: str) -> dict:
 
 
 def _export_resaved_and_run_tp1pp1(root: str) -> dict:
-    from megatron_sega.checkpoint.convert import mcore_to_hf
+    from megatron_sega.convert.hf_mcore import mcore_to_hf
 
     out = _layouts(root, [(1, 1)], source="resaved")
     for name in CONFIGS:

@@ -44,11 +44,12 @@ def _expected_loss(session, reference, shard, kind: str) -> float:
 
 
 def _dpo_two_steps(tp: int, pp: int, vpp: int | None, kind: str) -> dict:
-    from megatron_sega.checkpoint.layout import gather_tp
+    from megatron_sega.convert.layout import gather_tp
     from megatron_sega.config import load_config
     from megatron_sega.data import GlobalBatchIterator
     from megatron_sega.training.dpo import dpo_step
-    from megatron_sega.training.evaluate import load_eval_pairs, load_reference
+    from megatron_sega.training.evaluate import load_eval_pairs
+    from megatron_sega.training.session import load_reference
     from megatron_sega.training.session import open_session
 
     config = load_config(None, [

@@ -29,7 +29,7 @@ def _batch(step: int, vocab: int) -> dict:
 
 def _misplace_fc2_shards(model, full, tp, tp_rank) -> None:
     """Negative control: give every TP rank its neighbour's linear_fc2 shard."""
-    from megatron_sega.checkpoint.layout import canonical_name, shift_layer, stage_offset, tp_shard
+    from megatron_sega.convert.layout import canonical_name, shift_layer, stage_offset, tp_shard
 
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -43,7 +43,8 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_sega import runtime
-    from megatron_sega.checkpoint.layout import gather_tp, load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import gather_tp, load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.config import OptimConfig
     from megatron_sega.training.engine import (
         build_optimizer, build_training_model, forward_backward, optimizer_step,
@@ -90,7 +91,7 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
 
 
 def _initial_full() -> dict:
-    from megatron_sega.checkpoint.layout import random_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
 
     spec = _spec()
     return random_full_state_dict(spec, spec.padded_vocab_size(1), seed=0)

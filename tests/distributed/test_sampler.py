@@ -2,7 +2,7 @@
 here wrote.
 
 The model is a tiny random ``transformers`` LlamaForCausalLM (GQA, vocab 500: not a multiple of
-the padding, so padded columns exist) converted with ``checkpoint.hf``: the same full weights at
+the padding, so padded columns exist) converted with ``convert.hf``: the same full weights at
 every layout. References:
 
 - greedy tokens: a no-cache full recompute (TP=1, each prompt alone, a plain causal forward per
@@ -71,8 +71,8 @@ def results(hf_model, tmp_path_factory):
 
 def _load(path: str, config: dict, tp: int, pp: int, vpp: int | None = None):
     from megatron_sega import runtime
-    from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict
-    from megatron_sega.checkpoint.layout import load_full_state_dict
+    from megatron_sega.convert.hf import hf_to_megatron_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
     from megatron_sega.models.spec import from_hf_config
     from megatron_sega.training.engine import build_training_model
 

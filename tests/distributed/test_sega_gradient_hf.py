@@ -59,15 +59,15 @@ def _hf_logp_and_entropy(model, rows: list[list[int]], vocab: int):
 
 
 def _update(root: str) -> dict:
-    from megatron_sega.checkpoint.hf import hf_to_megatron_state_dict, megatron_to_hf_state_dict
-    from megatron_sega.checkpoint.layout import gather_tp, load_full_state_dict
+    from megatron_sega.convert.hf import hf_to_megatron_state_dict, megatron_to_hf_state_dict
+    from megatron_sega.convert.layout import gather_tp, load_full_state_dict
     from megatron_sega.config import load_config
     from megatron_sega.data import TINY_TOKENIZER_DIR
     from megatron_sega.training.engine import forward_backward
     from megatron_sega.training.sega import (
-        at_label_positions, make_sampler, rollout_batch, sampling_params, score_rollout,
-        sega_loss_fn, training_microbatches,
+        at_label_positions, rollout_batch, sega_loss_fn, training_microbatches,
     )
+    from megatron_sega.training.rollouts import make_sampler, sampling_params, score_rollout
     from megatron_sega.training.session import open_session
     from megatron_sega.training.teacher_forced import token_stats
 

@@ -45,12 +45,13 @@ def _rows(rollout, rows):
 
 def _sega_update(tp: int, pp: int, vpp: int | None = None) -> dict:
     """Gradients under both normalisations, then one optimizer step (sequence_sum)."""
-    from megatron_sega.checkpoint.layout import gather_tp
+    from megatron_sega.convert.layout import gather_tp
     from megatron_sega.config import load_config
     from megatron_sega.training.engine import forward_backward, optimizer_step
     from megatron_sega.training.sega import (
-        at_label_positions, rollout_batch, score_rollout, sega_loss_fn, training_microbatches,
+        at_label_positions, rollout_batch, sega_loss_fn, training_microbatches,
     )
+    from megatron_sega.training.rollouts import score_rollout
     from megatron_sega.training.session import open_session
 
     config = load_config(None, [

@@ -95,7 +95,7 @@ def _overrides(root: str, tp: int, pp: int) -> list[str]:
 
 def _convert_and_eval_cli(root: str) -> None:
     from megatron_sega import cli
-    from megatron_sega.checkpoint.convert import hf_to_mcore
+    from megatron_sega.convert.hf_mcore import hf_to_mcore
 
     hf_to_mcore(f"{root}/hf", f"{root}/mcore", tp=2, pp=2, dtype="fp32")
     assert cli.main(["eval", *_overrides(root, 1, 1)]) == 0

@@ -30,7 +30,9 @@ import torch
 
 from tests.cli_run import REPO, TIMEOUT, Run
 
-from megatron_sega.checkpoint.manager import RESUME_EXIT_CODE, STOP_MARKER, read_tensors
+from megatron_sega.checkpoint.manager import read_tensors
+from megatron_sega.checkpoint.names import STOP_MARKER
+from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE
 
 TINY_TOKENIZER = REPO / "megatron_sega/data/assets/tiny_tokenizer"
 # Wall-clock fields of the metrics: everything else must match exactly.

@@ -164,7 +164,8 @@ def _train_checks(session, work: str) -> dict:
     """The sampler's statistics of sampled tokens, one SFT step and one SEGA step."""
     from megatron_sega.data import collate
     from megatron_sega.sampling import SamplingParams
-    from megatron_sega.training.sega import load_prompts, make_sampler, sega_step
+    from megatron_sega.training.rollouts import load_prompts, make_sampler
+    from megatron_sega.training.sega import sega_step
     from megatron_sega.training.sft import load_sft_examples, sft_step
     from megatron_sega.training.teacher_forced import token_stats
 

@@ -19,14 +19,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sega.checkpoint import manager as m
-from megatron_sega.checkpoint.mcore import CheckpointError
+from megatron_sega.checkpoint.names import COMPLETE_MARKER, MODEL_OPTIM_DIR
+from megatron_sega.checkpoint.safe_loading import safe_loading
+from megatron_sega.errors import CheckpointError
 
 
 def _checkpoint(root: Path, name: str, complete: bool = True) -> Path:
     path = root / name
-    (path / "model_optim").mkdir(parents=True)
+    (path / MODEL_OPTIM_DIR).mkdir(parents=True)
     if complete:
-        (path / m.COMPLETE).write_text("ok\n")
+        (path / COMPLETE_MARKER).write_text("ok\n")
     return path
 
 
@@ -50,7 +52,9 @@ def test_resume_path_explicit_directory(tmp_path):
 
     def manager(resume):
         config = SimpleNamespace(save_dir=None, resume=resume)
-        return m.CheckpointManager(SimpleNamespace(), config, stage="sft")
+        return m.CheckpointManager(config, "sft", chunks=[], optimizer=None, scheduler=None,
+                                   iterator=None, runtime=SimpleNamespace(rank=0), spec=None,
+                                   tokenizer=None, run_config={}, distributed_optimizer=False)
 
     assert manager(str(good))._resume_path() == good
     with pytest.warns(m.CheckpointWarning):  # a save directory: its newest complete checkpoint
@@ -97,7 +101,7 @@ def test_safe_loading_refuses_a_hostile_metadata_file(tmp_path):
     assert not marker.exists()
     # Without a directory to vet, the refusal inside DCP still ends as a CheckpointError.
     with pytest.raises(CheckpointError, match=r"checkpoint \.metadata names"):
-        with m.safe_loading(), warnings.catch_warnings():
+        with safe_loading(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.FileSystemReader(str(tmp_path)).read_metadata()
     assert not marker.exists()
@@ -107,7 +111,7 @@ def test_safe_loading_refuses_hostile_byte_objects(tmp_path):
     marker = tmp_path / "pwned"
     _dcp_save(tmp_path, {"w": torch.ones(2), "obj": _Boom(marker)})
     target = {"w": torch.empty(2), "obj": io.BytesIO()}
-    with m.safe_loading(), warnings.catch_warnings():
+    with safe_loading(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reader = dcp.FileSystemReader(str(tmp_path))
         # torch.load(weights_only=True) refuses the byte object; DCP wraps the refusal.
@@ -121,7 +125,7 @@ def test_safe_loading_restores_what_it_changed():
     from torch.distributed.checkpoint import filesystem
 
     before = (filesystem.pickle, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"))
-    with m.safe_loading():
+    with safe_loading():
         assert filesystem.pickle is not pickle
         assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
     assert (filesystem.pickle, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")) == before
@@ -158,3 +162,34 @@ def test_restore_adam_steps_unshares_and_sets_the_saved_count():
     steps = [adam.state[p]["step"] for p in params]
     assert steps[0] is not steps[1]
     assert [float(s) for s in steps] == [4.0, 4.0] and steps[0].dtype == shared.dtype
+
+
+def test_model_load_of_a_save_directory_resolves_its_latest_model_spec_and_tokenizer(tmp_path):
+    """``model.load`` may name a save directory: its ``latest`` checkpoint's ``model_optim``
+    holds the spec (which wins over the preset) and the tokenizer the run uses."""
+    from megatron_sega.checkpoint.mcore import CheckpointInfo, resolve_checkpoint_dir, write_info
+    from megatron_sega.checkpoint.names import LATEST_FILE, TOKENIZER_DIR, step_dir_name
+    from megatron_sega.config import ConfigError, load_config
+    from megatron_sega.data import TINY_TOKENIZER_DIR, Tokenizer
+    from megatron_sega.models import preset
+    from megatron_sega.training.session import load_tokenizer, model_spec
+
+    recorded = preset("tiny").replace(num_layers=3)
+    older = _checkpoint(tmp_path, step_dir_name(2)) / MODEL_OPTIM_DIR
+    newest = _checkpoint(tmp_path, step_dir_name(4)) / MODEL_OPTIM_DIR
+    write_info(older, CheckpointInfo(spec=preset("tiny"), padded_vocab_size=512, dtype="float32"))
+    write_info(newest, CheckpointInfo(spec=recorded, padded_vocab_size=512, dtype="float32"))
+    Tokenizer.from_path(str(TINY_TOKENIZER_DIR)).save(newest / TOKENIZER_DIR)
+    (tmp_path / LATEST_FILE).write_text(step_dir_name(4) + "\n")
+
+    assert resolve_checkpoint_dir(tmp_path) == newest
+    assert resolve_checkpoint_dir(tmp_path / step_dir_name(2)) == older
+    # A preset other than 'tiny' has no tokenizer of its own: the checkpoint's must be found.
+    config = load_config(None, ["model.preset=llama3-8b", f"model.load={tmp_path}"])
+    assert model_spec(config) == recorded
+    assert model_spec(load_config(None, ["model.preset=llama3-8b"])) == preset("llama3-8b")
+    tokenizer = load_tokenizer(config)
+    assert tokenizer.vocab_size == Tokenizer.from_path(str(TINY_TOKENIZER_DIR)).vocab_size
+    (tmp_path / LATEST_FILE).write_text(step_dir_name(2) + "\n")  # no tokenizer in that one
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_tokenizer(config)

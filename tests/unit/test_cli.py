@@ -37,8 +37,7 @@ def test_a_flag_of_another_subcommand_is_refused(capsys):
 
 
 def test_user_errors_share_one_base_class():
-    from megatron_sega.checkpoint.hf import ConversionError
-    from megatron_sega.checkpoint.layout import LayoutError
+    from megatron_sega.errors import ConversionError, LayoutError
     from megatron_sega.data import TokenizerError
     from megatron_sega.sampling import SamplerMemoryError
 

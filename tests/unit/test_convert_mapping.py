@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_sega.checkpoint import hf
-from megatron_sega.checkpoint.hf import ConversionError
-from megatron_sega.checkpoint.hf_io import HFCheckpoint, ShardedSafetensorsWriter
-from megatron_sega.checkpoint.mcore import CheckpointError, CheckpointInfo, check_compatible
+from megatron_sega.checkpoint.mcore import CheckpointInfo, check_compatible
+from megatron_sega.convert import hf
+from megatron_sega.convert.hf_io import HFCheckpoint, ShardedSafetensorsWriter
+from megatron_sega.errors import CheckpointError, ConversionError
 from megatron_sega.models.spec import LlamaSpec, ModelConfigError, to_hf_config
 
 REPO = Path(__file__).parents[2]
@@ -116,7 +116,7 @@ def _write_hf_dir(directory: Path, spec: LlamaSpec, tensors: dict, config: dict 
 
 
 def test_converter_rejects_bad_inputs_before_writing(tmp_path):
-    from megatron_sega.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from megatron_sega.convert.hf_mcore import hf_to_mcore, mcore_to_hf
 
     good = _random_hf(SPEC)
     cases = {

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_sega import runtime
-from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+from megatron_sega.convert.layout import load_full_state_dict
+from megatron_sega.models.init import random_full_state_dict
 from megatron_sega.models import preset
 from megatron_sega.models.builder import build_model
 from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported

@@ -21,7 +21,8 @@ def gpu_runtime():
 
 
 def _model(rt, attention, dtype=torch.bfloat16):
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.models import preset
     from megatron_sega.models.builder import build_model
 
@@ -91,7 +92,8 @@ def test_bf16_sft_and_sega_steps_on_megatrons_mixed_precision_path(gpu_runtime):
     ratio 1 (an lr too small to move a bf16 weight). GPU only, not yet verified."""
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_sega.training.sega import load_prompts, make_sampler, sega_step
+    from megatron_sega.training.rollouts import load_prompts, make_sampler
+    from megatron_sega.training.sega import sega_step
     from megatron_sega.training.sft import load_sft_examples, sft_step
 
     session = _gpu_session("sft.micro_batch_size=4")
@@ -145,7 +147,8 @@ def test_transformer_engine_layers_match_sdpa(gpu_runtime):
     """TE's layer spec (model.attention: auto with TE) against the local SDPA layers, same
     weights, bf16: the same logits, and the (length-bucketed) sampler the same greedy tokens.
     GPU only, not yet verified (TE cannot be installed here)."""
-    from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.models import preset
     from megatron_sega.models.builder import build_model, wrap_mixed_precision
     from megatron_sega.sampling import Sampler, SamplingParams

@@ -18,7 +18,7 @@ import torch
 from megatron_sega.config import load_config
 from megatron_sega.data import TINY_TOKENIZER_DIR, Tokenizer
 from megatron_sega.sampling import Rollout
-from megatron_sega.training.sega import score_rollout
+from megatron_sega.training.rollouts import score_rollout
 
 K = 4
 FORK, H_LAST = [2.5, 1.5, 1.0, 0.0], [0.5, 0.5, 0.5, 3.0]

@@ -3,7 +3,8 @@
 import torch
 
 from megatron_sega import runtime
-from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+from megatron_sega.convert.layout import load_full_state_dict
+from megatron_sega.models.init import random_full_state_dict
 from megatron_sega.models import preset
 from megatron_sega.models.builder import build_model, layer_spec
 from megatron_sega.models.sdpa import SDPAttention

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from megatron_sega.sampling import Rollout
-from megatron_sega.training.sega import (
-    Scored, _update_sums, rollout_batch, step_metrics, step_sums,
-)
+from megatron_sega.training.rollouts import Scored
+from megatron_sega.training.sega import _update_sums, rollout_batch, step_metrics, step_sums
 
 T, F = True, False
 EOS = 2

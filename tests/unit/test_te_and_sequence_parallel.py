@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from megatron_sega import runtime
-from megatron_sega.checkpoint.layout import load_full_state_dict, random_full_state_dict
+from megatron_sega.convert.layout import load_full_state_dict
+from megatron_sega.models.init import random_full_state_dict
 from megatron_sega.models import ModelConfigError, preset
 from megatron_sega.models import builder
 from megatron_sega.models.sdpa import CachedRotarySelfAttention, SDPAttention

@@ -21,7 +21,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from megatron_sega.checkpoint.hf import ConversionError
+from megatron_sega.checkpoint.mcore import DTYPES
+from megatron_sega.errors import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,8 +34,6 @@ TOKENIZER_FILES = (
 )
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -43,11 +42,6 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name not in DTYPES:
         raise ConversionError(f"unknown dtype '{name}'; choose one of bf16, fp32, fp16")
     return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'float32' | 'bfloat16' | 'float16' (the HF config.json spelling)."""
-    return str(dtype).removeprefix("torch.")
 
 
 class HFCheckpoint:

@@ -191,16 +191,3 @@ def full_shapes(spec, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     if not spec.tie_word_embeddings:
         shapes["output_layer.weight"] = (padded_vocab, h)
     return shapes
-
-
-def random_full_state_dict(spec, padded_vocab: int, seed: int = 0, std: float = 0.02,
-                           dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Deterministic random weights in the full layout (tests, benchmarks, the tiny demo)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in full_shapes(spec, padded_vocab).items():
-        if len(shape) == 1:
-            out[name] = (1.0 + 0.1 * torch.randn(shape, generator=generator)).to(dtype)
-        else:
-            out[name] = (std * torch.randn(shape, generator=generator)).to(dtype)
-    return out

@@ -1,7 +1,7 @@
 """Hugging Face Llama <-> Megatron-Core parameter mapping (names, layouts, vocab padding).
 
 Pure tensor functions, no I/O and no process groups. Megatron names are the canonical names of
-``checkpoint.layout`` (local spec, global layer ids). The map, per layer ``i``:
+``convert.layout`` (local spec, global layer ids). The map, per layer ``i``:
 
     HF (model.layers.i. prefix on layer names)   Megatron (decoder.layers.i. prefix)
     model.embed_tokens.weight                    embedding.word_embeddings.weight (rows padded)
@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from megatron_sega.checkpoint.layout import full_shapes
+from megatron_sega.convert.layout import full_shapes
 from megatron_sega.errors import ConversionError
 from megatron_sega.models.spec import LlamaSpec
 

@@ -10,7 +10,7 @@ stages together the whole model on one node; here peak memory is about the large
 
     hf-to-mcore: for each Megatron tensor, in checkpoint order: read its HF sources from the
                  safetensors files, re-layout (qkv groups, [gate; up], vocab padding), cast,
-                 write, drop (see ``checkpoint.mcore.save_streaming``).
+                 write, drop (see ``convert.streaming.save_streaming``).
     mcore-to-hf: for each group (embedding, layer i, final norm + head): load its full tensors
                  with ``dist_checkpointing.load``, split into HF tensors, truncate the vocab,
                  append to pre-planned safetensors shards, drop.
@@ -25,26 +25,18 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megatron_sega.checkpoint import hf
-from megatron_sega.checkpoint.hf import ConversionError
-from megatron_sega.checkpoint.hf_io import (
-    HFCheckpoint,
-    ShardedSafetensorsWriter,
-    copy_tokenizer_files,
-    dtype_name,
-    parse_dtype,
-)
 from megatron_sega.checkpoint.mcore import (
-    TOKENIZER_DIR,
-    CheckpointInfo,
-    build_skeleton,
-    load_streaming,
-    read_info,
-    save_streaming,
-    single_process_runtime,
-    stream_groups,
-    write_info,
+    CheckpointInfo, dtype_name, read_info, resolve_checkpoint_dir, write_info,
 )
+from megatron_sega.checkpoint.names import TOKENIZER_DIR
+from megatron_sega.convert import hf
+from megatron_sega.convert.hf_io import (
+    HFCheckpoint, ShardedSafetensorsWriter, copy_tokenizer_files, parse_dtype,
+)
+from megatron_sega.convert.streaming import (
+    build_skeleton, load_streaming, save_streaming, single_process_runtime, stream_groups,
+)
+from megatron_sega.errors import ConversionError
 from megatron_sega.models.spec import from_hf_config, to_hf_config
 from megatron_sega.runtime import validate_parallel_sizes
 
@@ -132,8 +124,6 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     """Convert a megatron-sega ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF
     Llama directory: ``config.json``, safetensors (sharded above ``max_shard_bytes``, with
     ``model.safetensors.index.json``) and the tokenizer files. Single process."""
-    from megatron_sega.models.resolve import resolve_checkpoint_dir
-
     # A converted checkpoint, a training checkpoint (step_*/model_optim) or a save directory.
     mcore_dir, out_dir = resolve_checkpoint_dir(str(mcore_dir)), Path(out_dir)
     info = read_info(mcore_dir)
