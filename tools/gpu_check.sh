@@ -7,7 +7,7 @@
 #      Engine imports, TE's layers against SDPA (the TE path);
 #   2. bf16 SFT + SEGA (2 clipped updates of one rollout, KL to a reference) + eval through the
 #      CLI, tiny model, one process on the GPU;
-#   3. the VPP tests, where this checkout has them (tests/distributed/test_vpp*.py, gloo);
+#   3. VPP: not run here (it needs pp >= 2 ranks, NCCL refuses two ranks on one GPU; CI runs it on gloo);
 #   4. the benchmarks with a Llama-3-8B-shaped model cut to a few layers (bf16): training-step
 #      MFU, sampler tokens/s at batch 1, 8 and 64 against transformers generate, entropy-op
 #      throughput. Results land in benchmarks/results/gpu_*.json.
@@ -115,13 +115,10 @@ print(f"bf16 ok: SFT loss {rows['sft'][0]['loss']:.3f} -> {rows['sft'][-1]['loss
 PY
 
 echo "== vpp tests"
-shopt -s nullglob
-VPP_TESTS=(tests/distributed/test_vpp*.py)
-if [ ${#VPP_TESTS[@]} -gt 0 ]; then
-  "$PY" -m pytest -q "${VPP_TESTS[@]}" -p no:cacheprovider | tail -n 2
-else
-  echo "no VPP tests in this checkout (tests/distributed/test_vpp*.py)"
-fi
+# The interleaved schedule needs pp >= 2, i.e. two ranks, and NCCL refuses two ranks on one GPU,
+# so this one-GPU check cannot run VPP. Its CPU/gloo tests (tests/e2e/test_vpp_e2e.py and the
+# pp2xvpp2 layouts of the distributed tests) run in CI; on GPUs VPP stays "not yet verified".
+echo "vpp: not run (needs 2 GPUs with NCCL); verified on CPU/gloo only, in CI"
 
 if [ "$DRY" = 1 ]; then
   TRAIN=(--preset tiny --layers 2 --seq 128 --batch 2 --micro-batch 1 --steps 1 --no-baseline)

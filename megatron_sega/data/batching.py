@@ -24,7 +24,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
-from megatron_sega.errors import DataError
+from megatron_sega.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -245,13 +245,16 @@ class GlobalBatchIterator(Generic[T]):
         for key in ("seed", "shuffle", "num_examples", "global_batch_size"):
             current = getattr(self, key) if key != "num_examples" else len(self.dataset)
             if state.get(key) != current:
-                raise ValueError(
+                raise CheckpointError(
                     f"cannot resume the data iterator: saved {key}={state.get(key)!r} but this "
-                    f"run has {key}={current!r}; resume with the same data and batch settings"
+                    f"run has {key}={current!r}; resume with the same data and batch settings, "
+                    f"or start afresh in another checkpoint.save_dir"
                 )
         epoch, index = int(state["epoch"]), int(state["batch_index"])
         if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
-            raise ValueError(f"invalid data iterator position epoch={epoch}, batch_index={index}")
+            raise CheckpointError(f"the checkpoint's data iterator position epoch={epoch}, "
+                                  f"batch_index={index} is invalid for {self.batches_per_epoch} "
+                                  f"batches per epoch; the checkpoint is damaged or foreign")
         self.epoch, self.batch_index = epoch, index
 
 

@@ -38,6 +38,7 @@ from megatron_sega import ops
 from megatron_sega.errors import SamplerMemoryError
 from megatron_sega.models.builder import sequence_parallel_off, unwrap_model
 from megatron_sega.runtime import Runtime
+from megatron_sega.runtime.stages import broadcast_from_last_stage
 from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported
 from megatron_sega.sampling.pipeline import pipeline_forward
 from megatron_sega.sampling.rollout import Rollout, SamplingParams
@@ -143,7 +144,6 @@ class Sampler:
         self.layers_here = sum(len(c.decoder.layers) for c in self.chunks)
         kv_per_tp = config.num_query_groups // runtime.tp * config.kv_channels
         self.kv_bytes_per_token = 2 * self.layers_here * kv_per_tp * self.dtype.itemsize
-        self._last_rank = self._last_pp_rank()
         self.stats = SamplerStats()
         # The forward of each chunk: the lean one where the layer spec allows (decode.py),
         # else Megatron-Core's own. ``lean``: None = when supported, True = required.
@@ -249,12 +249,6 @@ class Sampler:
         return _select(merged, inverse)
 
     # ----------------------------------------------------------------------------- internals
-    def _last_pp_rank(self) -> int:
-        """Global rank of the last pipeline stage (which samples)."""
-        if self.rt.pp == 1:
-            return self.rt.rank
-        return dist.get_global_rank(self.rt.pp_group, self.rt.pp - 1)
-
     def _forward(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """One pass of the next positions ``tokens [B, s]`` through every chunk of the
         pipeline; returns the last-position logits shard [B, V/TP] on the last stage."""
@@ -344,11 +338,7 @@ class Sampler:
         return token
 
     def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.rt.pp == 1:
-            return tensor
-        tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=self._last_rank, group=self.rt.pp_group)
-        return tensor
+        return broadcast_from_last_stage(tensor, self.rt)
 
 
 def _compact(forwards: list, keep: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ from megatron_sega.dpo import preference_loss, sequence_logps
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, load_reference, open_session, preflight,
+    stage_logger,
 )
 from megatron_sega.training.sft import sft_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
@@ -114,7 +115,7 @@ def _check_batch_split(session: Session) -> None:
 
 def run_dpo(config, args) -> int:
     """``megatron-sega dpo``: the DPO / IPO loop with evaluation, logging and checkpoints."""
-    from megatron_sega.logging import MetricsLogger, mfu
+    from megatron_sega.logging import mfu
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
     if not config.data.train:
@@ -133,11 +134,7 @@ def run_dpo(config, args) -> int:
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
-    logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
-                           tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
-                           wandb=config.logging.wandb, name="dpo",
-                           progress_total=cfg.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict())
+    logger = stage_logger(session, "dpo", cfg.steps - start)
     batches = iter(iterator)
     for step in range(start, cfg.steps):
         t0 = time.time()

@@ -31,7 +31,7 @@ from megatron_sega.training.rollouts import (
 )
 from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, dp_sum, load_reference, open_session,
-    preflight,
+    preflight, stage_logger,
 )
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
@@ -265,7 +265,6 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
 
 def run_sega(config, args) -> int:
     """``megatron-sega sega``: the on-policy SEGA loop."""
-    from megatron_sega.logging import MetricsLogger
 
     if not config.data.train:
         raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
@@ -287,11 +286,7 @@ def run_sega(config, args) -> int:
     ckpt = checkpoint_manager(session, "sega", iterator)
     start = ckpt.resume()
     sampler = make_sampler(session)
-    logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
-                           tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
-                           wandb=config.logging.wandb, name="sega",
-                           progress_total=cfg.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict(), interval=config.logging.interval)
+    logger = stage_logger(session, "sega", cfg.steps - start)
     bad_in_a_row, step = 0, start
     batches = iter(iterator)
     for step in range(start, cfg.steps):

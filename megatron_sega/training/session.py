@@ -165,6 +165,18 @@ def checkpoint_manager(session: Session, stage: str, iterator=None):
         distributed_optimizer=config.parallel.distributed_optimizer)
 
 
+def stage_logger(session: Session, stage: str, steps_left: int):
+    """The ``MetricsLogger`` of a training stage: the ``logging`` section's sinks and interval,
+    written by the metrics rank only, with a progress bar over the ``steps_left`` steps."""
+    from megatron_sega.logging import MetricsLogger
+
+    log, config = session.config.logging, session.config
+    return MetricsLogger(log.dir, enabled=session.is_metrics_rank, tensorboard=log.tensorboard,
+                         jsonl=log.jsonl, wandb=log.wandb, name=stage,
+                         progress_total=steps_left, progress=log.progress,
+                         run_config=config.to_dict(), interval=log.interval)
+
+
 def announce(session: Session, stage: str) -> None:
     """Print the resolved config once (rank 0) and keep a copy in the logging directory."""
     if not session.is_main:

@@ -17,7 +17,7 @@ from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, colla
 from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
-    Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight,
+    Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight, stage_logger,
 )
 from megatron_sega.training.teacher_forced import vocab_shard_info
 
@@ -82,7 +82,7 @@ def sft_step(session: Session, shard) -> dict:
 
 def run_sft(config, args) -> int:
     """``megatron-sega sft``: the SFT loop with evaluation, logging and checkpoints."""
-    from megatron_sega.logging import MetricsLogger, mfu
+    from megatron_sega.logging import mfu
     from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
 
     if not config.data.train:
@@ -100,11 +100,7 @@ def run_sft(config, args) -> int:
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
     ckpt = checkpoint_manager(session, "sft", iterator)
     start = ckpt.resume()
-    logger = MetricsLogger(config.logging.dir, enabled=session.is_metrics_rank,
-                           tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
-                           wandb=config.logging.wandb, name="sft",
-                           progress_total=sft.steps - start, progress=config.logging.progress,
-                           run_config=config.to_dict(), interval=config.logging.interval)
+    logger = stage_logger(session, "sft", sft.steps - start)
     batches = iter(iterator)
     for step in range(start, sft.steps):
         t0 = time.time()

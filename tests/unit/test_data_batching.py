@@ -18,6 +18,7 @@ from megatron_sega.data.batching import (
     collate_pairs,
     padded_length,
 )
+from megatron_sega.errors import CheckpointError
 
 PAD = 0
 BOS = 1
@@ -141,9 +142,10 @@ def test_state_dict_resume_continues_identically() -> None:
 
 def test_load_state_dict_rejects_changed_settings() -> None:
     state = GlobalBatchIterator(list(range(20)), 4, seed=1).state_dict()
-    with pytest.raises(ValueError, match="saved num_examples=20 but this run has num_examples=21"):
+    # A user error (one line from the CLI), not a traceback.
+    with pytest.raises(CheckpointError, match="saved num_examples=20 but this run has num_examples=21"):
         GlobalBatchIterator(list(range(21)), 4, seed=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="saved seed=1 but this run has seed=2"):
+    with pytest.raises(CheckpointError, match="saved seed=1 but this run has seed=2"):
         GlobalBatchIterator(list(range(20)), 4, seed=2).load_state_dict(state)
 
 

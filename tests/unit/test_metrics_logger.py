@@ -50,3 +50,29 @@ def test_wandb_without_the_package_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="logging.wandb = true but the wandb package is not "
                                           "installed; pip install wandb, or set logging.wandb=false"):
         MetricsLogger(str(tmp_path), wandb=True, tensorboard=False, progress=False)
+
+
+def test_every_training_stage_logs_through_the_config_interval(tmp_path):
+    """SFT, SEGA and DPO build their logger with ``session.stage_logger``, which takes the
+    ``logging`` section's interval (DPO once ignored it)."""
+    import ast
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import megatron_sega.training as training
+    from megatron_sega.config import load_config
+    from megatron_sega.training.session import stage_logger
+
+    for stage in ("sft", "sega", "dpo"):
+        tree = ast.parse((Path(training.__file__).parent / f"{stage}.py").read_text())
+        calls = {node.func.id for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert "stage_logger" in calls and "MetricsLogger" not in calls, stage
+    config = load_config(None, [f"logging.dir={tmp_path}", "logging.interval=3",
+                                "logging.progress=false"])
+    logger = stage_logger(SimpleNamespace(config=config, is_metrics_rank=True), "dpo", 7)
+    for step in range(1, 8):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    assert _scalars(tmp_path / "tensorboard" / "dpo")["dpo/loss"] == [(3, 3.0), (6, 6.0),
+                                                                     (7, 7.0)]

@@ -123,3 +123,19 @@ def test_concat_pads_and_select_reorders():
     back = _select(merged, torch.tensor([2, 0, 1]))
     assert back.sample_ids.tolist() == [2, 0, 1]
     assert back.response_ids[1].tolist() == [4, 5, 6]
+
+
+def test_cuda_budget_counts_the_allocators_reserved_but_free_memory(monkeypatch):
+    """The KV budget on CUDA: the device's free bytes plus what the caching allocator holds
+    reserved but unallocated (``mem_get_info`` alone misses it), never less than the free bytes."""
+    import torch
+
+    from megatron_sega.sampling import sampler
+
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * gib)
+    assert sampler._available_memory(torch.device("cuda", 0)) == 9 * gib
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    assert sampler._available_memory(torch.device("cuda", 0)) == 3 * gib

@@ -164,3 +164,17 @@ def test_random_init_lives_in_models():
     session = _imports(PACKAGE / "training" / "session.py")
     assert "megatron_sega.models.init.random_init" in session
     assert not _ours(session, "megatron_sega.convert")  # no layout code left in the session
+
+
+def test_broadcast_from_the_last_stage_is_written_once():
+    """Every loop (training, eval, the sampler) broadcasts the last pipeline stage's tensors
+    through ``runtime.stages.broadcast_from_last_stage``: ``dist.broadcast`` appears nowhere
+    else."""
+    callers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        if any(isinstance(node, ast.Attribute) and node.attr == "broadcast"
+               and isinstance(node.value, ast.Name) and node.value.id == "dist"
+               for node in ast.walk(tree)):
+            callers.append(path.relative_to(PACKAGE).as_posix())
+    assert callers == ["runtime/stages.py"]
