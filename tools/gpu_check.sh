@@ -10,7 +10,8 @@
 #   3. VPP: not run here (it needs pp >= 2 ranks, NCCL refuses two ranks on one GPU; CI runs it on gloo);
 #   4. the benchmarks with a Llama-3-8B-shaped model cut to a few layers (bf16): training-step
 #      MFU, sampler tokens/s at batch 1, 8 and 64 against transformers generate, entropy-op
-#      throughput. Results land in benchmarks/results/gpu_*.json.
+#      throughput. Results land in benchmarks/results/gpu_*.json. (The sampler benchmark's TP=2
+#      demo-model time split is a CPU/gloo figure: benchmarks/results/sampler.json has it.)
 #
 #   bash tools/gpu_check.sh                    # on the GPU machine
 #   bash tools/gpu_check.sh --wheels DIR       # first install the wheels in DIR (no registry)
@@ -122,12 +123,12 @@ echo "vpp: not run (needs 2 GPUs with NCCL); verified on CPU/gloo only, in CI"
 
 if [ "$DRY" = 1 ]; then
   TRAIN=(--preset tiny --layers 2 --seq 128 --batch 2 --micro-batch 1 --steps 1 --no-baseline)
-  SAMPLE=(--hidden 128 --layers 2 --vocab 1000 --prompt 16 --new 16 --repeats 1 --dtype bf16)
+  SAMPLE=(--hidden 128 --layers 2 --vocab 1000 --prompt 16 --new 16 --repeats 1 --dtype bf16 --no-tp2-demo)
   ENTROPY=(--tokens 64 --vocab 128256 --repeats 1)
   BATCHES=(1 8)
 else
   TRAIN=(--preset llama3-8b --layers 4 --seq 4096 --batch 4 --micro-batch 1 --steps 3 --dtype bf16 --no-baseline)
-  SAMPLE=(--hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --layers 4 --vocab 128256 --prompt 128 --new 256 --repeats 1 --dtype bf16 --skip no_cache sampler_local)
+  SAMPLE=(--hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --layers 4 --vocab 128256 --prompt 128 --new 256 --repeats 1 --dtype bf16 --skip no_cache sampler_local --no-tp2-demo)
   ENTROPY=(--tokens 8192 --vocab 128256 --dtype bf16 --repeats 5)
   BATCHES=(1 8 64)
 fi

@@ -6,7 +6,8 @@ to 2 layers, hidden 256 and FFN 896 (the 8B's 3.5x): the same 32 attention heads
 (head_dim 8; 4 query heads and 1 KV group per TP rank) and the same 128,256-token vocabulary
 (16,032 columns per rank). The architecture comes from the 8B preset through the project's own
 ``to_hf_config``; the CPU-only overrides are the device, the data, the step counts and batch
-sizes (8 processes share 2 cores) and the tokenizer: the shipped tiny one, its vocabulary padded
+sizes (8 processes share 2 cores: one microbatch of 4 rows per step, as bf16 matmuls
+are slow on CPU) and the tokenizer: the shipped tiny one, its vocabulary padded
 with unused tokens to the 8B's 128,256, so that losses, entropies and sampling run over the whole
 vocabulary on every TP rank, as with Llama 3's own tokenizer. The time of each stage is printed."""
 
@@ -55,13 +56,13 @@ def _sft_then_sega(root: str, hf_config: str, tokenizer: str) -> dict:
     times, codes = {}, {}
     start = time.time()
     codes["sft"] = cli.main(["sft", "--config", str(CONFIG), *common, "sft.steps=1",
-                             "sft.global_batch_size=8", "sft.micro_batch_size=4",
+                             "sft.global_batch_size=4", "sft.micro_batch_size=4",
                              f"logging.dir={root}/sft", f"checkpoint.save_dir={root}/sft/ckpt"])
     times["sft"] = time.time() - start
     start = time.time()
     codes["sega"] = cli.main(["sega", "--config", str(CONFIG), *common,
                               f"model.load={root}/sft/ckpt", "sega.steps=1",
-                              "sega.prompts_per_step=2", "sampling.max_new_tokens=8",
+                              "sega.prompts_per_step=1", "sampling.max_new_tokens=8",
                               f"logging.dir={root}/sega"])
     times["sega"] = time.time() - start
     return {"codes": codes, "times": times}

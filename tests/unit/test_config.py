@@ -166,8 +166,11 @@ def test_cli_errors_are_one_line(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         cases.append((("sft", train, "parallel.device=cpu", "logging.wandb=true"),
                       "logging.wandb = true but the wandb package is not installed"))
-    for args, expected in cases:
-        result = _cli(*args)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # one process per core: each is one thread
+        results = list(pool.map(lambda case: _cli(*case[0]), cases))
+    for (args, expected), result in zip(cases, results):
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert lines and expected in lines[-1], (args, result.stderr[-2000:])
