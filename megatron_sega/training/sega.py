@@ -269,13 +269,12 @@ def run_sega(config, args) -> int:
     if not config.data.train:
         raise ConfigError("sega needs data.train (prompts; chosen/rejected are not used)")
     check_sega_group(config)  # a config error before any launch-size error
-    preflight(config, "sega")
+    check_sega_microbatches(config, preflight(config, "sega"))  # before any model is built
     cfg = config.sega
     session = open_session(config, train=True, total_steps=cfg.steps * cfg.updates_per_rollout,
                            lr_override=cfg.lr)
     announce(session, "sega")
     rt = session.runtime
-    check_sega_microbatches(config, rt.dp)
     prompts = load_prompts(session, config.data.train)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
                                    dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,

@@ -87,12 +87,11 @@ def run_sft(config, args) -> int:
 
     if not config.data.train:
         raise ConfigError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
-    preflight(config, "sft")
+    check_sft_microbatches(config, preflight(config, "sft"))  # before any model is built
     sft = config.sft
     session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
     announce(session, "sft")
     rt = session.runtime
-    check_sft_microbatches(config, rt.dp)
     examples = load_sft_examples(session, config.data.train)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
                                    dp_size=rt.dp, seed=config.data.seed,

@@ -67,3 +67,34 @@ def test_kl_and_clip_fraction_are_token_weighted_over_microbatches():
     got = step_metrics({**step_sums(rollout, scored, batch), **_update_sums(outputs)})
     assert got["kl_mean"] == pytest.approx((4 * 0.5 + 2 * 0.2) / 6)
     assert got["clip_fraction"] == pytest.approx(1 / 6)
+
+
+def test_mfu_counts_prompt_plus_response_tokens_at_the_trained_width(monkeypatch):
+    """The step's MFU gets the trained sequence length (prompt + response, 9 here; the response
+    width alone is 4), every prompt + response token of each update, and the training time only;
+    and ``mfu`` is training FLOPs per token x tokens / seconds / (peak x world size)."""
+    from megatron_sega.logging import metrics
+    from megatron_sega.models import preset
+    from megatron_sega.training import sega
+
+    calls = []
+    monkeypatch.setattr(sega, "mfu", lambda *args: calls.append(args) or 0.5)
+    monkeypatch.setattr(sega, "dp_sum", lambda sums, session: sums)
+    rollout, scored, batch = _step()
+    spec = preset("tiny")
+    session = SimpleNamespace(spec=spec, runtime=SimpleNamespace(world_size=4))
+    updates = [{"sums": {}}, {"sums": {}, "loss": 1.0, "grad_norm": 2.0, "lr": 1e-3}]
+    timer = {"t0": 0.0, "sample": 3.0, "score": 3.5, "train": 5.5}
+    got = sega._metrics(session, rollout, scored, batch, updates, timer)
+    train_tokens = float(batch.lengths.sum())
+    assert train_tokens > float(rollout.response_mask.sum())  # the prompts count too
+    assert calls == [(spec, 9, 2 * train_tokens, 2.0, 4)] and got["mfu"] == 0.5
+    assert got["time_train"] == 2.0 and got["time_sample"] == 3.0
+
+    monkeypatch.setattr(metrics, "gpu_peak_tflops", lambda: 989.0)
+    per_token = metrics.training_flops_per_token(spec, 9)
+    assert per_token > metrics.training_flops_per_token(spec, 4)  # attention grows with length
+    assert metrics.mfu(spec, 9, 1000.0, 2.0, 4) == pytest.approx(
+        per_token * 1000.0 / 2.0 / (989e12 * 4))
+    monkeypatch.setattr(metrics, "gpu_peak_tflops", lambda: None)
+    assert metrics.mfu(spec, 9, 1000.0, 2.0, 4) is None  # CPU: no peak to compare with
