@@ -170,11 +170,11 @@ def stage_logger(session: Session, stage: str, steps_left: int):
     written by the metrics rank only, with a progress bar over the ``steps_left`` steps."""
     from megatron_sega.logging import MetricsLogger
 
-    log, config = session.config.logging, session.config
+    log = session.config.logging
     return MetricsLogger(log.dir, enabled=session.is_metrics_rank, tensorboard=log.tensorboard,
                          jsonl=log.jsonl, wandb=log.wandb, name=stage,
                          progress_total=steps_left, progress=log.progress,
-                         run_config=config.to_dict(), interval=log.interval)
+                         run_config=session.config.to_dict(), interval=log.interval)
 
 
 def announce(session: Session, stage: str) -> None:

@@ -6,10 +6,10 @@ to 2 layers, hidden 256 and FFN 896 (the 8B's 3.5x): the same 32 attention heads
 (head_dim 8; 4 query heads and 1 KV group per TP rank) and the same 128,256-token vocabulary
 (16,032 columns per rank). The architecture comes from the 8B preset through the project's own
 ``to_hf_config``; the CPU-only overrides are the device, the data, the step counts and batch
-sizes (8 processes share 2 cores: one microbatch of 4 rows per step, as bf16 matmuls
-are slow on CPU) and the tokenizer: the shipped tiny one, its vocabulary padded
-with unused tokens to the 8B's 128,256, so that losses, entropies and sampling run over the whole
-vocabulary on every TP rank, as with Llama 3's own tokenizer. The time of each stage is printed."""
+sizes (8 processes share 2 cores: one microbatch of 4 rows per step, as bf16 matmuls are slow on
+CPU) and the tokenizer: the shipped tiny one, its vocabulary padded with unused tokens to the 8B's
+128,256, so that losses, entropies and sampling run over the whole vocabulary on every TP rank, as
+with Llama 3's own tokenizer. The time of each stage is printed."""
 
 from __future__ import annotations
 
