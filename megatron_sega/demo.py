@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -194,6 +195,12 @@ def run_demo(config: Config, args) -> int:
     results = {"initial": _evaluate(base, out, "initial", score_prompts)}
     sft_dir, sega_dir = out / "sft", out / "sega"
     after_sft = base.with_overrides(f"model.load={sft_dir / 'ckpt'}")
+    # Every demo starts from scratch (checkpoint.resume=none): a rerun replaces the previous
+    # demo's checkpoints under --out, which a fresh start would otherwise refuse to overwrite.
+    if dist.get_rank() == 0:
+        for stage_dir in (sft_dir, sega_dir, out / "dpo"):
+            shutil.rmtree(stage_dir / "ckpt", ignore_errors=True)
+    dist.barrier()
     try:
         results["after SFT"] = stage("sft", lambda: run_sft(base.with_overrides(
             f"logging.dir={sft_dir}", f"checkpoint.save_dir={sft_dir / 'ckpt'}"), args),

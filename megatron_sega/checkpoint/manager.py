@@ -14,6 +14,13 @@ A checkpoint is written into ``.tmp_step_…`` and renamed when every rank has f
 without ``COMPLETE`` is never chosen (a warning names it). Resuming at the same layout is exact:
 the loss trajectory and the weights equal those of an uninterrupted run, bit for bit.
 
+Ownership and agreement (rules in :mod:`megatron_sega.checkpoint.retention`). Each checkpoint
+records its run's ``run_id`` (new at a fresh start, carried on by a resume): ``keep_last`` prunes
+only this run's checkpoints, and a start that would collide with another run's checkpoint is
+refused. Rank 0 alone decides where the run starts and whether the final step still needs a
+save, and broadcasts it; a save directory that some rank cannot see is refused. On resume the
+current config's LR schedule wins over the checkpoint's (the differences are printed).
+
 Stop and resume (protocol in :mod:`megatron_sega.checkpoint.stop`). On a recorded SIGTERM or
 SIGUSR1 the loop saves the step it just finished, writes ``STOPPED`` (stage, step, checkpoint)
 before the last barrier of that save, and the CLI exits 75 ("stopped, resume me"). A stage whose
@@ -37,10 +44,10 @@ optimizer, scheduler, data iterator, runtime, spec, tokenizer); ``training.sessi
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -55,34 +62,18 @@ from megatron_sega.checkpoint.mcore import (
     sharded_model_state, unwrap, write_info,
 )
 from megatron_sega.checkpoint.names import (
-    COMPLETE_MARKER, LATEST_FILE, MODEL_OPTIM_DIR, RNG_DIR, STEP_GLOB, STOP_MARKER, TMP_PREFIX,
+    COMPLETE_MARKER, MODEL_OPTIM_DIR, RNG_DIR, STEP_GLOB, STOP_MARKER, TMP_PREFIX,
     TOKENIZER_DIR, TRAIN_STATE_FILE, rng_file_name, step_dir_name,
+)
+from megatron_sega.checkpoint.retention import (
+    CheckpointWarning, conflicting_checkpoints, find_latest, is_complete, mark_owner,
+    point_latest, prune, publish, run_id_of, write_synced,
 )
 from megatron_sega.checkpoint.safe_loading import safe_loading
 from megatron_sega.checkpoint.stop import RESUME_EXIT_CODE
 from megatron_sega.errors import CheckpointError
 
 _OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class CheckpointWarning(RuntimeWarning):
-    """A checkpoint was skipped (its own category: the CLI silences library UserWarnings)."""
-
-
-def find_latest(save_dir: str | Path, warn: bool = True) -> Optional[Path]:
-    """The newest complete checkpoint in ``save_dir``, skipping incomplete ones with a warning
-    that names them."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return None
-    candidates = sorted((p for p in root.glob(STEP_GLOB) if p.is_dir()), reverse=True)
-    for path in candidates:
-        if (path / COMPLETE_MARKER).is_file():
-            return path
-        if warn:
-            warnings.warn(f"checkpoint {path} has no {COMPLETE_MARKER} marker (interrupted save?); "
-                          "skipping it in favour of an older one", CheckpointWarning, stacklevel=2)
-    return None
 
 
 def read_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -168,6 +159,8 @@ class CheckpointManager:
         self.save_dir = Path(config.save_dir) if config.save_dir else None
         self.stopped = False
         self.extra: dict = {}
+        # This run's identity (see checkpoint.retention): set by resume(), new or inherited.
+        self.run_id: Optional[str] = None
         if self.save_dir is not None:
             stop.install_handlers()  # the CLI did already; library callers need it here
             if self.is_main:  # the stop of an earlier run: this one starts the stage again
@@ -199,11 +192,14 @@ class CheckpointManager:
         final = self.save_dir / step_dir_name(step)
         tmp = self.save_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
         model_dir = tmp / MODEL_OPTIM_DIR
+        if self.run_id is None:  # a library caller that saves without resume()
+            self.run_id = _broadcast_from_main(uuid.uuid4().hex, self.runtime)
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             model_dir.mkdir(parents=True)
             (tmp / RNG_DIR).mkdir()
+            mark_owner(tmp, self.run_id)
         dist.barrier()
         _in_process_write_results()
         model = unwrap(self.chunks[0])
@@ -225,39 +221,23 @@ class CheckpointManager:
                 spec=self.spec, padded_vocab_size=int(model.vocab_size),
                 dtype=dtype_name(model.config.params_dtype)))
             train_state = {
-                "stage": self.stage, "step": step,
+                "stage": self.stage, "step": step, "run_id": self.run_id,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "iterator": iterator.state_dict() if iterator is not None else None,
                 "optimizer_state": with_optim, **self._layout(), "config": self.run_config,
                 **(extra or {}),
             }
-            _write_synced(tmp / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
+            write_synced(tmp / TRAIN_STATE_FILE, json.dumps(train_state, indent=1))
             self.tokenizer.save(model_dir / TOKENIZER_DIR)
-            _write_synced(tmp / COMPLETE_MARKER, "ok\n")
-            if final.exists():  # a re-save of this step: the previous checkpoint still exists
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = self.save_dir / f".{LATEST_FILE}.tmp"
-            _write_synced(pointer, final.name + "\n")
-            os.replace(pointer, self.save_dir / LATEST_FILE)
-            self._prune(final)
+            write_synced(tmp / COMPLETE_MARKER, "ok\n")
+            publish(tmp, final)
+            prune(self.save_dir, self.run_id, self.config.keep_last, final)
             if stopping:
-                _write_synced(self.save_dir / STOP_MARKER, json.dumps(
+                write_synced(self.save_dir / STOP_MARKER, json.dumps(
                     {"stage": self.stage, "step": step, "checkpoint": str(final)}) + "\n")
         dist.barrier()
         self.print(f"saved checkpoint {final}")
         return final
-
-    def _prune(self, current: Path) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of killed saves."""
-        keep = max(self.config.keep_last, 1)
-        complete = sorted(p for p in self.save_dir.glob(STEP_GLOB)
-                          if (p / COMPLETE_MARKER).is_file())
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.save_dir.glob(TMP_PREFIX + STEP_GLOB):
-            if stale.name != f"{TMP_PREFIX}{current.name}":
-                shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
     def _resume_path(self) -> Optional[Path]:
@@ -267,16 +247,70 @@ class CheckpointManager:
         if resume == "auto":
             return find_latest(self.save_dir) if self.save_dir else None
         path = Path(resume)
-        if not (path / COMPLETE_MARKER).is_file() and any(path.glob(STEP_GLOB)):
+        if not is_complete(path) and any(path.glob(STEP_GLOB)):
             path = find_latest(path) or path  # a save directory: its newest complete checkpoint
-        if not (path / COMPLETE_MARKER).is_file():
+        if not is_complete(path):
             raise CheckpointError(f"checkpoint.resume = {resume}: {path} is not a complete "
                                   f"checkpoint (no {COMPLETE_MARKER} marker)")
         return path
 
+    def _decide_start(self) -> dict:
+        """Rank 0's choice of where this run starts (checked here, on rank 0 only): the checkpoint
+        to resume (or None), this run's ``run_id`` and a ``probe`` file that every rank must see.
+        A user error becomes ``{"error": message}``, raised by every rank together."""
+        try:
+            path = self._resume_path()
+            start = int(_read_train_state(path)["step"]) if path is not None else 0
+            run_id = (run_id_of(path) if path is not None else None) or uuid.uuid4().hex
+            probe = None
+            if self.save_dir is not None:
+                clashes = conflicting_checkpoints(self.save_dir, start, path)
+                if clashes:
+                    where = f"from {path}" if path is not None else "without resume"
+                    raise CheckpointError(
+                        f"checkpoint.save_dir = {self.save_dir} holds {clashes[-1].name}, a "
+                        f"checkpoint of another run at or after this run's start (step {start}, "
+                        f"{where}); its saves would replace that run's. Use a new "
+                        "checkpoint.save_dir, or checkpoint.resume=auto to continue the latest")
+                self.save_dir.mkdir(parents=True, exist_ok=True)
+                probe = f".probe_{uuid.uuid4().hex}"
+                write_synced(self.save_dir / probe, run_id + "\n")
+            return {"path": None if path is None else str(path), "run_id": run_id,
+                    "probe": probe, "error": None}
+        except (CheckpointError, OSError) as err:
+            return {"error": str(err)}
+
+    def _agree_on_start(self) -> Optional[Path]:
+        """Collective: every rank takes rank 0's decision (``_decide_start``), so that a save
+        directory listed differently on different nodes cannot split the run; a save directory
+        that some rank cannot see (node-local scratch) is refused on every rank."""
+        decision = _broadcast_from_main(self._decide_start() if self.is_main else None,
+                                        self.runtime)
+        if decision["error"]:
+            raise CheckpointError(decision["error"])
+        self.run_id = decision["run_id"]
+        if decision["probe"] is not None:
+            probe = self.save_dir / decision["probe"]
+            try:
+                seen = probe.read_text().strip() == self.run_id
+            except OSError:
+                seen = False
+            blind = _ranks_where(not seen, self.runtime)
+            if self.is_main:
+                probe.unlink(missing_ok=True)
+            if blind:
+                raise CheckpointError(
+                    f"checkpoint.save_dir = {self.save_dir} is not the same directory on every "
+                    f"rank (rank(s) {', '.join(map(str, blind[:8]))} cannot see a file that rank 0 "
+                    "wrote there: node-local scratch?); put checkpoint.save_dir on a file system "
+                    "that every node shares")
+        return Path(decision["path"]) if decision["path"] is not None else None
+
     def resume(self) -> int:
-        """Load the checkpoint chosen by ``checkpoint.resume``; return the step to start from."""
-        path = self._resume_path()
+        """Collective: agree on where this run starts (rank 0 decides, see ``_agree_on_start``),
+        load the checkpoint chosen by ``checkpoint.resume`` if any; return the step to start
+        from. The current config's LR schedule wins over the checkpoint's."""
+        path = self._agree_on_start()
         if path is None:
             return 0
         from megatron.core import dist_checkpointing
@@ -305,6 +339,7 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(state, str(model_dir))
         load_model_state(self.chunks, wanted, loaded)
         if load_optim:
+            _retarget_lr_bounds(loaded["optimizer"], optimizer)
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params
                 optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer)
@@ -314,7 +349,7 @@ class CheckpointManager:
                 self.print(f"note: {path}: optimizer state not loaded "
                            "(checkpoint.load_optim=false); Adam moments restart from zero")
         if self.scheduler is not None and train_state.get("scheduler"):
-            self.scheduler.load_state_dict(train_state["scheduler"])
+            self._load_schedule(path, train_state["scheduler"])
         if self.iterator is not None and train_state.get("iterator"):
             self.iterator.load_state_dict(train_state["iterator"])
         self._restore_rng(path, train_state)
@@ -322,6 +357,18 @@ class CheckpointManager:
         self.extra = {k: v for k, v in train_state.items()
                       if k not in ("scheduler", "iterator", "config")}
         return int(train_state["step"])
+
+    def _load_schedule(self, path: Path, saved: dict) -> None:
+        """The checkpoint's position in the LR schedule (its step count) on this run's schedule:
+        the config wins (lr, min_lr, warmup, total steps), and each value that differs from the
+        checkpoint's is printed."""
+        current = self.scheduler.state_dict()
+        changed = [f"{key} {saved[key]} -> {value}" for key, value in current.items()
+                   if key != "num_steps" and key in saved and saved[key] != value]
+        if changed:
+            self.print(f"note: {path}: the LR schedule of this run's config replaces the "
+                       f"checkpoint's: {'; '.join(changed)}")
+        self.scheduler.load_state_dict({**saved, **current, "num_steps": saved["num_steps"]})
 
     def _check_optimizer_layout(self, path: Path, train_state: dict) -> None:
         here = self._layout()
@@ -375,10 +422,17 @@ class CheckpointManager:
         return False
 
     def finalize(self, step: int) -> None:
-        """Save the final step unless it is already the newest checkpoint (or a signal saved)."""
+        """Collective: make ``latest`` name a complete checkpoint of ``step``, this run's final
+        step: save it, unless this run already has (or a signal saved). Rank 0 decides."""
         if self.save_dir is None or self.stopped:
             return
-        if find_latest(self.save_dir, warn=False) != self.save_dir / step_dir_name(step):
+        final = self.save_dir / step_dir_name(step)
+        have = self.is_main and is_complete(final) and run_id_of(final) == self.run_id
+        if _broadcast_from_main(have, self.runtime):
+            if self.is_main:
+                point_latest(self.save_dir, final)
+            dist.barrier()
+        else:
             self.save(step)
 
 
@@ -390,6 +444,33 @@ def _read_train_state(path: Path) -> dict:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}/{TRAIN_STATE_FILE}: unreadable "
                               f"({type(err).__name__}: {err})") from None
+
+
+def _retarget_lr_bounds(state: dict, optimizer) -> None:
+    """Give the saved param groups this run's ``max_lr`` / ``min_lr`` (the config's schedule
+    wins). Megatron's optimizers keep both per group, match saved groups to their own by them,
+    and a load would otherwise bring the checkpoint's back. Every group shares one pair here (no
+    per-group learning rates are configured); anything else is left to Megatron's matching."""
+    bounds = {(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups}
+    if len(bounds) != 1:
+        return
+    (max_lr, min_lr), = bounds
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            for group in groups if isinstance(groups, list) else ():
+                if isinstance(group, dict) and "max_lr" in group:
+                    group.update(max_lr=max_lr, min_lr=min_lr)
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            return
+        for child in children:
+            walk(child)
+
+    walk(state)
 
 
 def _has_state(optimizer) -> bool:
@@ -439,9 +520,17 @@ def _in_process_write_results() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def _write_synced(path: Path, text: str) -> None:
-    """Write a small file and fsync it, so a marker never survives a crash that its data did not."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _broadcast_from_main(value, runtime):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=torch.device(runtime.device))
+    return box[0]
+
+
+def _ranks_where(condition: bool, runtime) -> list[int]:
+    """The global ranks where ``condition`` holds (one all-gather of a flag)."""
+    flags = [torch.zeros(1, dtype=torch.int32, device=runtime.device)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, torch.tensor([int(condition)], dtype=torch.int32,
+                                        device=runtime.device))
+    return [rank for rank, flag in enumerate(flags) if int(flag.item())]

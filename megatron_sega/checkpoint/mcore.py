@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_sega.checkpoint.names import (
     LATEST_FILE, METADATA_FILE, MODEL_OPTIM_DIR, TOKENIZER_DIR,
 )
+from megatron_sega.checkpoint.retention import find_latest, is_complete
 from megatron_sega.checkpoint.safe_loading import safe_loading
 from megatron_sega.errors import CheckpointError
 from megatron_sega.models.builder import unwrap_model as unwrap
@@ -186,11 +187,23 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """The torch_dist model directory behind ``path``: a converted checkpoint itself, a training
-    checkpoint's ``model_optim``, or the latest checkpoint of a save directory."""
+    checkpoint's ``model_optim``, or the latest checkpoint of a save directory. ``latest`` is
+    followed only to a complete checkpoint; when it names a missing or incomplete one (a crash
+    between a save and its pointer), the newest complete checkpoint is taken instead."""
     directory = Path(path)
     latest = directory / LATEST_FILE
     if latest.is_file():
-        directory = directory / latest.read_text().strip()
+        named = directory / latest.read_text().strip()
+        if is_complete(named):
+            directory = named
+        else:
+            found = find_latest(directory, warn=False)
+            if found is None:
+                raise CheckpointError(
+                    f"{latest} names {named.name}, which is missing or incomplete, and "
+                    f"{directory} holds no complete checkpoint; point the path at a complete "
+                    "checkpoint (a step_* directory with a COMPLETE file)")
+            directory = found
     if (directory / MODEL_OPTIM_DIR).is_dir():
         directory = directory / MODEL_OPTIM_DIR
     return directory

@@ -15,7 +15,8 @@ A training save directory (``checkpoint.save_dir``, see ``checkpoint.manager``):
             rng/rank_00003.pt     RNG_DIR / rng_file_name(3)
             train_state.json      TRAIN_STATE_FILE
             COMPLETE              COMPLETE_MARKER: written last, before the rename
-        .tmp_step_00000044/       TMP_PREFIX + step name: a save in progress
+        .tmp_step_00000044/       TMP_PREFIX + step name: a save in progress (its OWNER file:
+                                  the run writing it, see checkpoint.retention)
         latest                    LATEST_FILE: name of the newest complete checkpoint
         STOPPED                   STOP_MARKER: the stage was stopped, not finished
 

@@ -11,6 +11,9 @@
   resharded across TP (a clear error names --no-load-optim); with --no-load-optim the model
   weights are the saved ones, bit for bit, and training continues from them.
 - Resuming into a model of another shape fails with a message naming the field.
+- Resuming with another schedule (more steps, a lower lr): the config's schedule wins, each
+  changed value is printed; keep_last prunes only this run's checkpoints; a fresh start in a
+  directory holding a later checkpoint is refused with one line.
 
 Runs that do not depend on each other are started together (the continuous and the killed run).
 """
@@ -188,6 +191,58 @@ def test_sega_kill_and_resume_is_bitwise_exact(sft_runs, tmp_path):
     start = read_tensors(_latest(sft_root / "cont/ckpt") / "model_optim", "output_layer")
     end = read_tensors(final_a / "model_optim", "output_layer")
     assert not torch.equal(start["output_layer.weight"], end["output_layer.weight"])
+
+
+def _cosine_lr(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """The LR after ``step`` optimizer steps of a linear-warmup + cosine schedule (independent
+    of Megatron's implementation)."""
+    if step <= warmup:
+        return max_lr * step / warmup
+    ratio = min((step - warmup) / (total - warmup), 1.0)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * ratio))
+
+
+def test_resume_takes_this_configs_schedule_and_never_touches_another_runs_checkpoints(
+        sft_runs, tmp_path):
+    """Extending a finished run (12 -> 14 steps) with a lower lr: the config's schedule wins and
+    each changed value is printed. keep_last prunes only this run's saves: another run's
+    checkpoint in the directory stays. A later start there without resume is refused."""
+    root, _ = sft_runs
+    save_dir = tmp_path / "ckpt"
+    foreign = save_dir / "step_00000004"
+    shutil.copytree(root / "cont/ckpt/step_00000004", foreign)
+    state = json.loads((foreign / "train_state.json").read_text())
+    (foreign / "train_state.json").write_text(json.dumps({**state, "run_id": "another run"}))
+    config = _write(tmp_path / "sft.yaml", SFT_YAML)
+    extended = Run("extended", tmp_path, "sft", config, f"logging.dir={tmp_path}",
+                   f"checkpoint.save_dir={save_dir}", "--resume",
+                   str(root / "cont/ckpt/step_00000012"), "sft.steps=14", "optim.lr=1.0e-3",
+                   "optim.min_lr=1.0e-4", "checkpoint.save_interval=1",
+                   "checkpoint.keep_last=1").wait()
+    assert "the LR schedule of this run's config replaces the checkpoint's" in extended
+    for change in ("max_lr 0.003 -> 0.001", "min_lr 0.0 -> 0.0001", "lr_decay_steps 12 -> 14"):
+        assert change in extended, change
+    rows = _metrics(tmp_path / "sft_metrics.jsonl")
+    assert [r["step"] for r in rows] == [13, 14]
+    for row in rows:
+        assert row["lr"] == pytest.approx(_cosine_lr(row["step"], 1e-3, 1e-4, 2, 14), rel=1e-9)
+    assert rows[0]["lr"] > 1e-4  # not the finished schedule's min_lr (0.0)
+    # Only this run's step 13 was pruned; the other run's checkpoint is untouched.
+    assert sorted(p.name for p in save_dir.glob("step_*")) == ["step_00000004", "step_00000014"]
+    assert json.loads((foreign / "train_state.json").read_text())["run_id"] == "another run"
+    assert _latest(save_dir).name == "step_00000014"
+    assert (_latest(save_dir) / "COMPLETE").is_file()
+    # A fresh start in this directory would replace that run's checkpoints: refused, one line.
+    fresh = Run("fresh", tmp_path, "sft", config, f"logging.dir={tmp_path / 'fresh'}",
+                f"checkpoint.save_dir={save_dir}", "--resume", "none", "sft.steps=2")
+    out = fresh.wait(expect=2)
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 1, out[-2000:]
+    for words in (f"checkpoint.save_dir = {save_dir}", "step_00000014", "new checkpoint.save_dir",
+                  "checkpoint.resume=auto"):
+        assert words in errors[0], words
+    assert sorted(p.name for p in save_dir.glob("step_*")) == ["step_00000004", "step_00000014"]
+    assert _latest(save_dir).name == "step_00000014"
 
 
 # ----------------------------------------------------------------------------- SIGTERM, damage
