@@ -34,6 +34,36 @@ def _flat(chunks) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for c in chunks for p in c.parameters()])
 
 
+def _same_as_megatron_step(dtype: str, distributed_optimizer: bool) -> bool:
+    """Two finite, clipped steps of ``optimizer_step`` give the weights of Megatron's own
+    ``optimizer.step()`` bit for bit (its step, taken apart, is the same step)."""
+    from megatron_sega.config import load_config
+    from megatron_sega.training.engine import forward_backward, optimizer_step
+    from megatron_sega.training.session import open_session
+    from megatron_sega.training.sft import sft_loss_fn
+
+    config = load_config(None, [
+        "model.preset=tiny", f"model.dtype={dtype}", "parallel.device=cpu", "parallel.pp=2",
+        f"parallel.distributed_optimizer={str(distributed_optimizer).lower()}",
+        "optim.clip_grad=0.05", "optim.lr=1e-2"])  # the grad norm is ~2: clipped
+    weights = []
+    for ours in (False, True):
+        session = open_session(config, train=True, total_steps=2)
+        tokens = torch.randint(0, 300, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+        for step in range(2):
+            micro = [{"tokens": tokens[step], "labels": tokens[step],
+                      "loss_mask": torch.ones(2, 16)}]
+            forward_backward(session.chunks, session.runtime, micro,
+                             sft_loss_fn(session.vocab_size, 32.0, session.runtime))
+            if ours:
+                assert not optimizer_step(session.optimizer, session.scheduler)["skipped_update"]
+            else:
+                assert session.optimizer.step()[0]
+                session.scheduler.step(increment=1)
+        weights.append(_flat(session.chunks))
+    return bool(torch.equal(*weights))
+
+
 def _run_both(workdir: str) -> dict:
     import megatron_sega.training.dpo as dpo
     import megatron_sega.training.sft as sft
@@ -143,6 +173,8 @@ def _run_both(workdir: str) -> dict:
     torch.distributed.barrier()
     out["saved"] = sorted(p.name for p in save_dir.iterdir())
     out["pp_rank"] = session.runtime.pp_rank
+    out["same_as_megatron"] = [_same_as_megatron_step("fp32", False),
+                               _same_as_megatron_step("bf16", True)]
     return out
 
 
@@ -159,3 +191,4 @@ def test_nonfinite_sft_and_dpo_steps_are_skipped_by_all_and_never_saved(tmp_path
                     stage, step, r)
         assert r["refused"] and "refusing to save the checkpoint of step 5" in r["refused"], r
         assert r["saved"] == sorted([LATEST_FILE, step_dir_name(4)]), r
+        assert r["same_as_megatron"] == [True, True], r
