@@ -34,7 +34,7 @@ def _positive(value: float, option: str) -> None:
 
 # The sampler divides fp32 logits by the temperature and refuses a quotient that overflows fp32
 # (3.4e38, megatron_sega/ops/sampling.py). From this temperature on, that takes a logit beyond
-# 3.4e32, which no working model produces; below it, a logit of 1 would do at T = 3e-39.
+# 3.4e32, which no working model produces; at T = 1e-40, any logit above 0.034 does.
 MIN_TEMPERATURE = 1e-6
 
 
