@@ -64,11 +64,13 @@ def run_check(config, args) -> int:
         on_gpu=config.parallel.device != "cpu",
     )
     check_stages(config, dp, (args.command,) if args.command in STAGES else STAGES)
+    from megatron_sega.training.dpo import check_dpo_microbatches
     from megatron_sega.training.sega import check_sega_microbatches
     from megatron_sega.training.sft import check_sft_microbatches
 
     check_sft_microbatches(config, dp)
     check_sega_microbatches(config, dp)
+    check_dpo_microbatches(config, dp)
     for option in ("data.train", "data.eval", "model.load", "model.tokenizer"):
         section, key = option.split(".")
         value = getattr(getattr(config, section), key)

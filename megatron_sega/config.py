@@ -32,6 +32,12 @@ def _positive(value: float, option: str) -> None:
     _check(math.isfinite(value) and value > 0, f"{option} must be > 0, got {value}")
 
 
+# The sampler divides fp32 logits by the temperature and refuses a quotient that overflows fp32
+# (3.4e38, megatron_sega/ops/sampling.py). From this temperature on, that takes a logit beyond
+# 3.4e32, which no working model produces; at T = 1e-40, any logit above 0.034 does.
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # Which model: model.load (a checkpoint's own metadata) > model.hf_config > model.preset.
@@ -83,7 +89,9 @@ class SamplingConfig:
     max_batch_tokens: int = 0  # 0: derive the KV-cache budget from free memory
 
     def __post_init__(self):
-        _check(self.temperature >= 0, f"sampling.temperature must be >= 0, got {self.temperature}")
+        _check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+               f"sampling.temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g} (smaller "
+               f"ones overflow fp32 in logits / temperature), got {self.temperature}")
         _check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(self.max_new_tokens >= 1,
@@ -166,10 +174,13 @@ class SFTConfig:
     global_batch_size: int = 16
     micro_batch_size: int = 4
     eval_interval: int = 0
+    max_bad_steps: int = 3  # consecutive skipped steps (NaN/Inf loss or grad norm) before stopping
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"sft.steps must be >= 1, got {self.steps}")
+        _check(self.max_bad_steps >= 1,
+               f"sft.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         _check(self.global_batch_size >= 1,
                f"sft.global_batch_size must be >= 1, got {self.global_batch_size}")
         _check(self.micro_batch_size >= 1,
@@ -190,6 +201,7 @@ class DPOConfig:
     global_batch_size: int = 16  # pairs, across data-parallel ranks
     micro_batch_size: int = 4  # pairs per microbatch (its chosen and rejected rows: 2x rows)
     eval_interval: int = 0
+    max_bad_steps: int = 3  # consecutive skipped steps (NaN/Inf loss or grad norm) before stopping
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
     reference: Optional[str] = None  # frozen reference checkpoint (default: the starting weights)
 
@@ -204,6 +216,8 @@ class DPOConfig:
                f"dpo.micro_batch_size({self.micro_batch_size})")
         _check(self.eval_interval >= 0,
                f"dpo.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
+        _check(self.max_bad_steps >= 1,
+               f"dpo.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         _check(self.lr is None or self.lr > 0, f"dpo.lr must be > 0 (or null), got {self.lr}")
 
 
@@ -297,10 +311,18 @@ STAGES = ("sft", "sega", "dpo", "eval", "generate")
 
 
 def check_sega_group(config: Config) -> None:
-    """SEGA's advantages are centred on each prompt's group mean: one candidate has none."""
-    k = config.sega.k
+    """SEGA's advantages are centred on each prompt's group mean: one candidate has none, and
+    k identical candidates (greedy decoding: temperature 0 or top-k 1) have all-zero advantages,
+    so every group would be skipped and no step would ever update the policy."""
+    k, sampling = config.sega.k, config.sampling
     _check(k >= 2, f"sega.k = {k}: SEGA needs k >= 2 candidates per prompt "
                    "(group-mean advantages need a group); set sega.k=4")
+    greedy = ("sampling.temperature = 0" if sampling.temperature == 0
+              else "sampling.top_k = 1" if sampling.top_k == 1 else None)
+    _check(greedy is None,
+           f"{greedy} decodes greedily: the sega.k({k}) candidates of a prompt would be identical "
+           "and SEGA would never update; sample (e.g. sampling.temperature=1.0, "
+           "sampling.top_k=0), or use `megatron-sega generate` with sega.k=1 for greedy output")
 
 
 def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> None:

@@ -188,6 +188,10 @@ class CheckpointManager:
             return None
         from megatron.core import dist_checkpointing
 
+        from megatron_sega.checkpoint.finite import refuse_nonfinite_weights
+
+        refuse_nonfinite_weights(self.chunks, step, self.runtime.device)
+
         optimizer, iterator = self.optimizer, self.iterator
         final = self.save_dir / step_dir_name(step)
         tmp = self.save_dir / f"{TMP_PREFIX}{step_dir_name(step)}"

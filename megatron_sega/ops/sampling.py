@@ -373,8 +373,11 @@ def _read_flags(flags: Tensor, out: dict[str, Tensor], temperature: float, vocab
         raise ValueError(f"the shards cover ids [0, {host[1]}) but vocab_size={vocab_size}: "
                          f"check vocab_start on each rank and vocab_size")
     if "overflow" in out and host[2]:
-        raise ValueError(f"temperature={temperature!r} is so small that logits / temperature "
-                         f"overflows fp32: use temperature=0 (greedy) instead")
+        # Non-finite tempered logits: like NaN/Inf logits, an error every caller (a training
+        # step, every rank of a pipeline together) can skip. The config keeps the temperature at
+        # least config.MIN_TEMPERATURE, so that this takes logits beyond 3.4e32.
+        raise NonFiniteLogitsError(f"temperature={temperature!r}: logits / temperature "
+                                   f"overflows fp32; use temperature=0 (greedy) or a larger one")
     return [i for i, flag in enumerate(host[3:]) if flag] if "determined" in out else []
 
 

@@ -15,6 +15,7 @@ copied before any resume, so a resumed run keeps the reference it started with.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -23,7 +24,9 @@ from megatron_sega import ops
 from megatron_sega.config import ConfigError
 from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
 from megatron_sega.dpo import preference_loss, sequence_logps
-from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.engine import (
+    BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
+)
 from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, load_reference, open_session, preflight,
     stage_logger,
@@ -53,7 +56,10 @@ def dpo_loss_fn(session: Session, global_pairs: float):
     def loss_fn(logits: torch.Tensor, mb: dict):
         start, group = vocab_shard_info(logits, session.runtime)
         labels = mb["labels"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
+        try:
+            logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
+        except ops.NonFiniteLogitsError:
+            return nonfinite_loss(logits, SUMS)
         seq = sequence_logps(logp, mb["loss_mask"].to(logits.device) > 0)
         ref = mb["ref_logp"].to(seq.device)
         m = seq.shape[0] // 2
@@ -66,13 +72,19 @@ def dpo_loss_fn(session: Session, global_pairs: float):
     return loss_fn
 
 
-def _reduce_sums(outputs: list[dict], session: Session) -> dict[str, float]:
-    """Sum the microbatches' named sums, then over DP (one collective, sorted keys). Stages
-    other than the last have no outputs and reduce zeros."""
-    names = ["chosen_reward_sum", "correct", "logp_chosen_sum", "logp_rejected_sum", "loss_sum",
-             "margin_sum", "pairs", "rejected_reward_sum"]
-    local = [sum(float(o[k]) for o in outputs) for k in names]
-    return dict(zip(names, dp_all_reduce(local, session)))
+# The named sums of a microbatch (dpo_loss_fn), reduced over DP in sorted order.
+SUMS = ("chosen_reward_sum", "correct", "logp_chosen_sum", "logp_rejected_sum", "loss_sum",
+        "margin_sum", "pairs", "rejected_reward_sum")
+
+
+def _local_sums(outputs: list[dict]) -> dict[str, float]:
+    """This rank's sums of the microbatches' named sums (zeros on stages other than the last)."""
+    return {k: sum(float(o[k]) for o in outputs) for k in SUMS}
+
+
+def _reduce_sums(local: dict[str, float], session: Session) -> dict[str, float]:
+    """``local`` summed over DP (one collective, sorted keys)."""
+    return dict(zip(SUMS, dp_all_reduce([local[k] for k in SUMS], session)))
 
 
 def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> dict:
@@ -81,8 +93,11 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
     batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
     # The reference runs on the same 2m-row microbatches as the policy, so that at the first
     # step (policy == reference) both give the same log-probs and the loss is exactly DPO's log 2.
-    ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
-                             micro_batch_size=2 * m)["logp"]
+    try:
+        ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
+                                 micro_batch_size=2 * m)["logp"]
+    except ops.NonFiniteLogitsError:  # on this whole replica: a NaN loss, skipped by all below
+        ref_tokens = torch.full(batch.tokens.shape, float("nan"))
     ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
     micro = sft_microbatches(batch, 2 * m)
     for i, mb in enumerate(micro):
@@ -90,8 +105,10 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
     global_pairs, global_tokens = dp_all_reduce([len(shard), float(batch.loss_mask.sum())],
                                                 session)
     outputs = forward_backward(session.chunks, rt, micro, dpo_loss_fn(session, global_pairs))
-    step = optimizer_step(session.optimizer, session.scheduler)
-    s = _reduce_sums(outputs, session)
+    local = _local_sums(outputs)
+    step = optimizer_step(session.optimizer, session.scheduler, device=rt.device,
+                          loss_finite=math.isfinite(local["loss_sum"]))
+    s = _reduce_sums(local, session)
     n = max(s["pairs"], 1.0)
     return {"loss": s["loss_sum"] / n, "reward_accuracy": s["correct"] / n,
             "chosen_reward": s["chosen_reward_sum"] / n,
@@ -100,8 +117,10 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
             "tokens": global_tokens, "seq_len": batch.tokens.shape[1], **step}
 
 
-def _check_batch_split(session: Session) -> None:
-    cfg, dp, par = session.config.dpo, session.runtime.dp, session.config.parallel
+def check_dpo_microbatches(config, dp: int) -> None:
+    """Refuse a batch split that the loop (every DP rank's share a whole number of microbatches,
+    a pair never split) or the pipeline schedule (see check_microbatch_count) cannot run."""
+    cfg, par = config.dpo, config.parallel
     if cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batch_size:
         raise ConfigError(
             f"dpo.global_batch_size({cfg.global_batch_size}) must split into dp({dp}) equal "
@@ -120,11 +139,10 @@ def run_dpo(config, args) -> int:
 
     if not config.data.train:
         raise ConfigError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
-    preflight(config, "dpo")
+    check_dpo_microbatches(config, preflight(config, "dpo"))  # before any model is built
     cfg = config.dpo
     session = open_session(config, train=True, total_steps=cfg.steps, lr_override=cfg.lr)
     announce(session, "dpo")
-    _check_batch_split(session)
     rt = session.runtime
     # Before any resume: without dpo.reference the reference is the starting weights.
     reference = load_reference(session, cfg.reference)
@@ -135,7 +153,7 @@ def run_dpo(config, args) -> int:
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "dpo", cfg.steps - start)
-    batches = iter(iterator)
+    batches, bad = iter(iterator), BadSteps(cfg.max_bad_steps, "dpo.max_bad_steps")
     for step in range(start, cfg.steps):
         t0 = time.time()
         metrics = dpo_step(session, reference, next(batches))
@@ -150,7 +168,12 @@ def run_dpo(config, args) -> int:
                                         micro_batch_size=config.eval.micro_batch_size)
             metrics["eval_accuracy"] = summary["accuracy"]
             metrics["eval_reward_accuracy"] = summary["accuracy_vs_reference"]
+        stop = bad.count(metrics)
         logger.log(step + 1, metrics, progress_keys=("loss", "reward_accuracy"))
+        if stop:
+            session.print(bad.reason())
+            logger.close()
+            return 1
         if ckpt.should_stop(step + 1, cfg.steps):
             break
     ckpt.finalize(step + 1 if cfg.steps > start else start)

@@ -10,6 +10,7 @@ microbatch of DP rank 0) so that ``finalize_model_grads`` divides by exactly 1.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Optional
 
@@ -18,7 +19,7 @@ import torch
 from megatron_sega.config import OptimConfig
 from megatron_sega.models.builder import build_model_chunks, wrap_mixed_precision
 from megatron_sega.models.spec import LlamaSpec
-from megatron_sega.runtime import Runtime
+from megatron_sega.runtime import Runtime, any_rank
 
 # A loss function gets this rank's vocab-parallel logits shard [b, s, V_pad/TP] and the
 # microbatch dict, and returns (loss already divided by the global normaliser, metrics).
@@ -208,10 +209,54 @@ def _pad_positions(values: dict, seq: int, extra: int) -> dict:
     return out
 
 
-def optimizer_step(optimizer, scheduler, increment: int = 1) -> dict:
-    """One optimizer step; returns {'update_successful', 'grad_norm', 'lr'}."""
-    ok, grad_norm, _ = optimizer.step()
+def optimizer_step(optimizer, scheduler, *, device=None, loss_finite: bool = True,
+                   increment: int = 1) -> dict:
+    """One optimizer step, or none on every rank together: the step is skipped when any rank's
+    loss (``loss_finite``: this rank's, only the last stage's counts) or the grad norm is NaN/Inf.
+
+    Megatron's ``optimizer.step()`` checks for inf/NaN only under a grad scaler (fp16); without
+    one, Adam would write NaN into the weights and its moments. So its step is taken apart here
+    (Megatron-Core 0.19 ``MixedPrecisionOptimizer``/``FP32Optimizer``/``ChainedOptimizer.step``):
+    grads to the main grads, the norm (and clipping, which only touches the grads), then one
+    agreement over the world (``any_rank``), and only then the update and the LR schedule.
+    ``device``: where the agreement's tensor lives (default: the optimizer's parameters').
+    Returns {'update_successful', 'skipped_update', 'grad_norm', 'lr'}."""
+    if device is None:
+        device = next(p.device for group in optimizer.param_groups for p in group["params"])
+    found_inf = optimizer.prepare_grads()  # True only under a grad scaler
+    clip = optimizer.config.clip_grad
+    grad_norm = float(optimizer.clip_grad_norm(clip) if clip > 0 else optimizer.get_grad_norm())
+    skip = any_rank(found_inf or not loss_finite or not math.isfinite(grad_norm), device)
+    ok = False if skip else optimizer.step_with_ready_grads()
     if ok:
         scheduler.step(increment=increment)
     lr = optimizer.param_groups[0]["lr"]
-    return {"update_successful": bool(ok), "grad_norm": float(grad_norm or 0.0), "lr": float(lr)}
+    return {"update_successful": bool(ok), "skipped_update": skip, "grad_norm": grad_norm,
+            "lr": float(lr)}
+
+
+def nonfinite_loss(logits: torch.Tensor, names) -> tuple[torch.Tensor, dict]:
+    """What a loss function returns for logits with NaN/Inf (``ops.NonFiniteLogitsError``, raised
+    on every TP rank together): a NaN loss still connected to the graph, so that the pipeline's
+    schedule and its backward stay the same as on the other ranks, and NaN metrics ``names``.
+    :func:`optimizer_step` then skips the step on all ranks."""
+    nan = logits.sum() * float("nan")
+    return nan, {name: nan.detach() for name in names}
+
+
+class BadSteps:
+    """Consecutive skipped steps (see :func:`optimizer_step`). Every rank skips together, so the
+    count, and the decision to stop after ``limit`` (the option ``option``), is the same on all."""
+
+    def __init__(self, limit: int, option: str):
+        self.limit, self.option, self.in_a_row = limit, option, 0
+
+    def count(self, metrics: dict) -> bool:
+        """Count a step's ``skipped_update`` into ``metrics``; True: stop the run."""
+        self.in_a_row = self.in_a_row + 1 if metrics["skipped_update"] else 0
+        metrics["bad_steps_in_a_row"] = self.in_a_row
+        return self.in_a_row >= self.limit
+
+    def reason(self) -> str:
+        return (f"stopping: {self.in_a_row} consecutive steps skipped for a NaN/Inf loss or grad "
+                f"norm ({self.option}={self.limit}); lower optim.lr or check the data")

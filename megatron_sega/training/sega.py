@@ -24,7 +24,9 @@ from megatron_sega.data import Batch, GlobalBatchIterator, TokenizedExample, col
 from megatron_sega.sampling import Rollout, Sampler
 from megatron_sega.sega import sega_loss
 from megatron_sega.runtime import any_rank
-from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.engine import (
+    BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
+)
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.rollouts import (
     Scored, load_prompts, make_sampler, sampling_params, score_rollout,
@@ -90,15 +92,10 @@ def sega_loss_fn(session: Session, normaliser: float, use_old: bool, use_ref: bo
         try:
             logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         except ops.NonFiniteLogitsError:
-            # Raised on every TP rank together. A NaN loss still connected to the graph keeps the
-            # pipeline's schedule (and its backward) the same as on the other ranks; the step is
-            # then skipped by all ranks together (sega_step).
-            nan = logits.sum() * float("nan")
-            return nan, {"loss_sum": nan.detach(), "logp": torch.full_like(mask, math.nan,
-                                                                            dtype=torch.float32),
-                         "ratio_dev_sum": nan.detach(),
-                         "kl_mean": nan.detach(), "clip_fraction": nan.detach(),
-                         "num_tokens": mask.sum().float()}
+            loss, metrics = nonfinite_loss(logits, ("loss_sum", "ratio_dev_sum", "kl_mean",
+                                                    "clip_fraction"))
+            return loss, {**metrics, "num_tokens": mask.sum().float(),
+                          "logp": torch.full_like(mask, math.nan, dtype=torch.float32)}
         old = mb["old_logp"].to(logits.device) if use_old else None
         loss, metrics = sega_loss(
             logp, mask, mb["advantage"].to(logits.device), normalization=normalization,
@@ -162,12 +159,12 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
                 mb["old_logp"] = out["logp"][:, :mb["tokens"].shape[1]]
         loss, = dp_all_reduce([sum(float(o["loss_sum"]) for o in outputs)], session)
         sums = _update_sums(outputs)  # reduced with the step's other statistics
-        # The losses live on the last stage: agree over the world before anyone skips.
-        if any_rank(not math.isfinite(loss), rt.device):
-            results.append({"loss": float("nan"), "skipped": True, "sums": sums})
+        # The losses live on the last stage: optimizer_step agrees over the world.
+        step_result = optimizer_step(session.optimizer, session.scheduler, device=rt.device,
+                                     loss_finite=math.isfinite(loss))
+        results.append({"loss": loss, "sums": sums, **step_result})
+        if step_result["skipped_update"]:
             break
-        results.append({"loss": loss, "sums": sums,
-                        **optimizer_step(session.optimizer, session.scheduler)})
     timer["train"] = time.time()
     return _metrics(session, rollout, scored, batch, results, timer)
 
@@ -252,7 +249,7 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
         **step_metrics(s),
         "grad_norm": last.get("grad_norm"),
         "lr": last.get("lr"),
-        "skipped_update": bool(last.get("skipped", False)),
+        "skipped_update": bool(last.get("skipped_update", False)),
         "time_sample": timer["sample"] - timer["t0"],
         "time_score": timer["score"] - timer["sample"],
         "time_train": train_time,
@@ -286,19 +283,17 @@ def run_sega(config, args) -> int:
     start = ckpt.resume()
     sampler = make_sampler(session)
     logger = stage_logger(session, "sega", cfg.steps - start)
-    bad_in_a_row, step = 0, start
-    batches = iter(iterator)
+    step, batches = start, iter(iterator)
+    bad = BadSteps(cfg.max_bad_steps, "sega.max_bad_steps")
     for step in range(start, cfg.steps):
         index = next(batches)
-        # A non-finite step is skipped by every rank together (sega_step), so this counter is
-        # the same on all ranks and they stop at the same step.
+        # A non-finite step is skipped by every rank together (sega_step), so the count of bad
+        # steps is the same on all ranks and they stop at the same step.
         metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step, reference)
-        bad_in_a_row = bad_in_a_row + 1 if metrics["skipped_update"] else 0
-        metrics["bad_steps_in_a_row"] = bad_in_a_row
+        stop = bad.count(metrics)
         logger.log(step + 1, metrics, progress_keys=("loss", "score_mean"))
-        if bad_in_a_row >= cfg.max_bad_steps:
-            session.print(f"stopping: {bad_in_a_row} consecutive steps with a NaN/Inf loss "
-                          f"(sega.max_bad_steps={cfg.max_bad_steps}); lower optim.lr")
+        if stop:
+            session.print(bad.reason())
             logger.close()
             return 1
         if ckpt.should_stop(step + 1, cfg.steps):

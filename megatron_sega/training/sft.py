@@ -7,6 +7,7 @@ response tokens, run Megatron's forward/backward over microbatches with the loss
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -14,7 +15,9 @@ import torch
 from megatron_sega import ops
 from megatron_sega.config import ConfigError
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
-from megatron_sega.training.engine import check_microbatch_count, forward_backward, optimizer_step
+from megatron_sega.training.engine import (
+    BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
+)
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight, stage_logger,
@@ -29,7 +32,10 @@ def sft_loss_fn(vocab_size: int, global_tokens: float, runtime):
         start, group = vocab_shard_info(logits, runtime)
         labels = mb["labels"].to(logits.device)
         mask = mb["loss_mask"].to(logits.device)
-        logp = ops.log_probs(logits, labels, start, vocab_size, group)
+        try:
+            logp = ops.log_probs(logits, labels, start, vocab_size, group)
+        except ops.NonFiniteLogitsError:
+            return nonfinite_loss(logits, ("nll_sum", "tokens"))
         nll_sum = -(logp * mask).sum()
         loss = nll_sum / global_tokens
         return loss, {"nll_sum": nll_sum.detach(), "tokens": mask.sum().detach()}
@@ -73,8 +79,9 @@ def sft_step(session: Session, shard) -> dict:
     loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
     outputs = forward_backward(session.chunks, session.runtime,
                                sft_microbatches(batch, sft.micro_batch_size), loss_fn)
-    step = optimizer_step(session.optimizer, session.scheduler)
     nll = sum(float(o["nll_sum"]) for o in outputs)
+    step = optimizer_step(session.optimizer, session.scheduler, device=session.runtime.device,
+                          loss_finite=math.isfinite(nll))
     nll, = dp_all_reduce([nll], session)
     return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens,
             "seq_len": batch.tokens.shape[1], **step}
@@ -100,7 +107,7 @@ def run_sft(config, args) -> int:
     ckpt = checkpoint_manager(session, "sft", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "sft", sft.steps - start)
-    batches = iter(iterator)
+    batches, bad = iter(iterator), BadSteps(sft.max_bad_steps, "sft.max_bad_steps")
     for step in range(start, sft.steps):
         t0 = time.time()
         metrics = sft_step(session, next(batches))
@@ -111,7 +118,12 @@ def run_sft(config, args) -> int:
         if sft.eval_interval and eval_pairs and (step + 1) % sft.eval_interval == 0:
             _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
             metrics["eval_accuracy"] = summary["accuracy"]
+        stop = bad.count(metrics)
         logger.log(step + 1, metrics)
+        if stop:
+            session.print(bad.reason())
+            logger.close()
+            return 1
         if ckpt.should_stop(step + 1, sft.steps):
             break
     ckpt.finalize(step + 1 if sft.steps > start else start)

@@ -170,7 +170,8 @@ def test_broken_weights_skip_steps_then_stop(tmp_path):
               "optim.clip_grad=0.0", "sega.steps=8", "sega.max_bad_steps=2",
               "sampling.max_new_tokens=8")
     output = run.wait(expect=1)
-    assert "consecutive steps with a NaN/Inf loss (sega.max_bad_steps=2)" in output
+    assert "consecutive steps skipped for a NaN/Inf loss or grad norm (sega.max_bad_steps=2)" \
+        in output
     rows = _jsonl(tmp_path / "sega_metrics.jsonl")
     assert rows[0]["skipped_update"] is False
     assert [r["skipped_update"] for r in rows[-2:]] == [True, True] and len(rows) < 8

@@ -154,6 +154,8 @@ def test_cli_errors_are_one_line(tmp_path):
           "sft.global_batch_size=6", "sft.micro_batch_size=2"),
          "sft.global_batch_size(6) / dp(1) / sft.micro_batch_size(2) gives 3 microbatches per "
          "rank, not a multiple of pp(2)"),
+        (("check", "--world-size", "4", "dpo.global_batch_size=24", "dpo.micro_batch_size=4"),
+         "dpo.global_batch_size(24) must split into dp(4) equal shares"),
         (("sft", "data.train=" + str(tmp_path / "none.jsonl"), "parallel.device=cpu"),
          "none.jsonl"),
         # Checked before any model is built (these used to be tracebacks, some after loading).
@@ -202,3 +204,70 @@ def test_vpp_needs_whole_microbatch_groups():
         check_sega_microbatches(config, 1)  # 6 rows -> 3 microbatches
     check_sega_microbatches(config.with_overrides("sega.k=4"), 1)  # 8 rows -> 4
     check_sega_microbatches(config.with_overrides("parallel.vpp=null", "sega.k=3"), 1)
+
+
+def test_sega_refuses_sampling_that_makes_the_candidates_identical():
+    """Issue 25, item 6: greedy decoding (temperature 0 or top_k 1) gives k identical candidates,
+    so every group was skipped and the stage exited 0 without an update; a temperature too small
+    for fp32 passed the config and failed in the sampler, on the last pipeline stage only."""
+    from megatron_sega.config import MIN_TEMPERATURE, check_sega_group
+
+    for override, option in (("sampling.temperature=0", "sampling.temperature = 0"),
+                              ("sampling.top_k=1", "sampling.top_k = 1")):
+        config = load_config(None, [override])  # generate (k = 1) may decode greedily
+        with pytest.raises(ConfigError, match=rf"{option} decodes greedily: the sega.k\(4\) "
+                                              r"candidates of a prompt would be identical"):
+            check_sega_group(config)
+        with pytest.raises(ConfigError, match=option):
+            check_stages(config, 1, ("sega",))
+        check_stages(config.with_overrides("sega.k=1"), 1, ("generate",))
+    check_sega_group(load_config(None, ["sampling.top_k=2", "sampling.temperature=0.5"]))
+    for tiny in ("1e-40", "1e-7"):
+        with pytest.raises(ConfigError, match=r"sampling.temperature must be 0 \(greedy\) or >= "
+                                              rf"1e-06 .*got {float(tiny)}"):
+            load_config(None, [f"sampling.temperature={tiny}"])
+    assert load_config(None, [f"sampling.temperature={MIN_TEMPERATURE}"]).sampling.temperature
+
+
+def test_the_sampler_overflow_is_a_nonfinite_logits_error():
+    """Below the config's minimum, logits / temperature overflows fp32: the sampler's error is a
+    NonFiniteLogitsError (which the sampler hands to the other pipeline stages and a SEGA step
+    skips on all ranks together), not a plain ValueError on the last stage only. At the minimum,
+    logits far larger than a model's are still sampled."""
+    import torch
+
+    from megatron_sega import ops
+    from megatron_sega.config import MIN_TEMPERATURE
+
+    z = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 1e4
+    with pytest.raises(ops.NonFiniteLogitsError, match=r"temperature=1e-40"):
+        ops.sample(z, 0, 50, None, temperature=1e-40)
+    drawn = ops.sample(z, 0, 50, None, temperature=MIN_TEMPERATURE, seed=1)
+    assert torch.equal(drawn.tokens, z.argmax(-1))
+
+
+def test_dpo_batch_split_is_checked_before_any_model_is_built():
+    """Issue 25, item 8: `check` printed "ok" for a DPO split the run refused only after loading
+    the model; the VPP microbatch count of DPO was not checked at all."""
+    from megatron_sega.runtime import ParallelConfigError
+    from megatron_sega.training.dpo import check_dpo_microbatches
+
+    config = load_config(None, ["dpo.global_batch_size=24", "dpo.micro_batch_size=4"])
+    check_dpo_microbatches(config, 1)  # 6 microbatches of 4 pairs
+    with pytest.raises(ConfigError, match=r"dpo.global_batch_size\(24\) must split into dp\(4\) "
+                                          r"equal shares .* use a multiple of 16"):
+        check_dpo_microbatches(config, 4)
+    vpp = config.with_overrides("parallel.pp=4", "parallel.vpp=2")
+    with pytest.raises(ParallelConfigError, match=r"dpo.micro_batch_size\(4\) gives 6 "
+                                                  r"microbatches per rank, not a multiple of pp\(4\)"):
+        check_dpo_microbatches(vpp, 1)
+    check_dpo_microbatches(vpp.with_overrides("dpo.global_batch_size=32"), 1)
+
+
+def test_sft_and_dpo_have_max_bad_steps_like_sega():
+    config = load_config(None, ["sft.max_bad_steps=1", "dpo.max_bad_steps=5"])
+    assert (config.sft.max_bad_steps, config.dpo.max_bad_steps, config.sega.max_bad_steps) == (
+        1, 5, 3)
+    for section in ("sft", "dpo"):
+        with pytest.raises(ConfigError, match=rf"{section}.max_bad_steps must be >= 1, got 0"):
+            load_config(None, [f"{section}.max_bad_steps=0"])
