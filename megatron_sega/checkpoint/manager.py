@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega.checkpoint import stop
+from megatron_sega.checkpoint.finite import refuse_nonfinite_weights
 from megatron_sega.checkpoint.mcore import (
     CheckpointInfo, check_compatible, dtype_name, load_model_state, read_info,
     sharded_model_state, unwrap, write_info,
@@ -188,10 +189,7 @@ class CheckpointManager:
             return None
         from megatron.core import dist_checkpointing
 
-        from megatron_sega.checkpoint.finite import refuse_nonfinite_weights
-
         refuse_nonfinite_weights(self.chunks, step, self.runtime.device)
-
         optimizer, iterator = self.optimizer, self.iterator
         final = self.save_dir / step_dir_name(step)
         tmp = self.save_dir / f"{TMP_PREFIX}{step_dir_name(step)}"

@@ -153,7 +153,7 @@ def run_dpo(config, args) -> int:
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "dpo", cfg.steps - start)
-    batches, bad = iter(iterator), BadSteps(cfg.max_bad_steps, "dpo.max_bad_steps")
+    batches, bad = iter(iterator), BadSteps(config, "dpo")
     for step in range(start, cfg.steps):
         t0 = time.time()
         metrics = dpo_step(session, reference, next(batches))

@@ -245,11 +245,15 @@ def nonfinite_loss(logits: torch.Tensor, names) -> tuple[torch.Tensor, dict]:
 
 
 class BadSteps:
-    """Consecutive skipped steps (see :func:`optimizer_step`). Every rank skips together, so the
-    count, and the decision to stop after ``limit`` (the option ``option``), is the same on all."""
+    """Consecutive skipped steps (see :func:`optimizer_step`) of the training ``stage`` ('sft',
+    'sega' or 'dpo'), stopping after its ``max_bad_steps``. Every rank skips together, so the
+    count, and the decision to stop, is the same on all."""
 
-    def __init__(self, limit: int, option: str):
-        self.limit, self.option, self.in_a_row = limit, option, 0
+    def __init__(self, config, stage: str):
+        section = getattr(config, stage)
+        self.limit, self.option, self.in_a_row = section.max_bad_steps, f"{stage}.max_bad_steps", 0
+        # The learning rate this stage runs at: its own option when set, else optim.lr.
+        self.lr_option = f"{stage}.lr" if section.lr is not None else "optim.lr"
 
     def count(self, metrics: dict) -> bool:
         """Count a step's ``skipped_update`` into ``metrics``; True: stop the run."""
@@ -259,4 +263,4 @@ class BadSteps:
 
     def reason(self) -> str:
         return (f"stopping: {self.in_a_row} consecutive steps skipped for a NaN/Inf loss or grad "
-                f"norm ({self.option}={self.limit}); lower optim.lr or check the data")
+                f"norm ({self.option}={self.limit}); lower {self.lr_option} or check the data")

@@ -284,7 +284,7 @@ def run_sega(config, args) -> int:
     sampler = make_sampler(session)
     logger = stage_logger(session, "sega", cfg.steps - start)
     step, batches = start, iter(iterator)
-    bad = BadSteps(cfg.max_bad_steps, "sega.max_bad_steps")
+    bad = BadSteps(config, "sega")
     for step in range(start, cfg.steps):
         index = next(batches)
         # A non-finite step is skipped by every rank together (sega_step), so the count of bad

@@ -107,7 +107,7 @@ def run_sft(config, args) -> int:
     ckpt = checkpoint_manager(session, "sft", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "sft", sft.steps - start)
-    batches, bad = iter(iterator), BadSteps(sft.max_bad_steps, "sft.max_bad_steps")
+    batches, bad = iter(iterator), BadSteps(config, "sft")
     for step in range(start, sft.steps):
         t0 = time.time()
         metrics = sft_step(session, next(batches))

@@ -271,3 +271,15 @@ def test_sft_and_dpo_have_max_bad_steps_like_sega():
     for section in ("sft", "dpo"):
         with pytest.raises(ConfigError, match=rf"{section}.max_bad_steps must be >= 1, got 0"):
             load_config(None, [f"{section}.max_bad_steps=0"])
+
+
+def test_bad_steps_stop_message_names_the_learning_rate_in_effect():
+    """Issue 25 item 2: with sega.lr set, optim.lr is not used; the advice names sega.lr."""
+    from megatron_sega.training.engine import BadSteps
+
+    bad = BadSteps(load_config(None, ["sega.lr=1.0e-6", "sega.max_bad_steps=2"]), "sega")
+    assert bad.count({"skipped_update": True}) is False
+    assert bad.count({"skipped_update": True}) is True
+    assert "sega.max_bad_steps=2" in bad.reason() and "lower sega.lr " in bad.reason()
+    assert "lower optim.lr " in BadSteps(load_config(None, []), "sft").reason()
+    assert "lower dpo.lr " in BadSteps(load_config(None, ["dpo.lr=1.0e-6"]), "dpo").reason()
