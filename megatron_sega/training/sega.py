@@ -285,7 +285,7 @@ def run_sega(config, args) -> int:
     ckpt = checkpoint_manager(session, "sega", iterator)
     start = ckpt.resume()
     sampler = make_sampler(session)
-    logger = stage_logger(session, "sega", cfg.steps - start)
+    logger = stage_logger(session, "sega", start, cfg.steps)
     bad_in_a_row, step = 0, start
     batches = iter(iterator)
     for step in range(start, cfg.steps):

@@ -4,6 +4,7 @@ the parts built from a session: a frozen reference model, the checkpoint manager
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -165,30 +166,36 @@ def checkpoint_manager(session: Session, stage: str, iterator=None):
         distributed_optimizer=config.parallel.distributed_optimizer)
 
 
-def stage_logger(session: Session, stage: str, steps_left: int):
-    """The ``MetricsLogger`` of a training stage: the ``logging`` section's sinks and interval,
-    written by the metrics rank only, with a progress bar over the ``steps_left`` steps."""
+def stage_logger(session: Session, stage: str, start: int, steps: int):
+    """The ``MetricsLogger`` of a training stage that runs steps ``start + 1 .. steps``: the
+    ``logging`` section's sinks and interval, written by the metrics rank only, with a progress
+    bar over the steps left. Records past ``start`` in the stage's JSONL (logged by a crashed
+    run after the checkpoint it resumes from) are dropped, so each step appears once."""
     from megatron_sega.logging import MetricsLogger
 
     log = session.config.logging
     return MetricsLogger(log.dir, enabled=session.is_metrics_rank, tensorboard=log.tensorboard,
                          jsonl=log.jsonl, wandb=log.wandb, name=stage,
-                         progress_total=steps_left, progress=log.progress,
-                         run_config=session.config.to_dict(), interval=log.interval)
+                         progress_total=steps - start, progress=log.progress,
+                         run_config=session.config.to_dict(), interval=log.interval,
+                         start_step=start)
 
 
 def announce(session: Session, stage: str) -> None:
-    """Print the resolved config once (rank 0) and keep a copy in the logging directory."""
+    """Keep the resolved config in the run's directory (``logging.dir``, else
+    ``checkpoint.save_dir``) as ``<stage>_config.yaml`` and print one line naming it (rank 0).
+    The whole config on stdout would bury the lines that matter."""
     if not session.is_main:
         return
-    text = session.config.to_yaml()
-    print(f"== {stage}: resolved config\n{text}", flush=True)
-    if session.config.logging.dir:
-        from pathlib import Path
-
-        directory = Path(session.config.logging.dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"{stage}_config.yaml").write_text(text)
+    config = session.config
+    directory = config.logging.dir or config.checkpoint.save_dir
+    if not directory:
+        print(f"== {stage}: resolved config not kept (set logging.dir to keep a copy)", flush=True)
+        return
+    path = Path(directory) / f"{stage}_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_yaml())
+    print(f"== {stage}: resolved config -> {path}", flush=True)
 
 
 def dp_all_reduce(values: list[float], session: Session) -> list[float]:
