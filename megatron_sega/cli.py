@@ -152,11 +152,9 @@ def _quiet_megatron() -> None:
     harmless, is ``megatron_sega/logging/noise.py``; every other warning stays visible. It asks
     torch whether a GPU is visible (some are harmless on CPU only), so it runs after the stop
     handlers are installed, and before Megatron-Core is imported."""
-    import torch
-
     from megatron_sega.logging.noise import silence_known_messages
 
-    silence_known_messages(on_gpu=torch.cuda.is_available())
+    silence_known_messages()
 
 
 # ----------------------------------------------------------------------------- errors

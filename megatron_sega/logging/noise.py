@@ -4,7 +4,8 @@ Each entry below is one known message, matched by its start and by where it come
 ``warnings`` warning or a named logger), with the reason it is harmless. Everything else stays
 visible: other library warnings may call for action, and this project's own warnings
 (``CheckpointWarning``, the notes it prints) always do. ``megatron_sega.cli.main`` installs the
-filters in every process it runs in (each torchrun worker runs ``main``).
+filters in every process it runs in (each torchrun worker runs ``main``), and so does
+``tools/convert.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,14 @@ class _DropKnown(logging.Filter):
         return not record.getMessage().startswith(self.starts)
 
 
-def silence_known_messages(on_gpu: bool) -> None:
-    """Install the filters for :data:`KNOWN_MESSAGES` (those that are harmless ``on_gpu``, or on
-    CPU). Idempotent; call it before Megatron-Core is imported (its warnings come at import)."""
+def silence_known_messages(on_gpu: Optional[bool] = None) -> None:
+    """Install the filters for :data:`KNOWN_MESSAGES` that are harmless here: ``on_gpu``
+    (default: whether torch sees a GPU) or on CPU. Idempotent; call it before Megatron-Core is
+    imported (its warnings come at import)."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
     by_logger: dict[str, list[str]] = {}
     for known in KNOWN_MESSAGES:
         if on_gpu and known.cpu_only:

@@ -9,12 +9,14 @@ resumed run warns about the incomplete checkpoint, resumes from step 2 and logs 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from megatron_sega.checkpoint.names import COMPLETE_MARKER, step_dir_name
-from tests.cli_run import Run
+from tests.cli_run import REPO, Run, cli_env
 
 SFT_YAML = """\
 model: {preset: tiny}
@@ -45,6 +47,18 @@ def test_known_library_noise_is_silenced_and_actionable_warnings_stay(runs):
         assert text not in first + resumed, text
     assert "has no COMPLETE marker (interrupted save?)" in resumed
     assert "resumed from" in resumed
+
+
+def test_the_converter_is_as_quiet(runs):
+    """``scripts/demo.sh --model smollm2-135m`` runs tools/convert.py before the demo: the
+    Apex/TE warnings (four), GPTModel's deprecation and the CUDA-runtime line came from it."""
+    work, _, _ = runs
+    result = subprocess.run([sys.executable, "tools/convert.py", "mcore-to-hf", "--mcore-dir",
+                             str(work / "ckpt"), "--out", str(work / "hf")], cwd=REPO,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == "" and result.stdout.startswith(f"wrote {work / 'hf'} ("), \
+        result.stdout + result.stderr
 
 
 def test_the_resolved_config_is_a_file_named_in_one_line(runs):
