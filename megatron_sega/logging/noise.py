@@ -89,16 +89,18 @@ def silence_known_messages(on_gpu: Optional[bool] = None) -> None:
         import torch
 
         on_gpu = torch.cuda.is_available()
-    by_logger: dict[str, list[str]] = {}
+    by_logger: dict[str, list[str]] = {k.source: [] for k in KNOWN_MESSAGES
+                                        if k.source != "warnings"}
     for known in KNOWN_MESSAGES:
         if on_gpu and known.cpu_only:
             continue
         if known.source == "warnings":
             warnings.filterwarnings("ignore", message=re.escape(known.start))
         else:
-            by_logger.setdefault(known.source, []).append(known.start)
+            by_logger[known.source].append(known.start)
     for name, starts in by_logger.items():
         logger = logging.getLogger(name)  # created now if its module is not imported yet
         for old in [f for f in logger.filters if isinstance(f, _DropKnown)]:
             logger.removeFilter(old)
-        logger.addFilter(_DropKnown(tuple(starts)))
+        if starts:
+            logger.addFilter(_DropKnown(tuple(starts)))
