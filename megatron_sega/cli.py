@@ -150,14 +150,13 @@ def _load(args):
 
 
 def _quiet_megatron() -> None:
-    """Megatron-Core warns at import about optional GPU kernels (Apex, TE) and deprecations;
-    those say nothing to a user of this tool."""
-    import logging
-    import warnings
+    """Silence the known library messages that ask nothing of a user: the list, and why each is
+    harmless, is ``megatron_sega/logging/noise.py``; every other warning stays visible. It asks
+    torch whether a GPU is visible (some are harmless on CPU only), so it runs after the stop
+    handlers are installed, and before Megatron-Core is imported."""
+    from megatron_sega.logging.noise import silence_known_messages
 
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    silence_known_messages()
 
 
 # ----------------------------------------------------------------------------- errors
@@ -205,7 +204,6 @@ def report_error(command: str, err: UserError) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    _quiet_megatron()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides after an option (`--out DIR sega.k=8`) are left over by argparse: keep them.
@@ -222,6 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     stoppable = args.command in ("sft", "sega", "dpo")
     if stoppable:  # at once: a stop signal during the imports and the model load is not fatal
         stop.install_handlers(fresh=True)
+    _quiet_megatron()
     try:
         config = _load(args)
         if getattr(args, "dry_run", False):

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if not source.is_dir():
         print(f"error: {source}: no such directory", file=sys.stderr)
         return 2
+    from megatron_sega.logging.noise import silence_known_messages
+
+    silence_known_messages()
     from megatron_sega.convert.hf_mcore import hf_to_mcore, mcore_to_hf
     from megatron_sega.errors import UserError
 

@@ -21,8 +21,10 @@
 # A machine without registry access that has torch (and transformers) but no megatron-core:
 # megatron-core travels as a wheel (megatron_core-0.19.2-cp312 manylinux, about 2.3 MB; far
 # under the 64 MiB a transfer may carry). `--make-wheels DIR` downloads it for CPython 3.12 on
-# x86-64 Linux; `--wheels DIR` installs every wheel in DIR with --no-index --no-deps into
-# /tmp/site and puts it on PYTHONPATH, and the checkout runs from the source tree (no install).
+# x86-64 Linux; `--wheels DIR` installs every wheel in DIR with --no-index --no-deps into a fresh
+# private directory (mktemp -d, removed on exit; a fixed /tmp path is one another local user could
+# fill first, e.g. with a sitecustomize.py) and puts it on PYTHONPATH, and the checkout runs from
+# the source tree (no install).
 # Transformer Engine cannot travel: it is built against the machine's CUDA toolkit and is far
 # larger than a transfer may carry. Without it the TE test is skipped and the TE and
 # sequence-parallel paths stay "GPU only, not yet verified" (sequence parallelism also needs
@@ -49,17 +51,19 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 if [ -n "$WHEELS" ]; then
+  SITE="$WORK/site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHEELS"/*.whl
-  export PYTHONPATH="/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 OUT="$ROOT/benchmarks/results"
 [ "$DRY" = 1 ] && OUT="$(mktemp -d)"  # rehearsal figures are not GPU figures: keep them out
 mkdir -p "$OUT"
-WORK="$(mktemp -d)"
 start=$(date +%s)
 
 "$PY" - <<'PY'
@@ -141,5 +145,4 @@ for b in "${BATCHES[@]}"; do
 done
 echo "== entropy op"
 "$PY" -m benchmarks.entropy_op "${ENTROPY[@]}" --out "$OUT/gpu_entropy_op.json"
-rm -rf "$WORK"
 echo "gpu check done in $(( $(date +%s) - start )) s; results in $OUT/gpu_*.json"

@@ -25,7 +25,9 @@ from megatron_sega.data.batching import (
     collate_pairs,
 )
 from megatron_sega.data.errors import DataError, TokenizerError
-from megatron_sega.data.records import BadRecordReason, PreferencePair, ReadReport, read_pairs
+from megatron_sega.data.records import (
+    BadRecordReason, PreferencePair, ReadReport, has_records, read_pairs, require_pairs,
+)
 from megatron_sega.data.templates import (
     REFLECTIVE_SYSTEM_PROMPT,
     PromptFormatter,
@@ -57,7 +59,9 @@ __all__ = [
     "apply_overlong_policy",
     "collate",
     "collate_pairs",
+    "has_records",
     "read_pairs",
+    "require_pairs",
     "tokenize_pairs",
     "tokenize_prompts",
     "tokenize_sft",

@@ -256,6 +256,31 @@ def resolve_data_files(path: Path, split: str | None = None) -> list[Path]:
     return candidates
 
 
+def require_pairs(path: str | Path, pairs: Sequence[PreferencePair], report: ReadReport) -> None:
+    """A ``DataError`` naming ``path`` when reading it left no pair to use: an empty file, or a
+    file whose every record was bad (skipped under ``data.on_bad_record = skip``)."""
+    if pairs:
+        return
+    if report.total_dropped:
+        raise DataError(f"{path}: every record is bad ({report.summary()}); fix the records "
+                        "(data.on_bad_record=error names the first bad one)")
+    raise DataError(f"{path}: holds no records (an empty file); point it at a file of "
+                    "prompt/chosen/rejected records")
+
+
+def has_records(path: str | Path) -> bool:
+    """Whether the data behind ``path`` (as ``read_pairs`` resolves it) holds at least one
+    record, valid or not; blank lines are not records. Reads no further than the first one."""
+    for file in resolve_data_files(Path(path)):
+        rows = _iter_rows(file)
+        try:
+            if next(rows, None) is not None:
+                return True
+        finally:
+            rows.close()
+    return False
+
+
 def _resolve_dataset_dict(path: Path, split: str | None) -> list[Path]:
     split = split or "train"
     sub = path / split

@@ -37,6 +37,10 @@ _TOKENIZER_FILES = (
 # Tried in order when the config names no BOS/EOS (a bare tokenizer.json).
 _BOS_GUESSES = ("<|begin_of_text|>", "<s>", "<bos>")
 _EOS_GUESSES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
+# Text that two different vocabularies all but surely split into different ids (words, digits,
+# code, whitespace runs, accents, CJK, an emoji): see Tokenizer.difference.
+_PROBE = ("The quick brown fox jumps over 13 lazy dogs; 2024-11-30 = 3.14159?\n\tdef f(x): "
+          "return x ** 2  # Überprüfung, naïve café, 東京タワー, 🙂 réponse.")
 # End-of-turn tokens of common chat formats: generation must stop on them as well as on EOS.
 _END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 
@@ -202,6 +206,19 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_piece(token_id)
+
+    def difference(self, other: Tokenizer) -> str | None:
+        """How this tokenizer and ``other`` differ as a model sees them (vocabulary size, BOS
+        and EOS ids, the ids of a probe text), or None when they agree. Chat templates and the
+        file format (``tokenizer.json`` vs SentencePiece) may differ."""
+        for what, mine, theirs in (("vocab_size", self.vocab_size, other.vocab_size),
+                                   ("bos id", self.bos_id, other.bos_id),
+                                   ("eos id", self.eos_id, other.eos_id)):
+            if mine != theirs:
+                return f"{what} {mine} != {theirs}"
+        if self.encode(_PROBE) != other.encode(_PROBE):
+            return "the same text encodes to different ids"
+        return None
 
     def save(self, directory: str | Path) -> None:
         """Copy the tokenizer files that were loaded into ``directory`` (created if needed)."""

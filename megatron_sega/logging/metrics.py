@@ -1,7 +1,9 @@
 """Where step metrics go: a JSONL file, TensorBoard, optionally W&B, and a progress bar.
 
 Only the rank that owns the metrics writes (the caller passes ``enabled``). The JSONL file gets
-every step (the complete record, flushed each step so a crash loses nothing already logged);
+every step (the complete record, flushed each step so a crash loses nothing already logged; a run
+that starts at ``start_step``, e.g. resumed from that checkpoint, first drops the records past it,
+which a crashed run logged after its last checkpoint, so that each step appears once);
 TensorBoard, W&B and the progress bar's figures get every ``interval``-th step
 (``logging.interval``) and the last one logged before ``close``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -59,7 +62,7 @@ class MetricsLogger:
     def __init__(self, directory: Optional[str], *, enabled: bool = True, tensorboard: bool = True,
                  jsonl: bool = True, wandb: bool = False, progress_total: Optional[int] = None,
                  progress: bool = True, name: str = "train", run_config: Optional[dict] = None,
-                 interval: int = 1):
+                 interval: int = 1, start_step: int = 0):
         self.enabled = enabled
         self.name = name
         self.interval = max(int(interval), 1)
@@ -75,6 +78,7 @@ class MetricsLogger:
             path = Path(directory)
             path.mkdir(parents=True, exist_ok=True)
             if jsonl:
+                keep_steps_up_to(path / f"{name}_metrics.jsonl", start_step)
                 self._jsonl = open(path / f"{name}_metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
                 try:
@@ -138,6 +142,30 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the records of ``path`` (a metrics JSONL) past ``step``, and a torn last line, by an
+    atomic rewrite (a crash during it leaves the old file). Nothing changes when nothing is
+    dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if (at := _step_of(line)) is not None and at <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 def _number(value):

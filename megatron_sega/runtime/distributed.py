@@ -9,8 +9,10 @@ rest of the code receives as an argument.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Optional
@@ -162,6 +164,16 @@ def choose_device(device: Optional[str] = None) -> str:
     return device
 
 
+def _private_store_path() -> str:
+    """A not-yet-existing file name for a lone process's rendezvous store, inside a fresh
+    directory only this user can enter (``mkdtemp``: mode 0700), removed at exit. A name made
+    by ``mkstemp`` and deleted for the store to recreate could be taken by another local user
+    in between; a name inside a private directory cannot."""
+    directory = tempfile.mkdtemp(prefix="megatron_sega_store_")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return os.path.join(directory, "store")
+
+
 def init_distributed(device: str, init_method: Optional[str] = None, timeout_minutes: int = 30):
     """Initialise torch.distributed once (no-op when already initialised)."""
     if dist.is_initialized():
@@ -172,11 +184,7 @@ def init_distributed(device: str, init_method: Optional[str] = None, timeout_min
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if init_method is None and world == 1 and "MASTER_ADDR" not in os.environ:
-        # A lone process: rendezvous through a private file, not a guessed port.
-        fd, path = tempfile.mkstemp(prefix="megatron_sega_store_")
-        os.close(fd)
-        os.unlink(path)
-        init_method = f"file://{path}"
+        init_method = f"file://{_private_store_path()}"
     if init_method is None and "MASTER_ADDR" in os.environ:
         init_method = "env://"
     if init_method is None:

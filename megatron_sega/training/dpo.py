@@ -152,7 +152,7 @@ def run_dpo(config, args) -> int:
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
-    logger = stage_logger(session, "dpo", cfg.steps - start)
+    logger = stage_logger(session, "dpo", start, cfg.steps)
     batches, bad = iter(iterator), BadSteps(config, "dpo")
     for step in range(start, cfg.steps):
         t0 = time.time()

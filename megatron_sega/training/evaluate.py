@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega.data import (
-    TokenizedPair, apply_overlong_policy, collate_pairs, read_pairs, tokenize_pairs,
+    DataError, TokenizedPair, apply_overlong_policy, collate_pairs, read_pairs, require_pairs,
+    tokenize_pairs,
 )
 from megatron_sega.training.teacher_forced import token_stats
 
@@ -25,16 +26,22 @@ from megatron_sega.training.teacher_forced import token_stats
 def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
     """Read, validate and tokenise preference pairs (template ``data.template``); each response
     ends with the template's end-of-turn token as its last target, as in training (SFT, SEGA and
-    DPO score it too)."""
+    DPO score it too). A file that leaves no pair (empty, all bad, all too long) is a
+    ``DataError``: an accuracy over zero pairs is not a result."""
     data = session.config.data
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
+    require_pairs(path, pairs, report)
     tokenized = tokenize_pairs(pairs, session.formatter, append_eos=append_eos)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:
         session.print(f"{'train' if append_eos else 'eval'} data {path}: {overlong}")
+    if not kept:
+        raise DataError(f"{path}: none of its {overlong.total} pairs fits data.max_seq_len"
+                        f"({data.max_seq_len}) with data.overlong = {data.overlong}; raise "
+                        "data.max_seq_len")
     return kept
 
 

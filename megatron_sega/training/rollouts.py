@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sega.data import DataError, TokenizedExample, read_pairs, tokenize_prompts
+from megatron_sega.data import (
+    DataError, TokenizedExample, read_pairs, require_pairs, tokenize_prompts,
+)
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, top_bottom_pairs, trim_outliers,
@@ -82,6 +84,7 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
     pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
     if report.total_dropped:
         session.print(report.summary())
+    require_pairs(path, pairs, report)
     prompts = tokenize_prompts(pairs, session.formatter)
     limit = data.max_seq_len - session.config.sampling.max_new_tokens
     kept = [p for p in prompts if len(p.prompt_ids) <= limit]
@@ -89,7 +92,7 @@ def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
         session.print(f"{path}: dropped {len(prompts) - len(kept)} prompts longer than "
                       f"data.max_seq_len - sampling.max_new_tokens = {limit} tokens")
     if not kept:
-        shortest = min(len(p.prompt_ids) for p in prompts) if prompts else 0
+        shortest = min(len(p.prompt_ids) for p in prompts)
         raise DataError(f"{path}: no prompt fits data.max_seq_len({data.max_seq_len}) - "
                         f"sampling.max_new_tokens({session.config.sampling.max_new_tokens}) = "
                         f"{limit} tokens (the shortest has {shortest}); raise data.max_seq_len "

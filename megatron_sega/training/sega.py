@@ -282,7 +282,7 @@ def run_sega(config, args) -> int:
     ckpt = checkpoint_manager(session, "sega", iterator)
     start = ckpt.resume()
     sampler = make_sampler(session)
-    logger = stage_logger(session, "sega", cfg.steps - start)
+    logger = stage_logger(session, "sega", start, cfg.steps)
     step, batches = start, iter(iterator)
     bad = BadSteps(config, "sega")
     for step in range(start, cfg.steps):

@@ -4,13 +4,16 @@ the parts built from a session: a frozen reference model, the checkpoint manager
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_sega.config import Config, ConfigError, check_stages, torch_dtype
-from megatron_sega.data import PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR
+from megatron_sega.data import (
+    DataError, PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR, has_records,
+)
 from megatron_sega.checkpoint.mcore import (
     checkpoint_spec, checkpoint_tokenizer_dir, load_model_checkpoint, resolve_checkpoint_dir,
 )
@@ -60,17 +63,52 @@ class Session:
 
 
 def load_tokenizer(config: Config) -> Tokenizer:
-    path = config.model.tokenizer
-    if path is None and config.model.load:
-        candidate = checkpoint_tokenizer_dir(config.model.load)
-        path = str(candidate) if candidate is not None else None
+    """``model.tokenizer``, else the tokenizer that ``model.load``'s checkpoint carries, else
+    (preset 'tiny') the shipped tiny one. A ``model.tokenizer`` that is not the checkpoint's
+    model's (``check_checkpoint_tokenizer``) is a ConfigError."""
+    load = config.model.load if config.model.load and Path(config.model.load).exists() else None
+    own = checkpoint_tokenizer_dir(load) if load else None
+    path = config.model.tokenizer or (str(own) if own is not None else None)
     if path is None:
         if config.model.preset != "tiny":
             raise ConfigError(
                 "no tokenizer: set model.tokenizer to a directory with tokenizer.json or "
                 "tokenizer.model (a converted checkpoint carries one in its 'tokenizer' subdir)")
         path = str(TINY_TOKENIZER_DIR)
-    return Tokenizer.from_path(path)
+    tokenizer = Tokenizer.from_path(path)
+    if config.model.tokenizer and load:
+        check_checkpoint_tokenizer(tokenizer, config, own)
+    return tokenizer
+
+
+def check_checkpoint_tokenizer(tokenizer: Tokenizer, config: Config, own: Optional[Path]) -> None:
+    """``model.tokenizer`` must be the tokenizer of ``model.load``'s checkpoint: the one it
+    carries (``own``), else the BOS/EOS ids its spec records. A wrong one (a Llama-2 tokenizer on
+    a Llama-3 checkpoint) would train on ids that mean other tokens to the model."""
+    given, load = config.model.tokenizer, config.model.load
+    fix = ("drop model.tokenizer to use the checkpoint's own, or point it at the tokenizer the "
+           "checkpoint was trained with")
+    if own is not None:
+        difference = tokenizer.difference(Tokenizer.from_path(own))
+        if difference:
+            raise ConfigError(f"model.tokenizer = {given} is not the tokenizer of model.load = "
+                              f"{load} ({own}): {difference}; {fix}")
+        return
+    spec = checkpoint_spec(load)
+    if spec is None:
+        return
+    recorded = spec.eos_token_id
+    eos = [i for i in (recorded if isinstance(recorded, (list, tuple)) else [recorded])
+           if i is not None]
+    if spec.bos_token_id is not None and tokenizer.bos_id not in (None, spec.bos_token_id):
+        difference = f"bos id {tokenizer.bos_id} != {spec.bos_token_id}"
+    elif eos and not set(eos) & set(tokenizer.stop_ids):
+        difference = f"eos id {tokenizer.eos_id} not in {eos}"
+    else:
+        return
+    raise ConfigError(f"model.tokenizer = {given} does not match the special tokens that "
+                      f"model.load = {load} records: {difference}; point model.tokenizer at the "
+                      "tokenizer the checkpoint was trained with")
 
 
 def model_spec(config: Config, tokenizer_vocab: Optional[int] = None) -> LlamaSpec:
@@ -81,16 +119,47 @@ def model_spec(config: Config, tokenizer_vocab: Optional[int] = None) -> LlamaSp
     return resolve_spec(config, tokenizer_vocab, checkpoint_spec=recorded)
 
 
+def data_inputs(config: Config, stages: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The data options (name, path) that ``stages`` read: SFT, SEGA and DPO train on
+    ``data.train``; eval scores ``data.eval``, as SFT and DPO do when it is set; generate takes
+    its prompts from ``data.eval``, else ``data.train``."""
+    data = config.data
+    wanted = []
+    for stage in stages:
+        if stage in ("sft", "sega", "dpo"):
+            wanted.append("train")
+        if stage in ("sft", "dpo", "eval"):
+            wanted.append("eval")
+        if stage == "generate":
+            wanted.append("eval" if data.eval else "train")
+    return [(f"data.{key}", getattr(data, key)) for key in dict.fromkeys(wanted)
+            if getattr(data, key)]
+
+
+def check_data_inputs(config: Config, stages: tuple[str, ...]) -> None:
+    """Each data path the ``stages`` read exists and holds at least one record."""
+    for option, path in data_inputs(config, stages):
+        if not Path(path).exists():
+            raise DataError(f"{option} = {path} does not exist (relative paths start at "
+                            f"{Path.cwd()}); point {option} at a JSONL/Parquet/Arrow file "
+                            "or a datasets directory")
+        if not has_records(path):
+            raise DataError(f"{option} = {path} holds no records (an empty file); point "
+                            f"{option} at a file of prompt/chosen/rejected records")
+
+
 def preflight(config: Config, *stages: str) -> int:
     """What a run can check before it builds anything: the parallel sizes against this launch's
-    world size, the cross-section rules of its ``stages`` (``config.check_stages``), the device
-    and the optional packages the config asks for. Returns the data-parallel size."""
+    world size, the cross-section rules of its ``stages`` (``config.check_stages``), the data
+    files they read (present, not empty), the device and the optional packages the config asks
+    for. Returns the data-parallel size."""
     import importlib.util
 
     world = dist.get_world_size() if dist.is_initialized() else launch_info()[1]
     par = config.parallel
     dp = validate_parallel_sizes(par.tp, par.pp, world)
     check_stages(config, dp, stages)
+    check_data_inputs(config, stages)
     choose_device(par.device)
     if config.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb = true but the wandb package is not installed; "
@@ -165,30 +234,36 @@ def checkpoint_manager(session: Session, stage: str, iterator=None):
         distributed_optimizer=config.parallel.distributed_optimizer)
 
 
-def stage_logger(session: Session, stage: str, steps_left: int):
-    """The ``MetricsLogger`` of a training stage: the ``logging`` section's sinks and interval,
-    written by the metrics rank only, with a progress bar over the ``steps_left`` steps."""
+def stage_logger(session: Session, stage: str, start: int, steps: int):
+    """The ``MetricsLogger`` of a training stage that runs steps ``start + 1 .. steps``: the
+    ``logging`` section's sinks and interval, written by the metrics rank only, with a progress
+    bar over the steps left. Records past ``start`` in the stage's JSONL (logged by a crashed
+    run after the checkpoint it resumes from) are dropped, so each step appears once."""
     from megatron_sega.logging import MetricsLogger
 
     log = session.config.logging
     return MetricsLogger(log.dir, enabled=session.is_metrics_rank, tensorboard=log.tensorboard,
                          jsonl=log.jsonl, wandb=log.wandb, name=stage,
-                         progress_total=steps_left, progress=log.progress,
-                         run_config=session.config.to_dict(), interval=log.interval)
+                         progress_total=steps - start, progress=log.progress,
+                         run_config=session.config.to_dict(), interval=log.interval,
+                         start_step=start)
 
 
 def announce(session: Session, stage: str) -> None:
-    """Print the resolved config once (rank 0) and keep a copy in the logging directory."""
+    """Keep the resolved config in the run's directory (``logging.dir``, else
+    ``checkpoint.save_dir``) as ``<stage>_config.yaml`` and print one line naming it (rank 0).
+    The whole config on stdout would bury the lines that matter."""
     if not session.is_main:
         return
-    text = session.config.to_yaml()
-    print(f"== {stage}: resolved config\n{text}", flush=True)
-    if session.config.logging.dir:
-        from pathlib import Path
-
-        directory = Path(session.config.logging.dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"{stage}_config.yaml").write_text(text)
+    config = session.config
+    directory = config.logging.dir or config.checkpoint.save_dir
+    if not directory:
+        print(f"== {stage}: resolved config not kept (set logging.dir to keep a copy)", flush=True)
+        return
+    path = Path(directory) / f"{stage}_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_yaml())
+    print(f"== {stage}: resolved config -> {path}", flush=True)
 
 
 def dp_all_reduce(values: list[float], session: Session) -> list[float]:

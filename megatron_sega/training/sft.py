@@ -106,7 +106,7 @@ def run_sft(config, args) -> int:
     eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
     ckpt = checkpoint_manager(session, "sft", iterator)
     start = ckpt.resume()
-    logger = stage_logger(session, "sft", sft.steps - start)
+    logger = stage_logger(session, "sft", start, sft.steps)
     batches, bad = iter(iterator), BadSteps(config, "sft")
     for step in range(start, sft.steps):
         t0 = time.time()

@@ -70,9 +70,26 @@ def test_every_training_stage_logs_through_the_config_interval(tmp_path):
         assert "stage_logger" in calls and "MetricsLogger" not in calls, stage
     config = load_config(None, [f"logging.dir={tmp_path}", "logging.interval=3",
                                 "logging.progress=false"])
-    logger = stage_logger(SimpleNamespace(config=config, is_metrics_rank=True), "dpo", 7)
+    logger = stage_logger(SimpleNamespace(config=config, is_metrics_rank=True), "dpo", 0, 7)
     for step in range(1, 8):
         logger.log(step, {"loss": float(step)})
     logger.close()
     assert _scalars(tmp_path / "tensorboard" / "dpo")["dpo/loss"] == [(3, 3.0), (6, 6.0),
                                                                      (7, 7.0)]
+
+
+def test_a_run_from_step_n_drops_the_records_logged_past_it(tmp_path):
+    """A run that crashed after its step-3 checkpoint had logged steps 4 and 5 (and half of 6);
+    the run resumed from step 3 logs 4 and 5 again: each step appears once, in order."""
+    path = tmp_path / "sft_metrics.jsonl"
+    crashed = [json.dumps({"step": s, "loss": 10.0 + s}) for s in range(1, 6)]
+    path.write_text("\n".join(crashed) + '\n{"step": 6, "lo')
+    logger = MetricsLogger(str(tmp_path), name="sft", tensorboard=False, progress=False,
+                           start_step=3)
+    for step in (4, 5):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows] == [11.0, 12.0, 13.0, 4.0, 5.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft_metrics.jsonl"]  # no temp file
