@@ -121,7 +121,7 @@ def test_usr1_mid_dpo_checkpoints_requeues_and_resumes_bitwise(slurm, inputs, re
         job.cancel_if_running()
     text = _assert_requeued_and_resumed(job, work, stop, "dpo", pr.DPO_STEPS)
     pr.assert_same_metrics(work, ref_work, "dpo", pr.DPO_STEPS)
-    assert pr.assert_same_checkpoint(work, ref_work, "dpo") > 20
+    pr.assert_same_checkpoint(work, ref_work, "dpo")
     print(f"\n[slurm, tiny model] DPO: USR1 -> complete checkpoint: {saved - sent:.2f} s; "
           f"requeue at {_requeued_at(text) - saved:.2f} s after it (stopped at step "
           f"{stop['step']}; reference: {ref_kind})")
