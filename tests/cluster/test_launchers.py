@@ -64,3 +64,20 @@ def test_sbatch_from_a_fresh_clone_logs_to_the_scripts_own_output(slurm, inputs,
     text = log.read_text(errors="replace")
     assert job.state() == ("COMPLETED", 0), text[-3000:]
     assert "dry run ok: world size 2" in text, text[-3000:]
+
+
+def test_a_convert_stage_killed_before_it_was_marked_done_reruns_as_a_no_op(inputs, tmp_path):
+    """Issue 25, item 9, through the launcher: the conversion finished (renamed into place) but
+    the job died before ``.done_convert``; the same command again succeeds without converting."""
+    work = tmp_path / "work"
+    command = ["bash", "examples/sega_llama3_8b_single_node.sh",
+               *pr.pipeline_args(inputs, work, "--stages", "convert")]
+    first = subprocess.run(command, cwd=pr.REPO, env=pr.launcher_env(), capture_output=True,
+                           text=True, timeout=pr.TIMEOUT)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    (work / ".done_convert").unlink()
+    rerun = subprocess.run(command, cwd=pr.REPO, env=pr.launcher_env(), capture_output=True,
+                           text=True, timeout=pr.TIMEOUT)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{work / 'mcore'} already holds this conversion" in rerun.stdout
+    assert (work / ".done_convert").is_file() and "pipeline finished" in rerun.stdout
