@@ -14,14 +14,17 @@
 #   --dry-run          validate the config for each stage against the world size; no GPU needed
 #   extra KEY=VALUE    dotted config overrides for every stage (e.g. sega.k=8)
 #
-# Stop and resume. `request_stop` (the launchers trap USR1 with it) asks the running sft/sega
-# workers to checkpoint and stop; during another stage it lets that stage finish and stops before
-# the next. A worker that stops writes checkpoint.save_dir/STOPPED once its checkpoint is complete
-# and exits 75; torchrun reports any worker exit as 1, so a stage counts as stopped when that
-# marker exists, whatever the exit code. A stopped stage is never marked done: the pipeline calls
-# `on_stopped` (the SLURM launcher requeues the job there) and exits 75 (RESUME_EXIT_CODE); run the
-# same command again to skip the finished stages and resume the stopped one from its checkpoint
-# (checkpoint.resume=auto). Any other non-zero exit of a stage fails the pipeline with that code.
+# Stop and resume. `request_stop` (the launchers trap USR1 with it) asks the running sft, sega or
+# dpo workers to checkpoint and stop; during another stage (convert, eval, export) it lets that
+# stage finish and stops before the next. A worker that stops writes checkpoint.save_dir/STOPPED
+# once its checkpoint is complete and exits 75; torchrun reports any worker exit as 1, so a stage
+# counts as stopped when that marker exists, whatever the exit code. A stopped stage is never
+# marked done: the pipeline calls `on_stopped` (the SLURM launcher requeues the job there) and
+# exits 75 (RESUME_EXIT_CODE); run the same command again to skip the finished stages and resume
+# the stopped one from its checkpoint (checkpoint.resume=auto). Any other non-zero exit of a stage
+# fails the pipeline with that code.
+# The converters are idempotent (tools/convert.py): a job killed after a conversion finished but
+# before its stage was marked done reruns it as a no-op.
 set -euo pipefail
 
 RESUME_EXIT_CODE=75   # = megatron_sega.checkpoint.stop.RESUME_EXIT_CODE
@@ -36,7 +39,7 @@ request_stop() {  # trap handler: checkpoint-and-stop the training stage, or sto
   TRAPPED=1
   echo "stop requested at $(date +%s.%N) during stage '${CURRENT_STAGE:-none}'"
   case "$CURRENT_STAGE" in
-    sft|sega)
+    sft|sega|dpo)  # the training stages: they checkpoint on USR1
       if [ -n "$LAUNCH_PID" ]; then
         signal_workers
         # Again every 10 s while the stage runs: workers that torchrun had not started yet
@@ -110,7 +113,7 @@ pipeline_main() {
       launch -m megatron_sega.cli "$@"
     fi
   }
-  train() {  # train NAME DIR ARGS...: an sft/sega stage writing DIR; stopped, failed or done
+  train() {  # train NAME DIR ARGS...: an sft/sega/dpo stage writing DIR; stopped, failed or done
     local name="$1" dir="$2" rc=0
     shift 2
     [ "$dry" = 1 ] || rm -f "$dir/ckpt/$STOP_MARKER"
@@ -139,7 +142,7 @@ pipeline_main() {
     done_stage sega
   fi
   if stage dpo; then
-    megatron dpo "${common[@]}" "model.load=$sft/ckpt" "logging.dir=$work/dpo" "checkpoint.save_dir=$work/dpo/ckpt"
+    train dpo "$work/dpo" "${common[@]}" "model.load=$sft/ckpt"
     done_stage dpo
   fi
   if stage eval; then

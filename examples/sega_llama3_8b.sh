@@ -16,7 +16,7 @@
 # no USR1 handler and would die): they save a complete checkpoint, write STOPPED into the stage's
 # checkpoint directory and exit. The job then requeues itself with `scontrol requeue`; the new
 # run skips the finished stages and resumes the stopped one (checkpoint.resume=auto). Outside
-# sft/sega the running stage finishes and the job requeues before the next one. A stage that
+# sft/sega/dpo the running stage finishes and the job requeues before the next one. A stage that
 # fails fails the job (no requeue); at most MAX_REQUEUES (default 20) requeues per job.
 #SBATCH --job-name=sega-llama3-8b
 #SBATCH --nodes=2
@@ -29,6 +29,8 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
+# (logs/ is part of the repository: SLURM opens this file before the script runs, in the directory
+# sbatch was called from, and a job whose output cannot be opened dies without a log.)
 set -euo pipefail
 
 REPO="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -84,5 +86,4 @@ on_stopped() {  # a stage stopped with a complete checkpoint: requeue this job t
 }
 
 source "$REPO/examples/pipeline.sh"
-mkdir -p "$REPO/logs"
 pipeline_main "$@"

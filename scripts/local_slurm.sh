@@ -3,14 +3,21 @@
 #
 #   bash scripts/local_slurm.sh          # install (if needed), configure, start; wait until idle
 #   bash scripts/local_slurm.sh status   # exit 0 when the node is up and accepting jobs
-#   bash scripts/local_slurm.sh stop     # stop slurmd, slurmctld and munged
+#   bash scripts/local_slurm.sh stop     # stop the slurmd, slurmctld and munged it started
 #
 # Needs root. Installs Debian's `slurm-wlm` and `munge` with apt-get when they are missing,
 # writes /etc/slurm/slurm.conf for this host (its CPUs and memory as `slurmd -C` reports them,
-# no GPUs, one partition `local`), starts `munged --force`, `slurmctld` and `slurmd` as root and
-# waits until `sinfo` shows the node idle. Running it again while everything is up changes nothing.
-# State, logs and pid files live in $LOCAL_SLURM_DIR (default /var/lib/megatron-sega-slurm).
-# An existing slurm.conf that this script did not write is left alone (the script stops instead).
+# no GPUs, one partition `local`), starts `munged --force` (unless a munged already answers),
+# `slurmctld` and `slurmd` as root and waits until `sinfo` shows the node idle. Running it again
+# while everything is up changes nothing. State, logs and pid files live in $LOCAL_SLURM_DIR
+# (default /var/lib/megatron-sega-slurm). An existing slurm.conf that this script did not write is
+# left alone (the script stops instead).
+#
+# `stop` signals only the daemons this script started: a pid from one of its own pid files in
+# $LOCAL_SLURM_DIR, whose process has the daemon's name, started no later than the pid file was
+# written (a pid reused since is younger), and for munged was started with that pid file. It never
+# reads the system's /run/munge/munged.pid: a munged it did not start (the system's, a cluster's)
+# is left running, and so is whatever a stale pid file points at.
 set -euo pipefail
 
 DIR="${LOCAL_SLURM_DIR:-/var/lib/megatron-sega-slurm}"
@@ -32,20 +39,54 @@ install_packages() {
     || die "apt-get install slurm-wlm munge failed"
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+MUNGED_PID="$DIR/munged.pid"
 
-start_munge() {
+started_at() {  # started_at PID: the second (since the epoch) at which process PID started
+  local stat btime
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"  # the fields after "PID (comm) ": state is the 1st, starttime the 20th
+  btime="$(awk '$1 == "btime" {print $2}' /proc/stat)"
+  echo $((btime + $(echo "$stat" | awk '{print $20}') / $(getconf CLK_TCK)))
+}
+
+# our_pid FILE NAME [ARG]: print the pid in FILE (one of this script's pid files) when that process
+# is the daemon NAME that wrote FILE: its name is NAME, it started no later than FILE was written
+# (1 s of rounding allowed) and, with ARG, ARG is one of its arguments. Else print nothing, fail.
+our_pid() {
+  local file="$1" name="$2" arg="${3:-}" pid start
+  [ -f "$file" ] || return 1
+  pid="$(head -c 32 "$file" | tr -d '[:space:]')"
+  [[ "$pid" =~ ^[1-9][0-9]{0,9}$ ]] || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
+  if [ -n "$arg" ]; then
+    tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$arg" || return 1
+  fi
+  start="$(started_at "$pid")" || return 1
+  [ "$start" -le $(($(stat -c %Y "$file") + 1)) ] || return 1
+  echo "$pid"
+}
+
+stop_daemon() {  # stop_daemon FILE NAME [ARG]: SIGTERM our daemon NAME and wait (10 s) for it
+  local pid _
+  pid="$(our_pid "$@")" || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+}
+
+munge_answers() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+start_munge() {  # the system's munged when one answers, else ours (its pid file in $DIR)
   if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     chmod 400 /etc/munge/munge.key
   fi
   mkdir -p /run/munge /var/lib/munge "$DIR/log"
-  if ! pid_alive /run/munge/munged.pid; then
-    munged --force --pid-file=/run/munge/munged.pid --log-file="$DIR/log/munged.log"
+  if ! munge_answers && ! our_pid "$MUNGED_PID" munged "--pid-file=$MUNGED_PID" >/dev/null; then
+    munged --force --pid-file="$MUNGED_PID" --log-file="$DIR/log/munged.log"
   fi
   local _
-  for _ in $(seq 50); do munge -n </dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
+  for _ in $(seq 50); do munge_answers && return 0; sleep 0.1; done
   die "munged does not answer (see $DIR/log/munged.log)"
 }
 
@@ -103,14 +144,9 @@ up() {
 }
 
 stop() {
-  local name
-  for name in slurmd slurmctld; do
-    if pid_alive "$DIR/$name.pid"; then
-      kill "$(cat "$DIR/$name.pid")"
-      for _ in $(seq 100); do pid_alive "$DIR/$name.pid" || break; sleep 0.1; done
-    fi
-  done
-  if pid_alive /run/munge/munged.pid; then kill "$(cat /run/munge/munged.pid)"; fi
+  stop_daemon "$DIR/slurmd.pid" slurmd
+  stop_daemon "$DIR/slurmctld.pid" slurmctld
+  stop_daemon "$MUNGED_PID" munged "--pid-file=$MUNGED_PID"
   echo "local_slurm: stopped"
 }
 
@@ -121,15 +157,11 @@ start() {
   local changed
   changed="$(write_conf)"
   if [ "$changed" = 1 ]; then  # a new configuration: restart what runs with the old one
-    for name in slurmd slurmctld; do
-      if pid_alive "$DIR/$name.pid"; then
-        kill "$(cat "$DIR/$name.pid")"
-        for _ in $(seq 100); do pid_alive "$DIR/$name.pid" || break; sleep 0.1; done
-      fi
-    done
+    stop_daemon "$DIR/slurmd.pid" slurmd
+    stop_daemon "$DIR/slurmctld.pid" slurmctld
   fi
-  pid_alive "$DIR/slurmctld.pid" || slurmctld
-  pid_alive "$DIR/slurmd.pid" || slurmd
+  our_pid "$DIR/slurmctld.pid" slurmctld >/dev/null || slurmctld
+  our_pid "$DIR/slurmd.pid" slurmd >/dev/null || slurmd
   local _
   for _ in $(seq 120); do
     up && { echo "local_slurm: node $HOST is $(node_state)"; return 0; }

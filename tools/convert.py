@@ -8,6 +8,10 @@ Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor:
 about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
 TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padding. Tokenizer
 files are copied along in both directions. See megatron_sega/convert/hf_mcore.py.
+
+The output appears whole or not at all, with a record of what was converted (conversion.json).
+Rerunning the same command over it does nothing and exits 0 (a job killed after the conversion
+but before its launcher noted it); any other existing, non-empty --out is an error.
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
     silence_known_messages()
     from megatron_sega.convert.hf_mcore import hf_to_mcore, mcore_to_hf
+    from megatron_sega.convert.record import RECORD_FILE
     from megatron_sega.errors import UserError
 
+    # The converters never overwrite: a record there before a success means nothing was done.
+    earlier = (args.out / RECORD_FILE).is_file()
     start = time.time()
     try:
         if args.command == "hf-to-mcore":
@@ -81,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_sega.runtime import teardown
 
             teardown()
-    print(f"wrote {args.out} ({what}) in {time.time() - start:.1f}s")
+    if earlier:
+        print(f"{args.out} already holds this conversion ({what}); nothing to do")
+    else:
+        print(f"wrote {args.out} ({what}) in {time.time() - start:.1f}s")
     return 0
 
 

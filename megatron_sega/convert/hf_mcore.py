@@ -33,6 +33,7 @@ from megatron_sega.convert import hf
 from megatron_sega.convert.hf_io import (
     HFCheckpoint, ShardedSafetensorsWriter, copy_tokenizer_files, parse_dtype,
 )
+from megatron_sega.convert.record import already_converted, conversion_record, write_record
 from megatron_sega.convert.streaming import (
     build_skeleton, load_streaming, save_streaming, single_process_runtime, stream_groups,
 )
@@ -43,22 +44,22 @@ from megatron_sega.runtime import validate_parallel_sizes
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def _require_fresh(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConversionError(f"{path}: output directory exists and is not empty; choose a new "
-                              "directory (conversion never overwrites)")
+def _partial(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
 
 
 @contextlib.contextmanager
-def _output_dir(path: Path) -> Iterator[Path]:
+def _output_dir(path: Path, record: dict) -> Iterator[Path]:
     """A fresh ``.name.partial`` sibling to write into, renamed to ``path`` on success and
-    removed on failure: an interrupted conversion never leaves a checkpoint that looks whole."""
-    _require_fresh(path)
-    partial = path.parent / f".{path.name}.partial"
+    removed on failure: an interrupted conversion never leaves a checkpoint that looks whole.
+    The caller has found ``path`` free (``already_converted``). The conversion's ``record`` goes
+    in last, so a rerun finds it only in a whole output."""
+    partial = _partial(path)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         yield partial
+        write_record(partial, record)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -89,7 +90,10 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
     hf.check_hf_tensors(source.shapes, spec, str(hf_dir))
     target = parse_dtype(dtype) or source.dtypes["model.embed_tokens.weight"]
     padded = spec.padded_vocab_size(tp, vocab_multiple)
-    _require_fresh(out_dir)
+    record = conversion_record("hf-to-mcore", hf_dir, (out_dir, _partial(out_dir)), tp=tp, pp=pp, dtype=dtype_name(target),
+                               vocab_multiple=vocab_multiple)
+    if already_converted(out_dir, record):  # a rerun after the rename: nothing to do
+        return read_info(out_dir)
     skeleton = build_skeleton(spec, target, padded, single_process_runtime())
     _check_skeleton_names(skeleton, spec)
     used: set[str] = set()
@@ -99,7 +103,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int
         used.update(sources)
         return hf.to_megatron(name, source.read(sources), spec, padded).to(target)
 
-    with _output_dir(out_dir) as tmp:
+    with _output_dir(out_dir, record) as tmp:
         save_streaming(skeleton, tmp, fetch)
         unused = set(hf.hf_shapes(spec)) - used
         if unused:
@@ -129,14 +133,17 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     info = read_info(mcore_dir)
     spec = info.spec
     target = parse_dtype(dtype) or info.torch_dtype
-    _require_fresh(out_dir)
+    record = conversion_record("mcore-to-hf", mcore_dir, (out_dir, _partial(out_dir)),
+                               dtype=dtype_name(target), max_shard_bytes=max_shard_bytes)
+    if already_converted(out_dir, record):  # a rerun after the rename: nothing to do
+        return out_dir
     skeleton = build_skeleton(spec, info.torch_dtype, info.padded_vocab_size,
                               single_process_runtime())
     _check_skeleton_names(skeleton, spec)
     groups = list(stream_groups(skeleton))
     entries = [(n, hf.hf_shape(n, spec), target)
                for group in groups for name in group for n in hf.hf_sources(name)]
-    with _output_dir(out_dir) as tmp:
+    with _output_dir(out_dir, record) as tmp:
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
         for group in groups:
             _export_group(writer, load_streaming(skeleton, mcore_dir, group), spec, target)

@@ -48,23 +48,26 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def reference(request, tmp_path_factory, inputs) -> tuple[Path, str]:
-    """The whole pipeline, never interrupted: an sbatch job of examples/sega_llama3_8b.sh when a
-    SLURM can run here, else the single-node launcher (same stages, world size and config)."""
+    """The whole pipeline, never interrupted, the DPO baseline included: an sbatch job of
+    examples/sega_llama3_8b.sh when a SLURM can run here, else the single-node launcher (same
+    stages, world size and config)."""
     root = tmp_path_factory.mktemp("reference")
     work = root / "work"
+    stages = ("--stages", pr.ALL_STAGES)
     try:
         request.getfixturevalue("slurm")
     except pytest.skip.Exception:
         log = root / "run.log"
         rc = pr.run_logged(["bash", "examples/sega_llama3_8b_single_node.sh",
-                            *pr.pipeline_args(inputs, work)], log, pr.launcher_env())
+                            *pr.pipeline_args(inputs, work, *stages)], log, pr.launcher_env())
         assert rc == 0, pr.tail(log)
         kind = "single-node launcher"
     else:
-        job = run_job(inputs, work, root / "job.log")
+        job = run_job(inputs, work, root / "job.log", *stages)
         job.wait_done()
         assert job.state() == ("COMPLETED", 0), pr.tail(job.log)
         log, kind = job.log, "sbatch job"
     pr.assert_all_stages_done(work)
+    assert (work / ".done_dpo").is_file()
     pr.assert_no_abort(log.read_text(errors="replace"), f"reference ({kind})")
     return work, kind

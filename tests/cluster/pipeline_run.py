@@ -20,7 +20,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 RESUME_EXIT_CODE = 75
 NPROC = 2
-SFT_STEPS, SAVE_INTERVAL, SEGA_STEPS = 6, 2, 2
+SFT_STEPS, SAVE_INTERVAL, SEGA_STEPS, DPO_STEPS = 6, 2, 2, 4
+# The reference runs every stage, the optional DPO baseline too (the DPO stop test's reference).
+ALL_STAGES = "convert,sft,sega,dpo,eval,export"
 EVAL_PAIRS = 8
 TIMEOUT = 600  # seconds for one pipeline (about a minute of work on an idle 2-core machine)
 # Wall-clock fields of the metrics: everything else must match exactly.
@@ -36,6 +38,8 @@ OVERRIDES = [
     "sft.eval_interval=0", "sft.lr=1.0e-3", f"checkpoint.save_interval={SAVE_INTERVAL}",
     f"sega.steps={SEGA_STEPS}", "sega.k=2", "sega.prompts_per_step=2", "sega.micro_batch_size=4",
     "sega.lr=1.0e-4", "sampling.max_new_tokens=8", "optim.warmup_steps=1",
+    f"dpo.steps={DPO_STEPS}", "dpo.global_batch_size=4", "dpo.micro_batch_size=2",
+    "dpo.lr=1.0e-4",
     "logging.tensorboard=false", "logging.progress=false",
 ]
 
@@ -74,9 +78,22 @@ def launcher_env(**extra: str) -> dict[str, str]:
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
            and not k.startswith("SLURM_")}
     env.update(PYTHON=sys.executable, NPROC_PER_NODE=str(NPROC), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO), **extra)
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    env.update(extra)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return env
+
+
+def fresh_clone(dest: Path) -> Path:
+    """``git clone`` of this checkout (its committed HEAD) into ``dest``: what a user starts from,
+    without the ignored files (logs, .venv) that this checkout has gathered. Skips outside git."""
+    import pytest
+
+    if not (REPO / ".git").exists():
+        pytest.skip(f"{REPO} is not a git checkout: nothing to clone")
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(dest)], check=True,
+                   capture_output=True, timeout=120)
+    return dest
 
 
 def free_port() -> int:
@@ -176,27 +193,31 @@ def _checkpoint(work: Path, stage: str) -> Path:
     return save_dir / (save_dir / "latest").read_text().strip()
 
 
+def _assert_same_tensors(ta: dict, tb: dict) -> int:
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs"
+    return len(ta)
+
+
+def assert_same_checkpoint(run: Path, reference: Path, stage: str) -> int:
+    """The final checkpoints of ``stage`` (model and optimizer tensors) are bitwise equal.
+    Returns the number of tensors compared."""
+    from megatron_sega.checkpoint.manager import read_tensors
+
+    a, b = _checkpoint(run, stage), _checkpoint(reference, stage)
+    assert a.name == b.name
+    return _assert_same_tensors(read_tensors(a / "model_optim"), read_tensors(b / "model_optim"))
+
+
 def assert_same_weights(run: Path, reference: Path) -> int:
     """The final SFT and SEGA checkpoints (model and optimizer tensors) and the exported HF
     weights are bitwise equal. Returns the number of tensors compared."""
     from safetensors.torch import load_file
 
-    from megatron_sega.checkpoint.manager import read_tensors
-
-    pairs = []
-    for stage in ("sft", "sega"):
-        a, b = _checkpoint(run, stage), _checkpoint(reference, stage)
-        assert a.name == b.name
-        pairs.append((read_tensors(a / "model_optim"), read_tensors(b / "model_optim")))
-    pairs.append((load_file(run / "hf_sega" / "model.safetensors"),
-                  load_file(reference / "hf_sega" / "model.safetensors")))
-    count = 0
-    for ta, tb in pairs:
-        assert ta.keys() == tb.keys() and ta
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{key} differs"
-        count += len(ta)
-    return count
+    count = sum(assert_same_checkpoint(run, reference, stage) for stage in ("sft", "sega"))
+    return count + _assert_same_tensors(load_file(run / "hf_sega" / "model.safetensors"),
+                                        load_file(reference / "hf_sega" / "model.safetensors"))
 
 
 def assert_same_results(run: Path, reference: Path) -> None:

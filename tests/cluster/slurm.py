@@ -6,6 +6,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 from tests.cluster import pipeline_run as pr
 
@@ -14,7 +15,7 @@ SBATCH_OVERRIDES = ["--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={pr.NPRO
 
 
 class Job:
-    def __init__(self, job_id: str, log: Path):
+    def __init__(self, job_id: str, log: Optional[Path]):
         self.id, self.log = job_id, log
 
     def fields(self) -> dict[str, str]:
@@ -47,14 +48,19 @@ class Job:
             subprocess.run(["scancel", self.id], timeout=60)
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return self.log.read_text(errors="replace") if self.log and self.log.is_file() else ""
 
 
-def run_job(inputs: dict, work: Path, log: Path, *extra: str) -> Job:
-    """sbatch the real SLURM launcher from the repository root on the tiny model."""
+def run_job(inputs: dict, work: Path, log: Optional[Path], *extra: str,
+            repo: Path = pr.REPO) -> Job:
+    """sbatch the real SLURM launcher from the root of ``repo`` (this checkout, or a clone of it)
+    on the tiny model. ``log`` None: no ``--output``, the script's own ``#SBATCH --output``
+    (then ``Job.log`` is None: the test knows where that is)."""
+    output = [] if log is None else [f"--output={log}"]
     out = subprocess.run(
-        ["sbatch", "--parsable", *SBATCH_OVERRIDES, f"--output={log}",
+        ["sbatch", "--parsable", *SBATCH_OVERRIDES, *output,
          "examples/sega_llama3_8b.sh", *pr.pipeline_args(inputs, work, *extra)],
-        cwd=pr.REPO, env=pr.launcher_env(), capture_output=True, text=True, timeout=60)
+        cwd=repo, env=pr.launcher_env(PYTHONPATH=str(repo)), capture_output=True, text=True,
+        timeout=60)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
     return Job(out.stdout.strip().split(";")[0], log)
