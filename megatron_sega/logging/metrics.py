@@ -23,20 +23,30 @@ from megatron_sega.models.spec import LlamaSpec
 
 def training_flops_per_token(spec: LlamaSpec, seq_len: int) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward), counting matmuls only:
-    per layer 2*(qkv + proj + 3 MLP matrices) weights + 2*2*s*h attention (QK^T and AV, causal
-    halved is *not* applied, following Megatron's MFU convention), plus the output layer."""
+    per layer 2*(qkv + proj + 3 MLP matrices) weights + 4*s*h attention (QK^T and AV, 2*s*h each;
+    the causal half is *not* taken off, following Megatron's ``num_floating_point_operations``),
+    plus the output layer."""
     h, d = spec.hidden_size, spec.kv_channels
     qkv = h * (spec.num_attention_heads + 2 * spec.num_query_groups) * d
     proj = spec.num_attention_heads * d * h
     mlp = 3 * h * spec.ffn_hidden_size
-    attention = 2 * seq_len * spec.num_attention_heads * d
+    attention = 4 * seq_len * spec.num_attention_heads * d
     per_layer = 2 * (qkv + proj + mlp) + attention
     forward = spec.num_layers * per_layer + 2 * h * spec.vocab_size
     return 3.0 * forward
 
 
-# Dense bf16 peaks (TFLOP/s) from the vendors' data sheets (SXM parts).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense bf16 peaks (TFLOP/s): half the "with sparsity" figures of NVIDIA's data sheets. The H100
+# parts differ by clock and SM count: SXM 1979/2, PCIe 1513/2, NVL 1671/2. Matched in this order
+# against torch.cuda.get_device_name() (e.g. "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+# "NVIDIA H100 80GB HBM3" for SXM), so the variants come before the bare "H100".
+PEAK_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+               "A100": 312.0}
+
+
+def peak_tflops_for(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of the GPU called ``device_name``, or None when not in the table."""
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
 
 
 def gpu_peak_tflops() -> Optional[float]:
@@ -45,8 +55,7 @@ def gpu_peak_tflops() -> Optional[float]:
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return peak_tflops_for(torch.cuda.get_device_name())
 
 
 def mfu(spec: LlamaSpec, seq_len: int, tokens: float, seconds: float, world_size: int

@@ -102,8 +102,8 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
     micro = sft_microbatches(batch, 2 * m)
     for i, mb in enumerate(micro):
         mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
-    global_pairs, global_tokens = dp_all_reduce([len(shard), float(batch.loss_mask.sum())],
-                                                session)
+    global_pairs, global_tokens, train_tokens = dp_all_reduce(
+        [len(shard), float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
     outputs = forward_backward(session.chunks, rt, micro, dpo_loss_fn(session, global_pairs))
     local = _local_sums(outputs)
     step = optimizer_step(session.optimizer, session.scheduler, device=rt.device,
@@ -114,7 +114,8 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
             "chosen_reward": s["chosen_reward_sum"] / n,
             "rejected_reward": s["rejected_reward_sum"] / n, "margin": s["margin_sum"] / n,
             "logp_chosen": s["logp_chosen_sum"] / n, "logp_rejected": s["logp_rejected_sum"] / n,
-            "tokens": global_tokens, "seq_len": batch.tokens.shape[1], **step}
+            "tokens": global_tokens, "train_tokens": train_tokens,
+            "seq_len": batch.tokens.shape[1], **step}
 
 
 def check_dpo_microbatches(config, dp: int) -> None:
@@ -158,9 +159,10 @@ def run_dpo(config, args) -> int:
         t0 = time.time()
         metrics = dpo_step(session, reference, next(batches))
         metrics["step_time"] = time.time() - t0
-        metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
-        # Training FLOPs of the policy only (the reference's forward is not counted).
-        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["tokens"],
+        metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
+        # Training FLOPs of the policy only (the reference's forward is not counted), over
+        # prompt + response tokens as SEGA counts them.
+        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["train_tokens"],
                              metrics["step_time"], rt.world_size)
         if cfg.eval_interval and eval_pairs and (step + 1) % cfg.eval_interval == 0:
             _, summary = evaluate_pairs(session, eval_pairs, beta=cfg.beta,

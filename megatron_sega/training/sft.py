@@ -75,7 +75,10 @@ def sft_step(session: Session, shard) -> dict:
     """One optimizer step on this rank's share of a global batch."""
     sft = session.config.sft
     batch = collate(shard, session.tokenizer.pad_id)
-    global_tokens, = dp_all_reduce([float(batch.loss_mask.sum())], session)
+    # train_tokens (prompt + response of every row, SEGA's definition) feeds MFU and tokens/s;
+    # global_tokens (the loss's response tokens) normalises the loss.
+    global_tokens, train_tokens = dp_all_reduce(
+        [float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
     loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
     outputs = forward_backward(session.chunks, session.runtime,
                                sft_microbatches(batch, sft.micro_batch_size), loss_fn)
@@ -84,7 +87,7 @@ def sft_step(session: Session, shard) -> dict:
                           loss_finite=math.isfinite(nll))
     nll, = dp_all_reduce([nll], session)
     return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens,
-            "seq_len": batch.tokens.shape[1], **step}
+            "train_tokens": train_tokens, "seq_len": batch.tokens.shape[1], **step}
 
 
 def run_sft(config, args) -> int:
@@ -112,8 +115,8 @@ def run_sft(config, args) -> int:
         t0 = time.time()
         metrics = sft_step(session, next(batches))
         metrics["step_time"] = time.time() - t0
-        metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time"]
-        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["tokens"],
+        metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
+        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["train_tokens"],
                              metrics["step_time"], rt.world_size)
         if sft.eval_interval and eval_pairs and (step + 1) % sft.eval_interval == 0:
             _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
