@@ -53,6 +53,37 @@ def sequence_parallel_off(model):
             module.sequence_parallel = True
 
 
+def have_fused_wgrad_kernel() -> bool:
+    """Whether Apex's ``fused_weight_gradient_mlp_cuda`` imports: Megatron-Core's own
+    ``ColumnParallelLinear`` (our output layer, with or without TE) refuses
+    ``gradient_accumulation_fusion`` without it, even when TE's linears could fuse on their own."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
+def speed_flags(on_gpu: bool, have_te: bool, have_fused_wgrad: bool) -> dict[str, bool]:
+    """The ``TransformerConfig`` fusions and memory savers, each on where Megatron-Core 0.19 can
+    run it here (all off on CPU, where the fused kernels do not exist or do not pay):
+
+    - ``bias_activation_fusion``: SwiGLU through Megatron's own ``bias_swiglu_impl``
+      (``jit_fuser``, no TE/Apex needed): on every GPU;
+    - ``gradient_accumulation_fusion``: wgrad GEMMs accumulate into DDP's fp32 ``main_grad``;
+      Megatron's ``ColumnParallelLinear`` needs Apex's fused kernel (see
+      :func:`have_fused_wgrad_kernel`), so GPU + that kernel;
+    - ``apply_rope_fusion``: Megatron 0.19 takes the fused rotary kernel from TE only
+      (``rope_utils.fused_apply_rotary_pos_emb``; the config refuses it without TE), so GPU + TE;
+    - ``deallocate_pipeline_outputs``: frees each stage's sent activations (only the autograd
+      graph is kept), which lowers activation memory under PP; on every GPU, as Megatron-LM does.
+    """
+    return {
+        "bias_activation_fusion": on_gpu,
+        "gradient_accumulation_fusion": on_gpu and have_fused_wgrad,
+        "apply_rope_fusion": on_gpu and have_te,
+        "deallocate_pipeline_outputs": on_gpu,
+    }
+
+
 def transformer_config(
     spec: LlamaSpec,
     runtime: Runtime,
@@ -65,7 +96,8 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = runtime.device.type == "cuda"
-    extra = {}
+    extra = speed_flags(on_gpu, on_gpu and have_transformer_engine(),
+                        on_gpu and have_fused_wgrad_kernel())
     if recompute:
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
@@ -100,14 +132,10 @@ def transformer_config(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
-        deallocate_pipeline_outputs=False,
         **extra,
     )
 
