@@ -123,37 +123,46 @@ def all_gather(tensor: Tensor, tp_group) -> Tensor:
 
 
 def global_max(z: Tensor, vocab_start: int, vocab_size: int, tp_group, *, with_min: bool = False,
-               extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Row maxima of the true vocab over all ranks, and the checks that need every rank.
+               extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Row maxima of the true vocab over all ranks, and the flags of the checks that need every
+    rank.
 
     ``z`` is a chunk ``[c, width]`` of true-vocab columns in fp32. One MAX all-reduce carries the
     row maxima, optionally the negated row minima (``with_min``) and ``extra [c, n]`` columns
     (also max-reduced), a NaN/Inf flag (1 + the highest bad rank) and the end of the covered
-    vocabulary, so that every rank raises the same ValueError instead of one rank raising and
-    the others waiting forever. Returns ``(max [c], other columns [c, n'])``: ``-min`` first.
+    vocabulary. Returns ``(max [c], other columns [c, n'], flags [2])``: ``-min`` first.
+
+    Nothing here reads a tensor on the host (a device sync each): the flags are computed and
+    reduced on the device, and the caller max-combines them over its chunks and hands them to
+    :func:`raise_for_flags` once per call, so that every rank raises the same error together
+    instead of one rank raising and the others waiting forever in the next collective.
 
     The finiteness check reads the row max and min (NaN propagates through both, +Inf shows in
-    the max, -Inf in the min): no extra pass and no temporary, unlike ``torch.isfinite``.
+    the max, -Inf in the min): no extra pass and no temporary, unlike ``torch.isfinite(z)``.
     """
     c, width = z.shape
+    rank = 0 if tp_group is None else dist.get_rank(tp_group)
     if width:
         local_max, local_min = z.amax(-1), z.amin(-1)
-        finite = bool(torch.isfinite(local_max).all() & torch.isfinite(local_min).all())
+        finite = torch.isfinite(local_max).all() & torch.isfinite(local_min).all()
+        bad = torch.where(finite, 0.0, float(rank + 1)).to(z.dtype)
     else:
         local_max = local_min = z.new_full((c,), -math.inf)
-        finite = True
-    rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    flags = z.new_tensor([0.0 if finite else float(rank + 1),
-                          float(vocab_start + width if width else 0)])
+        bad = z.new_zeros(())
+    flags = torch.stack([bad, bad.new_tensor(float(vocab_start + width if width else 0))])
     cols = [local_max] + ([-local_min if width else local_min] if with_min else [])
     table = torch.stack(cols, 1) if extra is None else torch.cat([torch.stack(cols, 1), extra], 1)
     packed = all_reduce(torch.cat([table.reshape(-1), flags]), tp_group, dist.ReduceOp.MAX)
-    if packed[-2] > 0:
-        raise NonFiniteLogitsError(f"logits_shard contains NaN or Inf in the true vocabulary (TP rank "
-                         f"{int(packed[-2]) - 1}): fix the model output (overflow in fp16/bf16? a "
-                         f"-inf mask?) before computing entropies, log-probs or samples")
-    if packed[-1] < vocab_size:
-        raise ValueError(f"the shards cover ids [0, {int(packed[-1])}) but vocab_size="
-                         f"{vocab_size}: check vocab_start on each rank and vocab_size")
     table = packed[:-2].view(c, -1)
-    return table[:, 0], table[:, 1:]
+    return table[:, 0], table[:, 1:], packed[-2:]
+
+
+def raise_for_flags(nonfinite: float, covered: float, vocab_size: int) -> None:
+    """Raise what :func:`global_max`'s reduced flags (read on the host) say is wrong."""
+    if nonfinite > 0:
+        raise NonFiniteLogitsError(f"logits_shard contains NaN or Inf in the true vocabulary (TP rank "
+                         f"{int(nonfinite) - 1}): fix the model output (overflow in fp16/bf16? a "
+                         f"-inf mask?) before computing entropies, log-probs or samples")
+    if covered < vocab_size:
+        raise ValueError(f"the shards cover ids [0, {int(covered)}) but vocab_size="
+                         f"{vocab_size}: check vocab_start on each rank and vocab_size")

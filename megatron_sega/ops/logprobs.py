@@ -29,19 +29,21 @@ import torch
 from torch import Tensor
 
 from megatron_sega.ops._shard import (
-    DEFAULT_CHUNK_SIZE, all_reduce, check_shard, global_max, row_chunks, row_reader, sum64,
+    DEFAULT_CHUNK_SIZE, all_reduce, check_shard, global_max, raise_for_flags, row_chunks,
+    row_reader, sum64,
 )
 
 
 def _forward_chunk(z: Tensor, local_t: Tensor | None, want_entropy: bool, vocab_start: int,
                    vocab_size: int, tp_group
-                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(m, log S, log p(target) or None, H or None) for one chunk ``z [c, width]`` in fp32.
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(m, log S, log p(target) or None, H or None, check flags) for one chunk ``z [c, width]``
+    in fp32 (the flags: see ``global_max``; nothing is read on the host here).
 
     The per-token scalars are summed and combined in fp64 (cheap: O(c)); only the bulk
     elementwise work is fp32.
     """
-    m, _ = global_max(z, vocab_start, vocab_size, tp_group)
+    m, _, flags = global_max(z, vocab_start, vocab_size, tp_group)
     shifted = z - m.unsqueeze(1)
     if want_entropy:
         e = shifted.exp()
@@ -62,7 +64,7 @@ def _forward_chunk(z: Tensor, local_t: Tensor | None, want_entropy: bool, vocab_
     log_s = total[0].log()
     ent = log_s - total[1] / total[0] if want_entropy else None
     logp = total[-1] - log_s if local_t is not None else None
-    return m, log_s.float(), logp, ent
+    return m, log_s.float(), logp, ent, flags
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
@@ -78,17 +80,28 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logp = stats.new_empty(n) if targets is not None else stats.new_empty(0)
         ent = stats.new_empty(n) if want_entropy else stats.new_empty(0)
         local_t = None
+        # (targets out of range, NaN/Inf rank + 1, covered vocab end), max-combined over the
+        # chunks on the device and read once, after the loop: one host sync per call.
+        flags = stats.new_zeros(3)
         if targets is not None:
             local_t = targets.reshape(-1).to(device=logits.device, dtype=torch.long) - vocab_start
+            flags[0] = ((local_t < -vocab_start) | (local_t >= vocab_size - vocab_start)).any()
         for sl in row_chunks(n, chunk_size):
             z = rows(sl)[:, :width].float()
-            m, log_s, lp, h = _forward_chunk(z, None if local_t is None else local_t[sl],
-                                             want_entropy, vocab_start, vocab_size, tp_group)
+            m, log_s, lp, h, chunk_flags = _forward_chunk(
+                z, None if local_t is None else local_t[sl], want_entropy, vocab_start,
+                vocab_size, tp_group)
+            flags[1:] = torch.maximum(flags[1:], chunk_flags)
             stats[sl, 0], stats[sl, 1] = m, log_s
             if lp is not None:
                 logp[sl] = lp
             if h is not None:
                 ent[sl] = h
+        if n:
+            bad_targets, nonfinite, covered = flags.tolist()
+            if bad_targets:
+                _raise_for_targets(targets, vocab_size)
+            raise_for_flags(nonfinite, covered, vocab_size)
         ctx.save_for_backward(logits, local_t if local_t is not None else stats.new_empty(0), stats,
                               ent)
         ctx.meta = (width, chunk_size, targets is not None, want_entropy)
@@ -124,10 +137,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 if g_lp is not None:  # d log p(t)/dz_j = 1[j = t] - p_j
                     p.mul_(-g_lp[sl].unsqueeze(1))
                     g = p if g is None else g.add_(p)
+                    # + g on the target's column where this shard owns it; elsewhere + 0 on a
+                    # clamped column: no nonzero / boolean indexing (each a host sync).
                     t = local_t[sl]
                     owned = (t >= 0) & (t < width)
-                    rows_idx = torch.nonzero(owned).squeeze(1)
-                    g.index_put_((rows_idx, t[owned]), g_lp[sl][owned], accumulate=True)
+                    g.scatter_add_(1, t.clamp(0, width - 1).unsqueeze(1),
+                                   torch.where(owned, g_lp[sl], 0.0).unsqueeze(1))
                 flat_grad[sl, :width] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
@@ -138,10 +153,13 @@ def _check_targets(logits_shard: Tensor, targets: Tensor, vocab_size: int) -> No
     if targets.shape != logits_shard.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits_shard's leading "
                          f"shape {tuple(logits_shard.shape[:-1])}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
-        raise ValueError(f"targets must be ids in [0, vocab_size={vocab_size}): got "
-                         f"[{int(targets.min())}, {int(targets.max())}]; padding ids are not "
-                         f"valid targets (mask those positions instead)")
+    # The range of the ids is checked in the forward, with the other checks, in one host read.
+
+
+def _raise_for_targets(targets: Tensor, vocab_size: int) -> None:
+    raise ValueError(f"targets must be ids in [0, vocab_size={vocab_size}): got "
+                     f"[{int(targets.min())}, {int(targets.max())}]; padding ids are not "
+                     f"valid targets (mask those positions instead)")
 
 
 def log_probs_and_entropy(logits_shard: Tensor, targets: Tensor, vocab_start: int,
