@@ -1,0 +1,84 @@
+"""Transformer Engine paths checked on CPU (issue 20, items 1, 2, 4) with a fake of TE's RMSNorm.
+
+Megatron-Core builds the final norm with TE's RMSNorm whenever TE imports, even under the local
+layer spec. The fake has what TE's module has (``weight``, ``eps``, ``zero_centered_gamma``, an
+``_extra_state`` for its FP8 metadata, no ``normalized_shape``), so a model whose
+``final_layernorm`` is swapped for it is the model a TE node builds with ``attention: sdpa``."""
+
+import io
+
+import pytest
+import torch
+
+from megatron_sega import runtime
+from megatron_sega.convert.layout import load_full_state_dict
+from megatron_sega.models import preset
+from megatron_sega.models.builder import build_model
+from megatron_sega.models.init import random_full_state_dict
+from megatron_sega.sampling import Sampler
+from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported
+
+
+class RMSNorm(torch.nn.Module):
+    """TE's ``transformer_engine.pytorch.RMSNorm`` as far as our code can see it."""
+
+    def __init__(self, hidden: int, eps: float, zero_centered_gamma: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+        self.zero_centered_gamma = zero_centered_gamma
+
+    def forward(self, x):
+        gamma = self.weight + 1 if self.zero_centered_gamma else self.weight
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * gamma
+
+    def get_extra_state(self):
+        return io.BytesIO()  # TE's empty FP8 metadata outside FP8 training
+
+    def set_extra_state(self, state):
+        pass
+
+
+def te_final_norm(model, zero_centered_gamma: bool = False):
+    """``model`` with its final norm swapped for the fake TE RMSNorm (same weight and eps)."""
+    old = model.decoder.final_layernorm
+    new = RMSNorm(old.weight.shape[0], old.eps, zero_centered_gamma)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+    model.decoder.final_layernorm = new
+    return model
+
+
+@pytest.fixture()
+def model():
+    spec = preset("tiny", vocab_size=300)
+    rt = runtime.setup(1, 1, device="cpu")
+    m = build_model(spec, rt, use_te=False)
+    load_full_state_dict(m, random_full_state_dict(spec, spec.padded_vocab_size(1), seed=4), 1, 0)
+    return m.eval(), rt, spec
+
+
+def test_lean_forward_runs_a_te_final_norm(model):
+    m, rt, _ = model
+    te_final_norm(m)
+    assert not hasattr(m.decoder.final_layernorm, "normalized_shape")
+    assert lean_unsupported(m) is None
+    tokens = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    is_pad = torch.zeros(2, 7, dtype=torch.bool)
+    is_pad[1, :2] = True
+    out = []
+    for forward in (LeanForward(m, rt.tp_group), MegatronForward(m)):
+        forward.start(is_pad, 7)
+        out.append([forward(tokens), forward(tokens[:, :1])])
+    for a, b in zip(*out):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_lean_refuses_a_zero_centered_final_norm(model):
+    m, rt, spec = model
+    te_final_norm(m, zero_centered_gamma=True)
+    assert "zero_centered_gamma" in lean_unsupported(m)
+    with pytest.raises(ValueError, match="zero_centered_gamma"):
+        Sampler(m, rt, spec.vocab_size, pad_id=0, lean=True)
+    forwards = Sampler(m, rt, spec.vocab_size, pad_id=0).forwards
+    assert all(isinstance(f, MegatronForward) for f in forwards)
