@@ -82,3 +82,21 @@ def test_lean_refuses_a_zero_centered_final_norm(model):
         Sampler(m, rt, spec.vocab_size, pad_id=0, lean=True)
     forwards = Sampler(m, rt, spec.vocab_size, pad_id=0).forwards
     assert all(isinstance(f, MegatronForward) for f in forwards)
+
+
+def test_benchmark_asks_for_lean_only_where_supported(monkeypatch, model):
+    """benchmarks/sampler.py times a model the lean forward runs wherever TE imports (the local
+    SDPA layers, a TE final norm), and leaves the lean sampler out, instead of raising, on a
+    model it cannot run (here the local core attention, as TE's layer spec would be)."""
+    import benchmarks.sampler as bench
+    from megatron_sega.models import builder
+
+    monkeypatch.setattr(builder, "have_transformer_engine", lambda: True)
+    assert not builder.uses_transformer_engine(bench.LEAN_ATTENTION)
+    m, rt, spec = model
+    local = build_model(spec, rt, use_te=False, attention="local").eval()
+    te_final_norm(m)
+    samplers = bench.sampler_variants(m, local, rt, spec.vocab_size)
+    assert list(samplers) == ["sampler", "sampler_megatron", "sampler_local"]
+    assert isinstance(samplers["sampler"].forwards[0], LeanForward)
+    assert "sampler" not in bench.sampler_variants(local, local, rt, spec.vocab_size)
