@@ -5,8 +5,6 @@ layer spec. The fake has what TE's module has (``weight``, ``eps``, ``zero_cente
 ``_extra_state`` for its FP8 metadata, no ``normalized_shape``), so a model whose
 ``final_layernorm`` is swapped for it is the model a TE node builds with ``attention: sdpa``."""
 
-import io
-
 import pytest
 import torch
 
@@ -33,7 +31,7 @@ class RMSNorm(torch.nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * gamma
 
     def get_extra_state(self):
-        return io.BytesIO()  # TE's empty FP8 metadata outside FP8 training
+        return torch.empty(0, dtype=torch.uint8)  # TE 2.x's FP8 metadata outside FP8 training
 
     def set_extra_state(self, state):
         pass
@@ -100,3 +98,44 @@ def test_benchmark_asks_for_lean_only_where_supported(monkeypatch, model):
     assert list(samplers) == ["sampler", "sampler_megatron", "sampler_local"]
     assert isinstance(samplers["sampler"].forwards[0], LeanForward)
     assert "sampler" not in bench.sampler_variants(local, local, rt, spec.vocab_size)
+
+
+def _checkpoints_across_te(root: str) -> dict:
+    """One gloo rank: a checkpoint written without TE (no ``_extra_state``) loads into a model
+    with TE's final norm, and one written with it loads into both kinds of model."""
+    from megatron_sega.checkpoint.mcore import (
+        keep_absent_extra_state_local, load_model_checkpoint, save_model_checkpoint,
+        sharded_model_state)
+
+    spec = preset("tiny", vocab_size=300)
+    rt = runtime.setup(1, 1, device="cpu")
+
+    def fresh(seed: int, te: bool):
+        m = build_model(spec, rt, use_te=False)
+        full = random_full_state_dict(spec, spec.padded_vocab_size(1), seed=seed)
+        load_full_state_dict(m, full, 1, 0)
+        return te_final_norm(m) if te else m
+
+    plain, te = fresh(4, te=False), fresh(5, te=True)
+    save_model_checkpoint(plain, f"{root}/plain")
+    save_model_checkpoint(te, f"{root}/te")
+    wanted = sharded_model_state(fresh(6, te=True))
+    kept = keep_absent_extra_state_local(wanted, f"{root}/plain")
+    out = {"asked": "decoder.final_layernorm._extra_state" in wanted["model"], "kept": kept}
+    for source, te_model in (("plain", True), ("te", False), ("te", True)):
+        into = fresh(7, te=te_model)
+        load_model_checkpoint(into, f"{root}/{source}")
+        want = (plain if source == "plain" else te).state_dict()
+        out[f"{source}->{'te' if te_model else 'plain'}"] = all(
+            torch.equal(v, want[k]) for k, v in into.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state"))
+    return out
+
+
+def test_checkpoints_load_across_te_and_no_te(tmp_path):
+    """Issue 20 item 4: DCP raised "Missing key ... final_layernorm._extra_state" before."""
+    from tests.dist import run_distributed
+
+    out = run_distributed(_checkpoints_across_te, 1, str(tmp_path))[0]
+    assert out["asked"] and out["kept"] == ["decoder.final_layernorm._extra_state"], out
+    assert out["plain->te"] and out["te->plain"] and out["te->te"], out
