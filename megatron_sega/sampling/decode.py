@@ -3,11 +3,11 @@
 Two implementations of one small interface (``start`` a batch, ``__call__`` on the next positions,
 ``compact`` the batch to some rows):
 
-- :class:`LeanForward`, for the layers ``models.builder`` makes without Transformer Engine
-  (RMSNorm, SwiGLU, RoPE, ``SDPAttention``): the same math as Megatron-Core's forward on the
-  same parameters and in the same op order, without its per-call machinery. It exists because
-  decoding on CPU is bound by that machinery, not by arithmetic (see docs/design-notes.md,
-  "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
+- :class:`LeanForward`, for the layers ``models.builder``'s local spec makes (RMSNorm, SwiGLU,
+  RoPE, ``SDPAttention``; the final norm is TE's RMSNorm wherever TE imports): the same math
+  as Megatron-Core's forward on the same parameters and in the same op order, without its
+  per-call machinery. It exists because decoding on CPU is bound by that machinery, not by
+  arithmetic (see docs/design-notes.md, "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
   place, so attention reads a contiguous prefix; the attention mask is one additive row per
   sequence made at ``start`` and sliced per step; RoPE's cos/sin are computed once per batch; a
   decode step folds each query group onto its key/value head (one SDPA call without GQA
