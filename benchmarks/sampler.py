@@ -8,8 +8,9 @@ One process, TP=1/PP=1, CPU (or the GPU when one is visible), fp32. A random Hug
 same weights, greedily, on the same prompts (random ids, lengths from ``prompt/2`` to
 ``prompt``), for exactly ``--new`` tokens (no stop token; HF with ``min_new_tokens``):
 
-    sampler        ``Sampler.generate`` on the model as ``build_model`` makes it without
-                   Transformer Engine (SDPA core attention): prefill + KV-cached decode through
+    sampler        ``Sampler.generate`` on the model ``build_model`` makes with
+                   ``attention="sdpa"`` (the local layers, SDPA core attention, with or without
+                   Transformer Engine installed): prefill + KV-cached decode through
                    the sampler's lean forward (``sampling/decode.py``) and the vocab-parallel
                    ops, which also compute the untempered log-prob and the entropy of every
                    token;
@@ -82,6 +83,31 @@ def megatron_model(hf, rt, attention: str = "auto", dtype=None):
     full = hf_to_megatron_state_dict(hf.state_dict(), spec, spec.padded_vocab_size(rt.tp))
     load_full_state_dict(model, full, rt.tp, rt.tp_rank)
     return model.eval(), spec
+
+
+# The timed model: the local layers with SDPA core attention, on any machine. The lean forward
+# runs only these (``decode.lean_unsupported``); ``attention="auto"`` would build TE's layers
+# wherever TE imports, and ``Sampler(lean=True)`` would raise on them.
+LEAN_ATTENTION = "sdpa"
+
+
+def sampler_variants(model, local_model, rt, vocab: int) -> dict:
+    """The samplers to time, by name. ``sampler`` asks for the lean forward (``lean=True``, so a
+    silent fallback cannot be timed under its name) only where the model supports it; elsewhere
+    it is left out with the reason printed, instead of aborting the whole benchmark."""
+    from megatron_sega.models.builder import unwrap_model
+    from megatron_sega.sampling import Sampler
+    from megatron_sega.sampling.decode import lean_unsupported
+
+    samplers = {}
+    reason = lean_unsupported(unwrap_model(model))
+    if reason is None:
+        samplers["sampler"] = Sampler(model, rt, vocab, pad_id=0, lean=True)
+    else:
+        print(f"sampler (lean forward) skipped: {reason}", file=sys.stderr)
+    samplers["sampler_megatron"] = Sampler(model, rt, vocab, pad_id=0, lean=False)
+    samplers["sampler_local"] = Sampler(local_model, rt, vocab, pad_id=0)
+    return samplers
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
@@ -292,22 +318,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from megatron_sega import runtime
-    from megatron_sega.sampling import Sampler
-
     rt = runtime.setup(1, 1)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     hf = hf_model(args.hidden, args.layers, args.vocab, heads=args.heads,
                   kv_heads=args.kv_heads, ffn=args.ffn).to(rt.device, dtype)
-    model, spec = megatron_model(hf, rt, dtype=dtype)
+    model, spec = megatron_model(hf, rt, attention=LEAN_ATTENTION, dtype=dtype)
     local_model, _ = megatron_model(hf, rt, attention="local", dtype=dtype)
     prompts = prompts_for(args.batch, args.prompt, args.vocab)
-    samplers = {"sampler": Sampler(model, rt, spec.vocab_size, pad_id=0, lean=True),
-                "sampler_megatron": Sampler(model, rt, spec.vocab_size, pad_id=0, lean=False),
-                "sampler_local": Sampler(local_model, rt, spec.vocab_size, pad_id=0)}
+    samplers = sampler_variants(model, local_model, rt, spec.vocab_size)
     runners = {
-        "sampler": lambda n: run_sampler(samplers["sampler"], prompts, n),
-        "sampler_megatron": lambda n: run_sampler(samplers["sampler_megatron"], prompts, n),
-        "sampler_local": lambda n: run_sampler(samplers["sampler_local"], prompts, n),
+        **{name: (lambda n, s=sampler: run_sampler(s, prompts, n))
+           for name, sampler in samplers.items()},
         "hf_generate": lambda n: run_hf(hf, prompts, n),
         "no_cache": lambda n: run_no_cache(model, prompts, n, spec.vocab_size),
     }

@@ -331,7 +331,7 @@ class CheckpointManager:
             self.print(f"note: {path} holds no optimizer state (saved before the first step)")
         elif load_optim:
             self._check_optimizer_layout(path, train_state)
-        wanted = sharded_model_state(self.chunks)
+        wanted = sharded_model_state(self.chunks, loading_from=model_dir)
         state = dict(wanted)
         if load_optim:
             _ensure_optimizer_state(optimizer)

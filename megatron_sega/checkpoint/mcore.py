@@ -130,15 +130,53 @@ def model_chunks(model) -> list:
     return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
-def sharded_model_state(model) -> dict:
+def sharded_model_state(model, loading_from: Optional[str | Path] = None) -> dict:
     """The sharded state dict of this rank's chunks, keyed as Megatron-LM's checkpoints are:
     ``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` under virtual
     pipelining. The stored tensors carry global keys and offsets either way, so a checkpoint
-    loads at any TP/PP/VPP whatever nesting it was saved with."""
+    loads at any TP/PP/VPP whatever nesting it was saved with.
+
+    ``loading_from``: the checkpoint directory this state is to be loaded from; its absent
+    ``_extra_state`` entries are kept local (:func:`keep_absent_extra_state_local`)."""
     chunks = model_chunks(model)
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+        state = {"model": chunks[0].sharded_state_dict()}
+    else:
+        state = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    if loading_from is not None:
+        keep_absent_extra_state_local(state, loading_from)
+    return state
+
+
+def keep_absent_extra_state_local(state: dict, directory: str | Path) -> list[str]:
+    """Turn the ``*._extra_state`` objects of ``state`` that the checkpoint in ``directory``
+    does not hold into ``LocalNonpersistentObject``s, in place; return their keys.
+
+    Transformer Engine modules (and Megatron-Core's final norm whenever TE imports, whatever
+    the layer spec) add an ``_extra_state`` (their FP8 metadata) to the sharded state dict; a
+    checkpoint written where TE does not import (``tools/convert.py`` on a login node, a CPU
+    run) has none, and DCP would raise "Missing key". Kept local, the module's own value is
+    loaded back, so the strict ``load_state_dict`` that follows still sees every key. Weights
+    are never dropped: a missing tensor still fails the load. The reverse direction needs
+    nothing: a checkpoint's extra entries are simply not read."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    with safe_loading(directory):
+        stored = {obj.key for obj in load_sharded_metadata(str(directory))
+                  .values() if isinstance(obj, ShardedObject)}
+    kept: list[str] = []
+
+    def local(x):
+        if isinstance(x, ShardedObject) and x.key.endswith("_extra_state") \
+                and x.key not in stored:
+            kept.append(x.key)
+            return LocalNonpersistentObject(x.data)
+        return x
+
+    dict_list_map_inplace(local, state)
+    return kept
 
 
 def load_model_state(model, wanted: dict, loaded: dict) -> None:
@@ -178,7 +216,7 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     first = model_chunks(model)[0]
     info = read_info(directory)
     check_compatible(info, first.llama_spec, _model_padded_vocab(first), str(directory))
-    wanted = sharded_model_state(model)
+    wanted = sharded_model_state(model, loading_from=directory)
     with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))
     load_model_state(model, wanted, state)

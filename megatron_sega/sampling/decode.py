@@ -3,11 +3,11 @@
 Two implementations of one small interface (``start`` a batch, ``__call__`` on the next positions,
 ``compact`` the batch to some rows):
 
-- :class:`LeanForward`, for the layers ``models.builder`` makes without Transformer Engine
-  (RMSNorm, SwiGLU, RoPE, ``SDPAttention``): the same math as Megatron-Core's forward on the
-  same parameters and in the same op order, without its per-call machinery. It exists because
-  decoding on CPU is bound by that machinery, not by arithmetic (see docs/design-notes.md,
-  "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
+- :class:`LeanForward`, for the layers ``models.builder``'s local spec makes (RMSNorm, SwiGLU,
+  RoPE, ``SDPAttention``; the final norm is TE's RMSNorm wherever TE imports): the same math
+  as Megatron-Core's forward on the same parameters and in the same op order, without its
+  per-call machinery. It exists because decoding on CPU is bound by that machinery, not by
+  arithmetic (see docs/design-notes.md, "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
   place, so attention reads a contiguous prefix; the attention mask is one additive row per
   sequence made at ``start`` and sliced per step; RoPE's cos/sin are computed once per batch; a
   decode step folds each query group onto its key/value head (one SDPA call without GQA
@@ -53,14 +53,41 @@ def lean_unsupported(model) -> Optional[str]:
             and isinstance(attention.core_attention, SDPAttention)
             and isinstance(layer.input_layernorm, torch.nn.RMSNorm)
             and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm))
+    # Megatron-Core builds the final norm with TE's RMSNorm whenever TE imports, even under the
+    # local layer spec (transformer_block.LayerNormImpl): it is checked on its own terms.
+    final = getattr(model.decoder, "final_layernorm", None) if model.post_process else None
+    if final is not None:
+        why = _norm_unsupported(final)
+        checks[f"a final norm it cannot run ({why})"] = why is None
     for reason, ok in checks.items():
         if not ok:
             return reason
     return None
 
 
-def _rms_norm(norm: torch.nn.RMSNorm, x: Tensor) -> Tensor:
-    return torch.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+def _norm_unsupported(norm) -> Optional[str]:
+    """Why :func:`_rms_norm` cannot run ``norm`` (None: it can). It reads only what torch's
+    ``nn.RMSNorm`` and Transformer Engine's ``RMSNorm`` both have, ``weight`` and ``eps`` (TE's
+    has no ``normalized_shape``); TE's ``zero_centered_gamma`` scales by ``1 + weight``, which
+    the lean forward does not implement, and a bias means a LayerNorm, not an RMSNorm."""
+    weight = getattr(norm, "weight", None)
+    if "RMSNorm" not in type(norm).__name__:
+        return f"{type(norm).__name__} is not an RMSNorm"
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return f"{type(norm).__name__} without a 1-D weight"
+    if not hasattr(norm, "eps"):
+        return f"{type(norm).__name__} without eps"
+    if getattr(norm, "zero_centered_gamma", False):
+        return f"{type(norm).__name__} with zero_centered_gamma"
+    if getattr(norm, "bias", None) is not None:
+        return f"{type(norm).__name__} with a bias"
+    return None
+
+
+def _rms_norm(norm, x: Tensor) -> Tensor:
+    """``norm(x)`` for torch's or TE's RMSNorm (see :func:`_norm_unsupported`); the normalized
+    shape is the weight's, which is what both modules normalize over."""
+    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
