@@ -85,9 +85,9 @@ def megatron_model(hf, rt, attention: str = "auto", dtype=None):
     return model.eval(), spec
 
 
-# The timed model: the local layers with SDPA core attention, on any machine. The lean forward
-# runs only these (``decode.lean_unsupported``); ``attention="auto"`` would build TE's layers
-# wherever TE imports, and ``Sampler(lean=True)`` would raise on them.
+# The timed model: the local layers with SDPA core attention, on any machine (the lean forward
+# runs TE's layers too, but ``attention="auto"`` would time another training model wherever TE
+# imports).
 LEAN_ATTENTION = "sdpa"
 
 
@@ -106,7 +106,7 @@ def sampler_variants(model, local_model, rt, vocab: int) -> dict:
     else:
         print(f"sampler (lean forward) skipped: {reason}", file=sys.stderr)
     samplers["sampler_megatron"] = Sampler(model, rt, vocab, pad_id=0, lean=False)
-    samplers["sampler_local"] = Sampler(local_model, rt, vocab, pad_id=0)
+    samplers["sampler_local"] = Sampler(local_model, rt, vocab, pad_id=0, lean=False)
     return samplers
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+from megatron_sega.models.attend import attend
 
 
 class SDPAttention(DotProductAttention):
@@ -37,18 +38,12 @@ class SDPAttention(DotProductAttention):
             raise NotImplementedError("SDPAttention is for attention_dropout = 0 (Llama)")
         # Megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim].
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        # GQA: SDPA broadcasts each key/value head over its query group (no repeated copies).
-        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
-        if attention_mask is None:
-            if q.shape[2] != k.shape[2]:
-                raise ValueError("SDPAttention needs an explicit mask when query and key lengths "
-                                 f"differ ({q.shape[2]} vs {k.shape[2]})")
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                                 enable_gqa=gqa)
-        else:
-            # Megatron's masks are True where attention is *forbidden*; SDPA's where allowed.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
-                                                 scale=self.softmax_scale, enable_gqa=gqa)
+        if attention_mask is None and q.shape[2] != k.shape[2]:
+            raise ValueError("SDPAttention needs an explicit mask when query and key lengths "
+                             f"differ ({q.shape[2]} vs {k.shape[2]})")
+        # Megatron's masks are True where attention is *forbidden*; SDPA's where allowed.
+        out = attend(q, k, v, None if attention_mask is None else ~attention_mask,
+                     scale=self.softmax_scale)
         # [b, heads, s, dim] -> [s, b, heads * dim]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -29,10 +29,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_sega.models.attend import attend
+
 
 def lean_unsupported(model) -> Optional[str]:
     """Why :class:`LeanForward` cannot run ``model`` (None: it can)."""
-    from megatron_sega.models.sdpa import CachedRotarySelfAttention, SDPAttention
+    from megatron_sega.models.sdpa import CachedRotarySelfAttention
 
     c = model.config
     checks = {
@@ -42,17 +44,22 @@ def lean_unsupported(model) -> Optional[str]:
             c.qk_layernorm or c.num_moe_experts or c.multi_latent_attention or c.rotary_interleaved
             or c.sequence_parallel or c.context_parallel_size != 1 or c.fp32_residual_connection
             or c.apply_residual_connection_post_layernorm or c.layernorm_zero_centered_gamma
+            or c.fp8 or getattr(c, "fp8_param", False) or getattr(c, "fp4", None)
+            or getattr(c, "window_size", None) or getattr(c, "softmax_type", "vanilla") != "vanilla"
             or getattr(c, "use_mup", False) or getattr(c, "attention_output_gate", False)
             or getattr(c, "rotary_percent", 1.0) != 1.0),
         "not RoPE": getattr(model, "position_embedding_type", None) == "rope",
     }
     for layer in model.decoder.layers:
-        attention = layer.self_attention
-        checks["a layer spec other than models.builder's local one (e.g. Transformer Engine)"] = (
-            isinstance(attention, CachedRotarySelfAttention)
-            and isinstance(attention.core_attention, SDPAttention)
-            and isinstance(layer.input_layernorm, torch.nn.RMSNorm)
-            and isinstance(layer.pre_mlp_layernorm, torch.nn.RMSNorm))
+        attention, mlp = layer.self_attention, layer.mlp
+        why = (_pre_norm_unsupported(layer.input_layernorm, attention.linear_qkv)
+               or _pre_norm_unsupported(layer.pre_mlp_layernorm, mlp.linear_fc1))
+        checks[f"a layer it cannot run ({why})"] = why is None
+        checks["a self-attention other than models.builder's CachedRotarySelfAttention"] = (
+            isinstance(attention, CachedRotarySelfAttention))
+        plain = all(_plain_weight(m) for m in (attention.linear_qkv, attention.linear_proj,
+                                               mlp.linear_fc1, mlp.linear_fc2))
+        checks["linear weights that are not plain tensors (FP8)"] = plain
     # Megatron-Core builds the final norm with TE's RMSNorm whenever TE imports, even under the
     # local layer spec (transformer_block.LayerNormImpl): it is checked on its own terms.
     final = getattr(model.decoder, "final_layernorm", None) if model.post_process else None
@@ -84,10 +91,61 @@ def _norm_unsupported(norm) -> Optional[str]:
     return None
 
 
-def _rms_norm(norm, x: Tensor) -> Tensor:
-    """``norm(x)`` for torch's or TE's RMSNorm (see :func:`_norm_unsupported`); the normalized
-    shape is the weight's, which is what both modules normalize over."""
+def _pre_norm_unsupported(norm, linear) -> Optional[str]:
+    """Why the RMSNorm in front of ``linear`` cannot run (None: it can). Under the local spec
+    it is its own module (``norm``); under TE's spec ``norm`` is an ``IdentityOp`` and the
+    norm is fused into the linear (TE's ``LayerNormLinear``: ``layer_norm_weight``, ``eps``,
+    ``normalization``, ``zero_centered_gamma``, a ``layer_norm_bias`` only for LayerNorm)."""
+    if not hasattr(linear, "layer_norm_weight"):
+        return _norm_unsupported(norm)
+    name = type(linear).__name__
+    if type(norm).__name__ != "IdentityOp":
+        return f"{type(norm).__name__} in front of the fused norm of {name}"
+    if getattr(linear, "normalization", None) != "RMSNorm":
+        return f"{name} normalises with {getattr(linear, 'normalization', None)}, not RMSNorm"
+    if getattr(linear, "zero_centered_gamma", False):
+        return f"{name} with zero_centered_gamma"
+    if getattr(linear, "layer_norm_bias", None) is not None:
+        return f"{name} with a norm bias"
+    if not hasattr(linear, "eps"):
+        return f"{name} without eps"
+    return None
+
+
+def _plain_weight(linear) -> bool:
+    weight = getattr(linear, "weight", None)
+    return type(weight) in (torch.Tensor, torch.nn.Parameter)
+
+
+class _Norm(NamedTuple):
+    """An RMSNorm's parameters, wherever the layer spec keeps them."""
+
+    weight: Tensor
+    eps: float
+
+
+def _pre_norm(norm, linear) -> _Norm:
+    """The RMSNorm in front of ``linear`` (see :func:`_pre_norm_unsupported`)."""
+    if hasattr(linear, "layer_norm_weight"):
+        return _Norm(linear.layer_norm_weight, linear.eps)
+    return _Norm(norm.weight, norm.eps)
+
+
+def _rms_norm(norm: _Norm, x: Tensor) -> Tensor:
+    """RMSNorm over the weight's shape, which is what torch's, TE's and TE's fused norms all
+    normalise over (TE's modules have no ``normalized_shape``)."""
     return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+def _softmax_scale(attention) -> float:
+    """The attention's softmax scale: the core attention's own where it keeps one (Megatron's
+    local modules, TE's ``DotProductAttention``), else the config's, else 1/sqrt(head_dim), as
+    TE defaults it."""
+    core = attention.core_attention
+    scale = getattr(core, "softmax_scale", None)
+    if scale is None:
+        scale = attention.config.softmax_scale
+    return float(scale) if scale is not None else attention.hidden_size_per_attention_head ** -0.5
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -100,12 +158,21 @@ def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class _Layer(NamedTuple):
     """One decoder layer's parameters, the linear weights transposed (views) for matmul."""
 
-    norm1: torch.nn.RMSNorm
+    norm1: _Norm
     qkv_t: Tensor
     proj_t: Tensor
-    norm2: torch.nn.RMSNorm
+    norm2: _Norm
     fc1_t: Tensor
     fc2_t: Tensor
+
+
+def _layer_parts(layer) -> _Layer:
+    """A decoder layer's parameters under the local spec or TE's (see :func:`_pre_norm`)."""
+    attention, mlp = layer.self_attention, layer.mlp
+    return _Layer(_pre_norm(layer.input_layernorm, attention.linear_qkv),
+                  attention.linear_qkv.weight.t(), attention.linear_proj.weight.t(),
+                  _pre_norm(layer.pre_mlp_layernorm, mlp.linear_fc1),
+                  mlp.linear_fc1.weight.t(), mlp.linear_fc2.weight.t())
 
 
 class LeanForward:
@@ -119,7 +186,7 @@ class LeanForward:
         self.groups = first.num_query_groups_per_partition
         self.heads = first.num_attention_heads_per_partition
         self.head_dim = first.hidden_size_per_attention_head
-        self.scale = first.core_attention.softmax_scale
+        self.scale = _softmax_scale(first)
         self.dtype = model.config.params_dtype
         self.cache: list[tuple[Tensor, Tensor]] = []
         self.offset = 0
@@ -127,38 +194,53 @@ class LeanForward:
     # ------------------------------------------------------------------ batch state
     def start(self, is_pad: Tensor, total: int) -> None:
         """A new batch of ``is_pad [B, total]`` (True: a left-padding position)."""
+        self.release()  # the last batch's cache goes before this one's is allocated
         batch, device = is_pad.shape[0], is_pad.device
         shape = (batch, self.groups, total, self.head_dim)
-        self.cache = [(torch.empty(shape, dtype=self.dtype, device=device),
-                       torch.empty(shape, dtype=self.dtype, device=device))
-                      for _ in self.model.decoder.layers]
+        self.cache = [self._allocate(shape, device) for _ in self.model.decoder.layers]
         self.is_pad = is_pad
+        # Prefill attention: plain causal when no row is padded (one read of the host per
+        # batch), which a fused kernel takes with GQA; else the per-row mask (models.sdpa.attend).
+        self.padded = bool(is_pad.any())
         # Additive key mask per row (0 or -inf), sliced at every step: no per-step allocation.
         self.key_mask = torch.zeros(batch, 1, 1, total, dtype=self.dtype, device=device) \
             .masked_fill_(is_pad[:, None, None, :], -math.inf)
         # Parameters are read at every batch: training updates them in place between batches.
-        self.layers = [_Layer(layer.input_layernorm, layer.self_attention.linear_qkv.weight.t(),
-                              layer.self_attention.linear_proj.weight.t(),
-                              layer.pre_mlp_layernorm, layer.mlp.linear_fc1.weight.t(),
-                              layer.mlp.linear_fc2.weight.t())
-                       for layer in self.model.decoder.layers]
+        self.layers = [_layer_parts(layer) for layer in self.model.decoder.layers]
         freqs = self.model.rotary_pos_emb(total)  # [total, 1, 1, head_dim]
         self.cos = torch.cos(freqs).to(self.dtype)
         self.sin = torch.sin(freqs).to(self.dtype)
         self.offset = 0
 
+    def _allocate(self, shape: tuple, device) -> tuple[Tensor, Tensor]:
+        """One layer's key and value cache."""
+        return (torch.empty(shape, dtype=self.dtype, device=device),
+                torch.empty(shape, dtype=self.dtype, device=device))
+
+    def release(self) -> None:
+        """Drop the batch's KV cache, masks and tables (the sampler calls it when a request is
+        done, so that the training step that follows has the memory)."""
+        self.cache, self.layers = [], []
+        self.is_pad = self.key_mask = self.cos = self.sin = None
+        self.offset = 0
+
     def compact(self, index: Tensor) -> None:
-        """Keep the batch rows ``index`` (an index tensor) of the KV cache and the masks."""
-        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+        """Keep the batch rows ``index`` (an index tensor) of the KV cache and the masks. Layer
+        by layer, so that at most one layer's old and new cache coexist."""
+        for i, (k, v) in enumerate(self.cache):
+            self.cache[i] = (k.index_select(0, index), v.index_select(0, index))
         self.key_mask, self.is_pad = self.key_mask[index], self.is_pad[index]
 
     # ------------------------------------------------------------------ forward
-    def _mask(self, s: int, end: int) -> Tensor:
+    def _mask(self, s: int, end: int) -> Optional[Tensor]:
         """``[B, 1, s, end]`` additive mask of positions ``[end - s, end)`` over keys ``[0, end)``
-        (a decode step: ``[B, 1, 1, end]``, a view of the per-row mask)."""
+        (a decode step: ``[B, 1, 1, end]``, a view of the per-row mask); None for a prefill of
+        unpadded rows, which is plain causal attention."""
         keys = self.key_mask[..., :end]
         if s == 1:
             return keys
+        if not self.padded and end == s:
+            return None
         causal = torch.ones(s, end, dtype=torch.bool, device=keys.device).triu(end - s + 1)
         mask = keys.expand(-1, -1, s, -1).masked_fill(causal, -math.inf)
         # Every query attends to itself, so that no row is empty (padding queries: NaN in SDPA).
@@ -202,8 +284,7 @@ class LeanForward:
             out = out.reshape(1, b, self.heads * d)
         else:
             q = q.reshape(s, b, self.heads, d).permute(1, 2, 0, 3)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=per_group > 1)
+            out = attend(q, keys, values, mask, scale=self.scale)
             out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * d)
         return self._all_reduce(torch.matmul(out, layer.proj_t))
 
@@ -225,7 +306,8 @@ class LeanForward:
         self.offset += s
         if not model.post_process:
             return x
-        last = _rms_norm(model.decoder.final_layernorm, x[-1:])
+        final = model.decoder.final_layernorm
+        last = _rms_norm(_Norm(final.weight, final.eps), x[-1:])
         weight = model.shared_embedding_or_output_weight() \
             if model.share_embeddings_and_output_weights else model.output_layer.weight
         return torch.matmul(last, weight.t())[0]  # [B, V/TP]
@@ -241,8 +323,13 @@ class MegatronForward:
     def start(self, is_pad: Tensor, total: int) -> None:
         from megatron.core.inference.contexts import StaticInferenceContext
 
+        self.release()  # the last batch's cache goes before this one's is allocated
         self.ctx = StaticInferenceContext(is_pad.shape[0], total)
         self.is_pad = is_pad
+
+    def release(self) -> None:
+        """Drop the batch's KV cache (Megatron's context holds it)."""
+        self.ctx = self.is_pad = None
 
     def compact(self, index: Tensor) -> None:
         memory = self.ctx.key_value_memory_dict

@@ -128,6 +128,10 @@ class Sampler:
         bucket_by_length: bool = False,
         lean: Optional[bool] = None,
     ):
+        """``bucket_by_length``: the model's own forward ignores the padding mask while
+        decoding (Transformer Engine's layers), so batches hold prompts of one length where that
+        forward runs; the lean forward masks padding itself and ignores it. ``lean``: None =
+        the lean forward where it supports the model, True = required, False = never."""
         chunks = model if isinstance(model, (list, tuple)) else [model]
         self.chunks = [unwrap_model(m) for m in chunks]
         self.model = self.chunks[-1]  # the chunk that holds the output layer on the last stage
@@ -136,8 +140,6 @@ class Sampler:
         self.pad_id = pad_id
         self.memory_budget_bytes = memory_budget_bytes
         self.max_batch_tokens = max_batch_tokens
-        # Transformer Engine ignores the attention mask while decoding: batch equal lengths only.
-        self.bucket_by_length = bucket_by_length
         config = self.model.config
         self.hidden_size = config.hidden_size
         self.dtype = config.params_dtype
@@ -153,6 +155,8 @@ class Sampler:
             raise ValueError(f"Sampler(lean=True): the lean forward cannot run this model ({reason})")
         self.forwards = [MegatronForward(c) if reason else LeanForward(c, runtime.tp_group)
                          for c in self.chunks]
+        # The lean forward masks padding itself, so TE's layers batch any prompt lengths there.
+        self.bucket_by_length = bucket_by_length and reason is not None
 
     # ----------------------------------------------------------------------------- planning
     def _budget(self) -> int:
@@ -241,6 +245,8 @@ class Sampler:
                                                       [ids[i] for i in rows], params, decode))
                     order.extend(rows)
         finally:
+            for forward in self.forwards:  # the KV cache is not held through a training step
+                forward.release()
             for chunk in self.chunks:
                 chunk.train(was_training)
         merged = Rollout.concat(parts, self.pad_id)

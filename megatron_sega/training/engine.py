@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_sega.config import OptimConfig
-from megatron_sega.models.builder import build_model_chunks, wrap_mixed_precision
+from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
 from megatron_sega.models.spec import LlamaSpec
 from megatron_sega.runtime import Runtime, any_rank
 
@@ -30,6 +30,23 @@ def causal_mask(seq_len: int, device) -> torch.Tensor:
     """Megatron's convention: True where attention is forbidden. Passing it explicitly avoids the
     default mask that Megatron builds on ``cuda``."""
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+
+
+def training_mask(model_chunks, seq_len: int, device) -> Optional[torch.Tensor]:
+    """The attention mask a training forward passes: None where every layer's core attention
+    applies causal masking itself (``models.sdpa.SDPAttention``: ``is_causal``, which reaches
+    flash attention with GQA; Transformer Engine's, which ignores a mask of its causal type),
+    else the explicit causal mask (Megatron's local ``DotProductAttention``). Batches are
+    right-padded, so causal attention alone keeps real tokens off the padding."""
+    from megatron_sega.models.sdpa import SDPAttention
+
+    def masks_itself(core) -> bool:
+        return isinstance(core, SDPAttention) or type(core).__name__ == "TEDotProductAttention"
+
+    if all(masks_itself(layer.self_attention.core_attention)
+           for chunk in model_chunks for layer in unwrap_model(chunk).decoder.layers):
+        return None
+    return causal_mask(seq_len, device)
 
 
 def build_training_model(spec: LlamaSpec, runtime: Runtime, dtype=torch.float32, *,
@@ -157,7 +174,7 @@ def forward_backward(
         check_microbatch_count(len(microbatches), runtime.pp, runtime.vpp, "this step")
     batch, seq_len = microbatches[0]["tokens"].shape
     device = runtime.device
-    mask = causal_mask(seq_len, device)
+    mask = training_mask(model_chunks, seq_len, device)
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, -1)
 
     def loss_wrapper(microbatch: dict, first: bool, logits: torch.Tensor):

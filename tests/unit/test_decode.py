@@ -47,8 +47,21 @@ def test_lean_forward_equals_megatron(model):
         assert diff <= 1e-5, (step, diff)
 
 
-def test_other_layer_specs_keep_megatrons_forward():
+def test_lean_forward_runs_megatrons_local_core_attention():
+    """The lean forward computes softmax attention through SDPA whatever module the model
+    trains with: Megatron's local DotProductAttention too (it was refused before issue 20)."""
     spec = preset("tiny", vocab_size=300)
     rt = runtime.setup(1, 1, device="cpu")
-    local = build_model(spec, rt, use_te=False, attention="local")
-    assert "layer spec" in lean_unsupported(local)
+    local = build_model(spec, rt, use_te=False, attention="local").eval()
+    load_full_state_dict(local, random_full_state_dict(spec, spec.padded_vocab_size(1), seed=4),
+                         1, 0)
+    assert lean_unsupported(local) is None
+    tokens = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    is_pad = torch.zeros(2, 8, dtype=torch.bool)
+    is_pad[0, :2] = True
+    out = []
+    for forward in (LeanForward(local, rt.tp_group), MegatronForward(local)):
+        forward.start(is_pad, 8)
+        out.append([forward(tokens), forward(tokens[:, :1]), forward(tokens[:, 1:2])])
+    for a, b in zip(*out):
+        assert (a - b).abs().max().item() <= 1e-5

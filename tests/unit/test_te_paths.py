@@ -47,6 +47,34 @@ def te_final_norm(model, zero_centered_gamma: bool = False):
     return model
 
 
+class LayerNormLinear(torch.nn.Module):
+    """TE's ``LayerNormLinear`` (Megatron's ``TELayerNormColumnParallelLinear``) as far as our
+    code can see it: the RMSNorm fused in front of the linear, its weight ``layer_norm_weight``,
+    ``eps``, ``normalization``, ``zero_centered_gamma``, no ``layer_norm_bias`` for RMSNorm."""
+
+    def __init__(self, weight, norm):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.layer_norm_weight = torch.nn.Parameter(norm.weight.detach().clone())
+        self.layer_norm_bias = None
+        self.eps, self.normalization, self.zero_centered_gamma = norm.eps, "RMSNorm", False
+
+
+def te_layers(model):
+    """``model`` rebuilt as TE's layer spec lays it out (same weights): each layer's two norms
+    fused into ``linear_qkv`` and ``linear_fc1``, ``IdentityOp`` in their place, TE's final
+    norm. Only the sampler's lean forward runs it (the fakes have no forward)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    for layer in model.decoder.layers:
+        for norm, owner, linear in (("input_layernorm", layer.self_attention, "linear_qkv"),
+                                    ("pre_mlp_layernorm", layer.mlp, "linear_fc1")):
+            setattr(owner, linear, LayerNormLinear(getattr(owner, linear).weight,
+                                                   getattr(layer, norm)))
+            setattr(layer, norm, IdentityOp())
+    return te_final_norm(model)
+
+
 @pytest.fixture()
 def model():
     spec = preset("tiny", vocab_size=300)
@@ -85,7 +113,7 @@ def test_lean_refuses_a_zero_centered_final_norm(model):
 def test_benchmark_asks_for_lean_only_where_supported(monkeypatch, model):
     """benchmarks/sampler.py times a model the lean forward runs wherever TE imports (the local
     SDPA layers, a TE final norm), and leaves the lean sampler out, instead of raising, on a
-    model it cannot run (here the local core attention, as TE's layer spec would be)."""
+    model it cannot run (here one with a zero-centred final norm)."""
     import benchmarks.sampler as bench
     from megatron_sega.models import builder
 
@@ -97,7 +125,10 @@ def test_benchmark_asks_for_lean_only_where_supported(monkeypatch, model):
     samplers = bench.sampler_variants(m, local, rt, spec.vocab_size)
     assert list(samplers) == ["sampler", "sampler_megatron", "sampler_local"]
     assert isinstance(samplers["sampler"].forwards[0], LeanForward)
-    assert "sampler" not in bench.sampler_variants(local, local, rt, spec.vocab_size)
+    unsupported = te_final_norm(build_model(spec, rt, use_te=False).eval(),
+                                zero_centered_gamma=True)
+    assert "sampler" not in bench.sampler_variants(unsupported, local, rt, spec.vocab_size)
+    assert not isinstance(samplers["sampler_local"].forwards[0], LeanForward)
 
 
 def _checkpoints_across_te(root: str) -> dict:
@@ -139,3 +170,42 @@ def test_checkpoints_load_across_te_and_no_te(tmp_path):
     out = run_distributed(_checkpoints_across_te, 1, str(tmp_path))[0]
     assert out["asked"] and out["kept"] == ["decoder.final_layernorm._extra_state"], out
     assert out["plain->te"] and out["te->plain"] and out["te->te"], out
+
+
+def test_lean_forward_runs_te_layers_and_batches_any_prompt_lengths(model):
+    """Issue 20 item 5: TE's attention ignores the padding mask while decoding, so the sampler
+    used to batch equal prompt lengths only on TE (about 32 sequential batches of 4 rows for 128
+    rows). The lean forward now runs TE's layer layout on the same weights, masking padding
+    itself: one batch for mixed lengths, the same logits as the local layers."""
+    m, rt, spec = model
+    te = build_model(spec, rt, use_te=False).eval()
+    te.load_state_dict(m.state_dict())
+    te = te_layers(te)
+    assert lean_unsupported(te) is None
+    tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(0))
+    is_pad = torch.zeros(3, 9, dtype=torch.bool)
+    is_pad[1, :2] = is_pad[2, :5] = True
+    out = []
+    for forward in (LeanForward(te, rt.tp_group), LeanForward(m, rt.tp_group)):
+        forward.start(is_pad, 9)
+        out.append([forward(tokens)] + [forward(tokens[:, i:i + 1]) for i in range(3)])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    lengths = [6, 4, 1, 6, 3]
+    lean = Sampler(te, rt, spec.vocab_size, pad_id=0, bucket_by_length=True)
+    assert isinstance(lean.forwards[0], LeanForward) and not lean.bucket_by_length
+    assert lean._plan(lengths, 3) == [[0, 3, 1, 4, 2]]
+    megatron = Sampler(m, rt, spec.vocab_size, pad_id=0, bucket_by_length=True, lean=False)
+    assert len(megatron._plan(lengths, 3)) == 4  # one batch per prompt length
+    te.config.fp8 = "hybrid"
+    assert "feature" in lean_unsupported(te)
+
+
+def test_lean_refuses_te_layers_it_cannot_run(model):
+    m, _, _ = model
+    te = te_layers(m)
+    te.decoder.layers[1].mlp.linear_fc1.zero_centered_gamma = True
+    assert "zero_centered_gamma" in lean_unsupported(te)
+    te.decoder.layers[1].mlp.linear_fc1.zero_centered_gamma = False
+    te.decoder.layers[0].self_attention.linear_qkv.normalization = "LayerNorm"
+    assert "LayerNorm" in lean_unsupported(te)
