@@ -1,19 +1,23 @@
 """The sampler's forward passes: one pipeline stage, one batch, a KV cache that grows by steps.
 
 Two implementations of one small interface (``start`` a batch, ``__call__`` on the next positions,
-``compact`` the batch to some rows):
+``compact`` the batch to some rows, ``release`` the batch's cache):
 
-- :class:`LeanForward`, for the layers ``models.builder``'s local spec makes (RMSNorm, SwiGLU,
-  RoPE, ``SDPAttention``; the final norm is TE's RMSNorm wherever TE imports): the same math
-  as Megatron-Core's forward on the same parameters and in the same op order, without its
-  per-call machinery. It exists because decoding on CPU is bound by that machinery, not by
-  arithmetic (see docs/design-notes.md, "Decoding"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
+- :class:`LeanForward`, for the Llama layers ``models.builder`` makes, under the local spec
+  (RMSNorm modules, any core attention) or Transformer Engine's (the norms fused into
+  ``linear_qkv``/``linear_fc1``, TE's final RMSNorm): the same math as Megatron-Core's forward
+  on the same parameters and in the same op order, without its per-call machinery. It exists
+  because decoding on CPU is bound by that machinery, not by arithmetic (docs/design-notes.md,
+  "Decoding"); on TE's layers it also masks left padding, which TE's attention ignores while
+  decoding, so TE models sample prompts of mixed lengths in one batch ("Sampling on TE's
+  layers"). Its KV cache is ``[batch, kv_heads, positions, head_dim]`` per layer, written in
   place, so attention reads a contiguous prefix; the attention mask is one additive row per
   sequence made at ``start`` and sliced per step; RoPE's cos/sin are computed once per batch; a
   decode step folds each query group onto its key/value head (one SDPA call without GQA
-  broadcasting); the output layer sees the last position only.
+  broadcasting); the output layer sees the last position only. The SDPA calls take the forms
+  the fused CUDA kernels accept (``models.attend``).
 - :class:`MegatronForward`: Megatron-Core's own forward with its ``StaticInferenceContext``, for
-  any other layer spec (Transformer Engine) and as the reference the lean one is tested against.
+  any other model (FP8, other norms) and as the reference the lean one is tested against.
 
 Both return, on the last pipeline stage, the vocab-parallel logits of the last position
 ``[batch, V/TP]``; on other stages the hidden states ``[s, batch, hidden]`` to send on.
