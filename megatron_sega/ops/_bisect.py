@@ -72,7 +72,8 @@ class _Prefix(NamedTuple):
 def _above(w: Tensor, th: Tensor, weight: Tensor | None) -> Tensor:
     """``[c, B-1]``: per row, the count (weight None, int32) or fp32 mass of ``w >= th_i``."""
     c = w.shape[0]
-    bins = torch.searchsorted(th, w, right=True)  # how many thresholds are <= w
+    # (contiguous inputs: torch copies otherwise, with a warning)
+    bins = torch.searchsorted(th.contiguous(), w.contiguous(), right=True)  # thresholds <= w
     if weight is None:
         hist = torch.zeros(c, th.shape[1] + 1, dtype=torch.int32, device=w.device)
         hist.scatter_add_(1, bins, torch.ones_like(bins, dtype=torch.int32))
