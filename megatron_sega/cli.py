@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "the whole pipeline on the tiny model and shipped data (CPU, TP=2)"),
     "check": ("megatron_sega.cli", "run_check",
               "dry run: validate a config against a world size, without GPUs"),
+    "plan": ("megatron_sega.plan.command", "run_plan",
+             "per-GPU memory, the layouts that fit and time estimates for a cluster"),
 }
 
 
@@ -46,14 +48,9 @@ def run_check(config, args) -> int:
     rules of every stage (``check``), or of the one a ``--dry-run`` names."""
     from megatron_sega.config import STAGES, check_stages
     from megatron_sega.runtime import validate_parallel_sizes
-
-    if config.model.load and not os.path.exists(config.model.load):
-        # A pipeline's later stages load what earlier stages will write: check the shape from
-        # the preset / HF config instead.
-        print(f"note: model.load = {config.model.load} does not exist yet; checking "
-              f"model.preset={config.model.preset} / model.hf_config={config.model.hf_config}")
-        config = config.with_overrides("model.load=null")
     from megatron_sega.training.session import model_spec
+
+    config = shape_config(config)
 
     spec = model_spec(config)
     world = getattr(args, "world_size", None) or int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,6 +77,16 @@ def run_check(config, args) -> int:
     print(f"ok: tp={config.parallel.tp} pp={config.parallel.pp}{vpp} dp={dp} world={world}; "
           f"model {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}")
     return 0
+
+
+def shape_config(config):
+    """``config`` with a ``model.load`` that does not exist yet left out: a pipeline's later
+    stages load what earlier stages will write, so the shape comes from the preset / HF config."""
+    if config.model.load and not os.path.exists(config.model.load):
+        print(f"note: model.load = {config.model.load} does not exist yet; using "
+              f"model.preset={config.model.preset} / model.hf_config={config.model.hf_config}")
+        config = config.with_overrides("model.load=null")
+    return config
 
 
 # ----------------------------------------------------------------------------- flags
@@ -111,6 +118,15 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
                    help="the world size to validate against (default $WORLD_SIZE or 1)")
 
 
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    _check_flags(p)
+    p.add_argument("--gpu", default=None, help="a100-40g | a100-80g | h100-80g | h200")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="nodes the world size spans (TP stays within a node; default 1)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="model FLOPs utilisation the time estimates assume (default 0.4)")
+
+
 # subcommand -> the function that adds its own flags (besides --config and the overrides).
 FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "sft": _training_flags,
@@ -120,6 +136,7 @@ FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "generate": _generate_flags,
     "demo": _demo_flags,
     "check": _check_flags,
+    "plan": _plan_flags,
 }
 
 

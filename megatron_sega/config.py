@@ -47,6 +47,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # a directory with tokenizer.json / tokenizer.model
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attention: Literal["auto", "local", "sdpa"] = "auto"
+    # Activation recomputation in training: none | selective (core attention) | full (each
+    # layer runs again in backward; only its input is kept). `megatron-sega plan` shows the cost.
+    recompute: Literal["none", "selective", "full"] = "none"
     init_seed: int = 1234  # weights of a model that is not loaded from a checkpoint
 
 

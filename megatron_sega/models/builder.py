@@ -90,17 +90,24 @@ def transformer_config(
     *,
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
-    recompute: bool = False,
+    recompute: str = "none",
 ):
-    """Megatron-Core ``TransformerConfig`` for a Llama spec under this runtime's TP/PP."""
+    """Megatron-Core ``TransformerConfig`` for a Llama spec under this runtime's TP/PP.
+    ``recompute`` (``model.recompute``): "full" runs each layer again in backward and keeps
+    only its input (Megatron's full, uniform, one layer at a time); "selective" recomputes the
+    core attention (Megatron's default selective module, ``core_attn``); "none"."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = runtime.device.type == "cuda"
     extra = speed_flags(on_gpu, on_gpu and have_transformer_engine(),
                         on_gpu and have_fused_wgrad_kernel())
-    if recompute:
+    if recompute == "full":
         extra.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
+    elif recompute == "selective":
+        extra.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif recompute != "none":
+        raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
     if runtime.vpp is not None:
         # The interleaved schedule sends and receives in both directions at once; at pp=2 both
         # peers are the same rank, and batched p2p would pair a gradient with an activation
@@ -199,7 +206,7 @@ def build_model(
     use_te: Optional[bool] = None,
     attention: str = "auto",
     sequence_parallel: bool = False,
-    recompute: bool = False,
+    recompute: str = "none",
     vocab_multiple: int = 128,
     vp_stage: Optional[int] = None,
 ):

@@ -186,7 +186,8 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     dtype = torch_dtype(config, device)
     chunks = build_training_model(spec, runtime, dtype, attention=config.model.attention,
                                   use_distributed_optimizer=par.distributed_optimizer,
-                                  sequence_parallel=par.sequence_parallel)
+                                  sequence_parallel=par.sequence_parallel,
+                                  recompute=config.model.recompute if train else "none")
     if config.model.load:
         load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
