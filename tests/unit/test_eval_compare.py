@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
+import statsmodels.stats.contingency_tables as contingency
 
 from megatron_sega import cli
 from megatron_sega.errors import DataError
 from megatron_sega.training.compare import align, compare_records
 from megatron_sega.training.evaluate import summarize, write_eval_outputs
-
-contingency = pytest.importorskip("statsmodels.stats.contingency_tables")
 
 
 def _records(outcomes, prefix="p"):

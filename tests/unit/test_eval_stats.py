@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats as scipy_stats
+import statsmodels.stats.contingency_tables as contingency
+import statsmodels.stats.proportion as proportion
 
 from megatron_sega.training.stats import (
     Z95, mcnemar_exact_p, paired_bootstrap_difference, percentile_interval,
     stratified_bootstrap, wilson_interval,
 )
-
-scipy_stats = pytest.importorskip("scipy.stats")
-proportion = pytest.importorskip("statsmodels.stats.proportion")
-contingency = pytest.importorskip("statsmodels.stats.contingency_tables")
 
 
 def test_z95_is_the_normal_quantile():
