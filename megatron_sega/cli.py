@@ -1,9 +1,11 @@
-"""``megatron-sega {sft,sega,dpo,eval,compare,generate,demo,check}``: run under torchrun (or alone on CPU).
+"""``megatron-sega {sft,sega,dpo,eval,compare,generate,demo,check}``: run under torchrun (or
+alone on CPU).
 
 Every subcommand takes ``--config FILE`` and dotted overrides (``sega.k=8``), plus its own flags
-(:data:`FLAGS`). A user error (:class:`megatron_sega.errors.UserError`: bad config, data,
-checkpoint, parallel sizes, missing files) prints one line naming the problem and exits 2; under
-torchrun it is printed once, not once per rank. ``sft``, ``sega`` and ``dpo`` stopped by
+(:data:`FLAGS`; ``compare`` takes its two eval directories before the overrides). A user error
+(:class:`megatron_sega.errors.UserError`: bad config, data, checkpoint, parallel sizes, missing
+files) prints one line naming the problem and exits 2; under torchrun it is printed once, not
+once per rank. ``sft``, ``sega`` and ``dpo`` stopped by
 SIGTERM/SIGUSR1 save a checkpoint and exit 75 ("resume me", see
 megatron_sega/checkpoint/stop.py). Every command destroys its process groups before it exits,
 on error paths too.

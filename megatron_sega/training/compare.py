@@ -44,7 +44,11 @@ def read_eval_dir(directory: str | Path) -> tuple[list[dict], dict]:
                 raise DataError(f"{pairs_file}:{lineno}: malformed JSON ({e.msg}); rerun "
                                 "`megatron-sega eval` to rewrite it") from None
     summary_file = root / "summary.json"
-    summary = json.loads(summary_file.read_text("utf-8")) if summary_file.is_file() else {}
+    try:
+        summary = json.loads(summary_file.read_text("utf-8")) if summary_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise DataError(f"{summary_file}: malformed JSON ({e.msg}); rerun `megatron-sega eval` "
+                        "to rewrite it") from None
     if not records:
         raise DataError(f"{pairs_file}: holds no pairs; nothing to compare")
     return records, summary

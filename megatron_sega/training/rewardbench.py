@@ -96,7 +96,8 @@ def section_report(outcomes: Sequence[float], subsets: Sequence[str | None], *,
             groups.setdefault(subset, []).append(outcome)
     point = section_scores({name: float(np.mean(v)) for name, v in groups.items()})
     replicates = section_scores(stratified_bootstrap(groups, samples, seed))
-    report: dict = {name: {"score": point[name], "ci95": list(percentile_interval(replicates[name]))}
+    report: dict = {name: {"score": point[name],
+                           "ci95": list(percentile_interval(replicates[name]))}
                     for name in point}
     report["missing_subsets"] = sorted(set(EXAMPLE_COUNTS) - set(groups))
     return report
