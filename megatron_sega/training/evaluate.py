@@ -5,13 +5,19 @@ tokens and the end-of-turn token that closes them, as SFT and SEGA train on it (
 change the winner). Also reported: the length-normalised variant
 (mean token log-prob) and, with a reference model, ``beta * (log pi - log pi_ref)``.
 Pairs are sharded over data-parallel ranks; the per-pair records are gathered on rank 0.
+
+The tie rule (``eval.ties``): ``wrong`` (the default) is RewardBench's, a tie is a wrong pair;
+``half`` counts a tie as half a right pair (a coin flip's expected outcome). Every accuracy
+carries a 95% Wilson interval; with a ``subset`` column the summary has per-subset accuracies,
+and with RewardBench's subsets its four section scores and their mean (``rewardbench.py``),
+with stratified-bootstrap intervals (``stats.py``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,7 +26,22 @@ from megatron_sega.data import (
     DataError, TokenizedPair, apply_overlong_policy, collate_pairs, read_pairs, require_pairs,
     tokenize_pairs,
 )
+from megatron_sega.training.rewardbench import is_rewardbench, section_report
+from megatron_sega.training.stats import CONFIDENCE, wilson_interval
 from megatron_sega.training.teacher_forced import token_stats
+
+TieRule = Literal["wrong", "half"]
+BOOTSTRAP_SEED = 0
+NO_SUBSET = "(no subset)"
+
+# summary key -> the per-side score whose comparison decides a pair (beta > 0 keeps the winner).
+SCORES: dict[str, Callable[[dict, str, float], float]] = {
+    "accuracy": lambda r, side, beta: beta * r[f"logp_{side}"],
+    "accuracy_length_normalized": lambda r, side, beta: (
+        r[f"logp_{side}"] / max(r[f"n_tokens_{side}"], 1)),
+    "accuracy_vs_reference": lambda r, side, beta: (
+        beta * (r[f"logp_{side}"] - r[f"ref_logp_{side}"])),
+}
 
 
 def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
@@ -62,7 +83,8 @@ def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> 
 
 def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
                    reference_chunks: Optional[list] = None,
-                   micro_batch_size: int = 8) -> tuple[list[dict], dict]:
+                   micro_batch_size: int = 8, ties: TieRule = "wrong",
+                   bootstrap_samples: int = 2000) -> tuple[list[dict], dict]:
     """Per-pair records and a summary (on every rank; identical)."""
     rt = session.runtime
     mine = list(pairs[rt.dp_rank::rt.dp])
@@ -77,40 +99,98 @@ def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
         local = [item for part in gathered for item in part]
     order = {p.id: i for i, p in enumerate(pairs)}
     local.sort(key=lambda item: order[item[0]])
+    subset_of = {p.id: p.subset for p in pairs}
     records = []
     for pair_id, v in local:
         record = {"id": pair_id, "logp_chosen": v[0], "logp_rejected": v[1],
                   "n_tokens_chosen": int(v[2]), "n_tokens_rejected": int(v[3])}
         if reference_chunks is not None:
             record.update(ref_logp_chosen=v[4], ref_logp_rejected=v[5])
+        if subset_of[pair_id] is not None:
+            record["subset"] = subset_of[pair_id]
         records.append(record)
-    return records, summarize(records, beta)
+    return records, summarize(records, beta, ties=ties, bootstrap_samples=bootstrap_samples)
 
 
-def summarize(records: list[dict], beta: float) -> dict:
+def accuracy_names(records: Sequence[dict]) -> list[str]:
+    """The accuracies the records support: summed and length-normalised, and against the
+    reference when the records carry its log-probs."""
+    names = ["accuracy", "accuracy_length_normalized"]
+    if records and "ref_logp_chosen" in records[0]:
+        names.append("accuracy_vs_reference")
+    return names
+
+
+def pair_outcomes(records: Sequence[dict], name: str, *, beta: float,
+                  ties: TieRule = "wrong") -> list[float]:
+    """Per pair, 1.0 when the chosen response scores higher under accuracy ``name``, 0.0 when
+    lower, and for a tie 0.0 (``wrong``, RewardBench's rule) or 0.5 (``half``)."""
+    if ties not in ("wrong", "half"):
+        raise ValueError(f"ties must be 'wrong' or 'half', got {ties!r}")
+    score = SCORES[name]
+    tie = 0.5 if ties == "half" else 0.0
+    out = []
+    for r in records:
+        chosen, rejected = score(r, "chosen", beta), score(r, "rejected", beta)
+        out.append(1.0 if chosen > rejected else tie if chosen == rejected else 0.0)
+    return out
+
+
+def _accuracy(outcomes: Sequence[float]) -> dict:
+    """An accuracy, its pair count and its 95% Wilson interval."""
+    right = sum(outcomes)
+    return {"pairs": len(outcomes), "accuracy": right / len(outcomes),
+            "ci95": list(wilson_interval(right, len(outcomes)))}
+
+
+def summarize(records: list[dict], beta: float, *, ties: TieRule = "wrong",
+              bootstrap_samples: int = 2000) -> dict:
+    """``summary.json``: each accuracy of :func:`accuracy_names` with its 95% interval
+    (``<name>_ci95``), the tie rule, log-prob means; with a ``subset`` on the records, every
+    accuracy per subset (``subsets``) and, for RewardBench's subsets, its section scores
+    (``rewardbench``, per accuracy)."""
     n = len(records)
     if n == 0:
         return {"pairs": 0}
-
-    def accuracy(score) -> float:
-        return sum(score(r, "chosen") > score(r, "rejected") for r in records) / n
-
-    summary = {
-        "pairs": n,
-        "beta": beta,
-        "accuracy": accuracy(lambda r, side: beta * r[f"logp_{side}"]),
-        "accuracy_length_normalized": accuracy(
-            lambda r, side: r[f"logp_{side}"] / max(r[f"n_tokens_{side}"], 1)),
+    summary: dict = {"pairs": n, "beta": beta, "tie_rule": ties,
+                     "interval": f"{CONFIDENCE:.0%} Wilson score interval (sections: stratified "
+                                 f"percentile bootstrap, {bootstrap_samples} samples, "
+                                 f"seed {BOOTSTRAP_SEED})"}
+    outcomes = {name: pair_outcomes(records, name, beta=beta, ties=ties)
+                for name in accuracy_names(records)}
+    for name, values in outcomes.items():
+        result = _accuracy(values)
+        summary[name], summary[f"{name}_ci95"] = result["accuracy"], result["ci95"]
+    summary.update({
         "ties": sum(r["logp_chosen"] == r["logp_rejected"] for r in records),
         "mean_logp_chosen": sum(r["logp_chosen"] for r in records) / n,
         "mean_logp_rejected": sum(r["logp_rejected"] for r in records) / n,
         "mean_reward_margin": beta * sum(r["logp_chosen"] - r["logp_rejected"]
                                          for r in records) / n,
-    }
-    if "ref_logp_chosen" in records[0]:
-        summary["accuracy_vs_reference"] = accuracy(
-            lambda r, side: beta * (r[f"logp_{side}"] - r[f"ref_logp_{side}"]))
+    })
+    subsets = [r.get("subset") for r in records]
+    if any(s is not None for s in subsets):
+        summary["subsets"] = _per_subset(outcomes, subsets)
+    if is_rewardbench(subsets):
+        summary["rewardbench"] = {
+            name: section_report(values, subsets, samples=bootstrap_samples,
+                                 seed=BOOTSTRAP_SEED)
+            for name, values in outcomes.items()}
     return summary
+
+
+def _per_subset(outcomes: dict[str, list[float]], subsets: list[Optional[str]]) -> dict:
+    """{subset: {"pairs", accuracy name: {"accuracy", "ci95"}}}, subsets sorted by name."""
+    names = sorted({s if s is not None else NO_SUBSET for s in subsets})
+    out: dict = {}
+    for subset in names:
+        rows = [i for i, s in enumerate(subsets) if (s if s is not None else NO_SUBSET) == subset]
+        entry: dict = {"pairs": len(rows)}
+        for name, values in outcomes.items():
+            result = _accuracy([values[i] for i in rows])
+            entry[name] = {"accuracy": result["accuracy"], "ci95": result["ci95"]}
+        out[subset] = entry
+    return out
 
 
 def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict) -> None:
@@ -138,7 +218,9 @@ def run_eval(config, args) -> int:
         reference = load_reference(session, config.eval.reference)
     records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
                                       reference_chunks=reference,
-                                      micro_batch_size=config.eval.micro_batch_size)
+                                      micro_batch_size=config.eval.micro_batch_size,
+                                      ties=config.eval.ties,
+                                      bootstrap_samples=config.eval.bootstrap_samples)
     if session.is_main:
         out = config.eval.out or str(Path(config.logging.dir or ".") / "eval")
         write_eval_outputs(out, records, summary)

@@ -26,7 +26,8 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
          "--out", str(out), "--quick", "logging.progress=false"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "| stage | preference accuracy | length-normalised | mean entropy score |" in result.stdout
+    assert ("| stage | preference accuracy [95% CI] | length-normalised [95% CI] | "
+            "mean entropy score |") in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["initial", "after SFT", "after SEGA"]
     for stage, name in zip(summary.values(), ("initial", "sft", "sega")):
@@ -36,6 +37,9 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
         assert stage["pairs"] == len(records) == 160
         won = sum(r["logp_chosen"] > r["logp_rejected"] for r in records) / len(records)
         assert stage["accuracy"] == won
+        # Each accuracy in the table carries its 95% Wilson interval.
+        low, high = stage["accuracy_ci95"]
+        assert low <= won <= high and f"{won:.3f} [{low:.3f}, {high:.3f}]" in result.stdout
         # The table adds the stage's own training wall time to the eval's summary.
         assert {k: v for k, v in stage.items() if k != "train_time_s"} == \
             json.loads((out / f"eval_{name}" / "summary.json").read_text())

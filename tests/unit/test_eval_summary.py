@@ -39,3 +39,15 @@ def test_without_a_reference_there_is_no_reference_accuracy():
     plain = [{k: v for k, v in r.items() if not k.startswith("ref_")} for r in RECORDS]
     assert "accuracy_vs_reference" not in summarize(plain, beta=0.1)
     assert summarize([], beta=0.1) == {"pairs": 0}
+
+
+def test_the_demo_table_shows_each_accuracy_with_its_interval():
+    from megatron_sega.demo import summary_table
+    from megatron_sega.training.stats import wilson_interval
+
+    s = summarize(RECORDS, beta=0.1)
+    s.update(entropy_score=1.0, eval_time_s=3.0)
+    table = summary_table({"after SFT": s})
+    low, high = wilson_interval(1, 3)
+    assert "| preference accuracy [95% CI] | length-normalised [95% CI] |" in table
+    assert f"| after SFT | 0.333 [{low:.3f}, {high:.3f}] | 0.333 [{low:.3f}, {high:.3f}] |" in table
