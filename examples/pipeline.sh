@@ -8,7 +8,7 @@
 #   --work-dir DIR     where every stage writes (checkpoints, logs, eval, HF export)
 #   --train FILE       preference pairs for SFT and SEGA prompts (JSONL / HF datasets dir)
 #   --eval FILE        held-out preference pairs
-#   --config FILE      (default examples/configs/sega_llama3_8b.yaml)
+#   --config FILE      (default $PIPELINE_CONFIG, else examples/configs/sega_llama3_8b.yaml)
 #   --stages LIST      subset of convert,sft,sega,dpo,eval,export (default: all but dpo, in
 #                      order); dpo (the DPO/IPO baseline) starts from the SFT checkpoint too
 #   --dry-run          validate the config for each stage against the world size; no GPU needed
@@ -67,7 +67,7 @@ run_and_wait() {  # run_and_wait CMD...: run CMD in the background and return it
 
 pipeline_main() {
   local hf_dir="" work="" train="" eval="" stages="convert,sft,sega,eval,export" dry=0
-  local config="${REPO}/examples/configs/sega_llama3_8b.yaml"
+  local config="${PIPELINE_CONFIG:-${REPO}/examples/configs/sega_llama3_8b.yaml}"
   local overrides=()
   while [ $# -gt 0 ]; do
     case "$1" in
@@ -105,10 +105,10 @@ pipeline_main() {
   }
   done_stage() { CURRENT_STAGE=""; [ "$dry" = 1 ] || touch "$work/.done_$1"; }
   megatron() {  # megatron SUBCOMMAND ARGS...: the dry run validates instead of running
-    if [ "$dry" = 1 ]; then  # shapes from the HF config when it is here, else the 8B preset
-      local shape="model.preset=llama3-8b"
-      [ -f "$hf_dir/config.json" ] && shape="model.hf_config=$hf_dir/config.json"
-      "$PYTHON" -m megatron_sega.cli check --world-size "$WORLD_SIZE" "${@:2}" "$shape"
+    if [ "$dry" = 1 ]; then  # shapes from the HF config when it is here, else the config's preset
+      local shape=()
+      [ -f "$hf_dir/config.json" ] && shape=("model.hf_config=$hf_dir/config.json")
+      "$PYTHON" -m megatron_sega.cli check --world-size "$WORLD_SIZE" "${@:2}" "${shape[@]}"
     else
       launch -m megatron_sega.cli "$@"
     fi

@@ -149,21 +149,29 @@ class StageMemory:
         return sum(self.parts.values())
 
 
+def saved_activation_bytes(spec: LlamaSpec, layout: Layout, rows: int, seq: int, *, bf16: bool,
+                           recompute: str, last: bool) -> int:
+    """What one microbatch's forward on one pipeline stage saves for backward (the figure the
+    tests measure with saved-tensor hooks)."""
+    elements = layer_activation_elements(spec, layout.tp, recompute) * (spec.num_layers // layout.pp)
+    if last:
+        elements += last_stage_activation_elements(spec)
+    return int(rows * seq * elements * (2 if bf16 else 4))
+
+
 def training_activation_bytes(spec: LlamaSpec, layout: Layout, rows: int, seq: int,
                               microbatches: int, *, bf16: bool, recompute: str,
                               first: bool) -> int:
-    """Activations of a training step on the first (``first``) or last pipeline stage."""
-    e = 2 if bf16 else 4
-    tokens = rows * seq
-    per_layer = layer_activation_elements(spec, layout.tp, recompute)
-    layers = spec.num_layers // layout.pp
+    """Activations of a training step at their peak on the first (``first``) or last pipeline
+    stage: the microbatches in flight, and under full recompute the one layer that runs again
+    during backward."""
+    last = not first or layout.pp == 1
     held = in_flight_microbatches(layout.pp, microbatches, layout.vpp) if first else 1
-    elements = tokens * per_layer * layers * held
-    if recompute == "full":  # the one layer that runs again during backward
-        elements += tokens * layer_activation_elements(spec, layout.tp)
-    if not first or layout.pp == 1:
-        elements += tokens * last_stage_activation_elements(spec)
-    return int(elements * e)
+    total = held * saved_activation_bytes(spec, layout, rows, seq, bf16=bf16,
+                                          recompute=recompute, last=last)
+    if recompute == "full":
+        total += rows * seq * layer_activation_elements(spec, layout.tp) * (2 if bf16 else 4)
+    return int(total)
 
 
 def logits_bytes(spec: LlamaSpec, tp: int, rows: int, seq: int) -> int:

@@ -137,15 +137,18 @@ def step_seconds(config, spec: LlamaSpec, layout: mem.Layout, gpu: GPU, stage: s
     world = layout.tp * layout.pp * layout.dp
     rate = world * gpu.bf16_tflops * 1e12 * mfu
     seq = config.data.max_seq_len
-    per_token = training_flops_per_token(spec, seq)
+    forward = training_flops_per_token(spec, seq) / 3  # per token
+    # forward + backward (2 forwards' worth); full recompute runs each layer's forward again
+    update = forward * (4 if config.model.recompute == "full" else 3)
     if stage == "sft":
-        return {"train": config.sft.global_batch_size * seq * per_token / rate}
-    if stage == "dpo":  # policy forward + backward, reference forward (1/3 of it)
-        return {"train": 2 * config.dpo.global_batch_size * seq * per_token * (4 / 3) / rate}
+        return {"train": config.sft.global_batch_size * seq * update / rate}
+    if stage == "dpo":  # the policy's update and the reference's forward
+        return {"train": 2 * config.dpo.global_batch_size * seq * (update + forward) / rate}
     new = config.sampling.max_new_tokens
     rows = config.sega.prompts_per_step * config.sega.k
-    passes = config.sega.updates_per_rollout + 1 / 3 + (1 / 3 if config.sega.kl_coef else 0)
-    train = rows * seq * per_token * passes / rate
+    # the updates, the old log-probs' forward, the KL reference's forward
+    flops = update * config.sega.updates_per_rollout + forward * (2 if config.sega.kl_coef else 1)
+    train = rows * seq * flops / rate
     # Sampling on one replica: its rows in batches; each decode step reads every stage's
     # weights and KV cache once (the stages run one after another), at the HBM bandwidth.
     bf16 = config.model.dtype != "fp32"
@@ -157,7 +160,7 @@ def step_seconds(config, spec: LlamaSpec, layout: mem.Layout, gpu: GPU, stage: s
     kv = mem.kv_cache_bytes(spec, layout.tp, 1, fit, seq, bf16)  # all layers of one TP rank
     decode = batches * new * (weights * e + kv) / (gpu.hbm_gbps * 1e9)
     prompt = max(seq - new, 1)
-    prefill = per_replica * prompt * per_token / 3 / (layout.tp * layout.pp * gpu.bf16_tflops
+    prefill = per_replica * prompt * forward / (layout.tp * layout.pp * gpu.bf16_tflops
                                                       * 1e12 * mfu)
     return {"sample": decode + prefill, "train": train}
 
