@@ -42,7 +42,7 @@ def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
     pairs = load_eval_pairs(session, config.data.eval)
     records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
                                       micro_batch_size=config.eval.micro_batch_size)
-    prompts = load_prompts(session, config.data.eval)[:score_prompts]
+    prompts = load_prompts(session, config.data.eval, config.data.eval_split)[:score_prompts]
     summary["entropy_score"] = mean_entropy_score(session, prompts)
     summary["eval_time_s"] = time.time() - start
     if session.is_main:

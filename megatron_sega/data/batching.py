@@ -47,12 +47,14 @@ class TokenizedExample:
 
 @dataclass(frozen=True, slots=True)
 class TokenizedPair:
-    """A prompt with its chosen and rejected responses, sharing one prompt encoding."""
+    """A prompt with its chosen and rejected responses, sharing one prompt encoding;
+    ``subset`` is the record's ``subset`` column, for per-subset evaluation."""
 
     id: str
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    subset: str | None = None
 
     @property
     def length(self) -> int:
