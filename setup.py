@@ -26,8 +26,10 @@ setup(
         "psutil",
     ],
     extras_require={
+        # datasets writes the public layouts' fixtures; trl's data utilities are the reference
+        # for implicit-prompt extraction (tests/unit/test_data_formats.py).
         "test": ["pytest", "pytest-timeout", "transformers", "hypothesis", "pyarrow", "gguf",
-                 "accelerate"],
+                 "accelerate", "datasets", "trl"],
         # tools/fetch_model.py: dequantise a GGUF model from the package registry
         "real-model": ["transformers", "gguf", "accelerate"],
         # Transformer Engine needs CUDA and a build toolchain; Apex is built from source by

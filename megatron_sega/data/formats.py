@@ -139,10 +139,10 @@ def detect_format(row: Mapping[str, Any]) -> str:
     is read as ``standard``, whose checks then name what is missing."""
     if "response_0" in row and "response_1" in row:
         return "pku"
+    if isinstance(row.get("prompt"), list):
+        return "conversational"
     chosen = row.get("chosen")
     if isinstance(chosen, list):
-        if isinstance(row.get("prompt"), list):
-            return "conversational"
         first = chosen[0] if chosen else None
         if "prompt" in row and isinstance(first, dict) and first.get("role") == "assistant":
             return "conversational"
@@ -229,7 +229,7 @@ def _messages(value: Any, name: str, location: str) -> tuple[Message, ...]:
 def _ends_with_user(prompt: tuple[Message, ...], name: str, location: str) -> tuple[Message, ...]:
     if prompt[-1].role != "user":
         raise BadRecord(BadRecordReason.PROMPT_NOT_USER_LAST,
-                        f"{location}: field '{name}' ends with a {prompt[-1].role} turn; a "
+                        f"{location}: field '{name}' ends with a '{prompt[-1].role}' turn; a "
                         "prompt must end with the user's turn, which the response answers")
     return prompt
 
