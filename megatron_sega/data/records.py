@@ -20,6 +20,7 @@ so that dropping data is never silent. Blank lines in JSONL are not records and 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -38,8 +39,14 @@ logger = logging.getLogger(__name__)
 
 OnBadRecord = Literal["error", "skip"]
 
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_TABLE_SUFFIXES = (".parquet", ".arrow")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # .gz: as hh-rlhf ships
+
+
+def _kind(path: Path) -> str | None:
+    """``jsonl``, ``parquet``, ``arrow``, or None for a file type we do not read."""
+    if path.name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    return {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +185,7 @@ def _iter_records(path: Path, options: ReadOptions,
             if str(path) not in report.formats:
                 fmt = detect_format(row) if options.format == "auto" else options.format
                 report.formats[str(path)] = fmt
-                if path.suffix in _TABLE_SUFFIXES:
+                if _kind(path) != "jsonl":
                     _check_columns(path, list(row), fmt, options)
         yield location, row
 
@@ -341,7 +348,7 @@ def _resolve_saved_dataset(path: Path) -> list[Path]:
 
 
 def _is_data_file(p: Path) -> bool:
-    return p.suffix in _JSONL_SUFFIXES + _TABLE_SUFFIXES and p.name not in (
+    return _kind(p) is not None and p.name not in (
         "state.json",
         "dataset_info.json",
         "dataset_dict.json",
@@ -349,10 +356,10 @@ def _is_data_file(p: Path) -> bool:
 
 
 def _check_suffix(path: Path) -> None:
-    if path.suffix not in _JSONL_SUFFIXES + _TABLE_SUFFIXES:
+    if _kind(path) is None:
         raise DataError(
             f"{path}: unsupported file type '{path.suffix}'; "
-            "use .jsonl (or .json with one object per line), .parquet or .arrow"
+            "use .jsonl (or .json with one object per line, either gzipped), .parquet or .arrow"
         )
 
 
@@ -369,18 +376,20 @@ def _matches_split(rel: Path, split: str) -> bool:
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix in _JSONL_SUFFIXES:
+    kind = _kind(path)
+    if kind == "jsonl":
         yield from _iter_jsonl(path)
-    elif path.suffix == ".parquet":
+    elif kind == "parquet":
         yield from _iter_parquet(path)
-    elif path.suffix == ".arrow":
+    elif kind == "arrow":
         yield from _iter_arrow(path)
     else:
         _check_suffix(path)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:
+    opened: Any = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    with opened as f:
         for lineno, raw in enumerate(f, start=1):
             location = f"{path}:{lineno}"
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):

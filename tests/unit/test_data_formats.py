@@ -288,3 +288,19 @@ def test_bad_row_of_a_table_names_its_row(tmp_path: Path) -> None:
         datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "safer_response_id"}
                                     for r in rows]).to_parquet(str(path))
         read_pairs(path, options=ReadOptions(preference="safer"))
+
+
+def test_hh_rlhf_as_it_ships_gzipped_jsonl_per_subset(tmp_path: Path) -> None:
+    """Anthropic/hh-rlhf's repository: ``<subset>/{train,test}.jsonl.gz``."""
+    import gzip
+
+    for subset in ("harmless-base", "helpful-base"):
+        for split, rows in (("train", HH["train"]), ("test", HH["train"][:1])):
+            (tmp_path / subset).mkdir(exist_ok=True)
+            with gzip.open(tmp_path / subset / f"{split}.jsonl.gz", "wt") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    pairs, report = read_pairs(tmp_path, split="train")
+    assert [p.chosen for p in pairs] == ["Blue.", "12."] * 2
+    assert sorted(report.formats) == [str(tmp_path / s / "train.jsonl.gz")
+                                      for s in ("harmless-base", "helpful-base")]
+    assert set(report.formats.values()) == {"hh"}
