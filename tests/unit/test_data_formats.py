@@ -304,3 +304,12 @@ def test_hh_rlhf_as_it_ships_gzipped_jsonl_per_subset(tmp_path: Path) -> None:
     assert sorted(report.formats) == [str(tmp_path / s / "train.jsonl.gz")
                                       for s in ("harmless-base", "helpful-base")]
     assert set(report.formats.values()) == {"hh"}
+
+
+def test_the_config_offers_exactly_the_readers_formats() -> None:
+    import typing
+
+    from megatron_sega.config import DataConfig
+    from megatron_sega.data import FORMATS
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == FORMATS
