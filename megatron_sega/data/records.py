@@ -25,14 +25,13 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sega.data.errors import DataError
 from megatron_sega.data.formats import (
-    FIX_HINT, BadRecord, BadRecordReason, Prompt, ReadOptions, describe, detect_format,
-    parse_record, rename_columns, required_columns, type_name,
+    FIX_HINT, BadRecord, BadRecordReason, Preference, Prompt, ReadOptions, describe,
+    detect_format, parse_record, rename_columns, required_columns, type_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,7 +161,8 @@ def read_pairs(
 def detect_formats(path: str | Path, split: str | None = None,
                    options: ReadOptions | None = None) -> str:
     """One line naming the format each file behind ``path`` is read in (``data.format`` or
-    detected from its first record), e.g. ``train.jsonl: implicit (...)``; reads no further."""
+    detected from its first record), e.g. ``implicit (...): d/train.parquet, d/extra.jsonl``;
+    reads no further than each file's first record."""
     options = options or ReadOptions()
     report = ReadReport()
     for file in resolve_data_files(Path(path), split):
@@ -213,7 +213,7 @@ def _record_skip(report: ReadReport, bad: BadRecord) -> None:
 
 
 def validate_record(row: Any, location: str, fmt: str = "standard",
-                    preference: str = "better") -> PreferencePair:
+                    preference: Preference = "better") -> PreferencePair:
     """Turn one decoded row (under our column names) into a ``PreferencePair`` or raise
     ``BadRecord`` naming the field."""
     if not isinstance(row, dict):
@@ -223,7 +223,7 @@ def validate_record(row: Any, location: str, fmt: str = "standard",
             f"each line must be one object like "
             '{"prompt": "...", "chosen": "...", "rejected": "..."}',
         )
-    triple = parse_record(row, fmt, location, preference)  # type: ignore[arg-type]
+    triple = parse_record(row, fmt, location, preference)
     return PreferencePair(id=_record_id(row, location), prompt=triple.prompt,
                           chosen=triple.chosen, rejected=triple.rejected, source=location,
                           subset=_subset(row, location))

@@ -286,6 +286,10 @@ def tokenize_prompts(
     return [TokenizedExample(p.id, _prompt_ids(formatter, p), []) for p in pairs]
 
 
+class _ConversationWithoutTemplate(DataError):
+    """A conversation under template ``none``; ``tokenize_*`` add the record's location."""
+
+
 def _prompt_ids(formatter: PromptFormatter, pair: PreferencePair) -> list[int]:
     """``formatter.encode_prompt``, with a conversation that template ``none`` cannot render
     reported at its record."""
@@ -293,10 +297,6 @@ def _prompt_ids(formatter: PromptFormatter, pair: PreferencePair) -> list[int]:
         return formatter.encode_prompt(pair.prompt)
     except _ConversationWithoutTemplate as e:
         raise DataError(f"{pair.source}: field 'prompt' is {e}") from None
-
-
-class _ConversationWithoutTemplate(DataError):
-    pass
 
 
 def _plain_prompt(prompt: Prompt) -> str:
