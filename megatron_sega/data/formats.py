@@ -188,16 +188,18 @@ def parse_record(row: dict[str, Any], fmt: str, location: str,
 def _present(row: dict[str, Any], name: str, location: str) -> Any:
     if name not in row or row[name] is None:
         what = "is missing" if name not in row else "is null"
-        raise BadRecord(BadRecordReason.MISSING_FIELD, f"{location}: field '{name}' {what}; {FIX_HINT}")
+        raise BadRecord(BadRecordReason.MISSING_FIELD,
+                        f"{location}: field '{name}' {what}; {FIX_HINT}")
     return row[name]
 
 
 def _check_text(value: Any, where: str, location: str) -> str:
     if not isinstance(value, str):
-        raise BadRecord(BadRecordReason.WRONG_TYPE,
-                        f"{location}: field {where} must be a string, got {type_name(value)}; {FIX_HINT}")
+        raise BadRecord(BadRecordReason.WRONG_TYPE, f"{location}: field {where} must be a "
+                        f"string, got {type_name(value)}; {FIX_HINT}")
     if not value.strip():
-        raise BadRecord(BadRecordReason.EMPTY_FIELD, f"{location}: field {where} is empty; {FIX_HINT}")
+        raise BadRecord(BadRecordReason.EMPTY_FIELD,
+                        f"{location}: field {where} is empty; {FIX_HINT}")
     return value
 
 
@@ -222,7 +224,8 @@ def _messages(value: Any, name: str, location: str) -> tuple[Message, ...]:
             raise BadRecord(BadRecordReason.UNKNOWN_ROLE,
                             f"{location}: field '{name}[{i}].role' is {m['role']!r}; roles "
                             f"must be one of {', '.join(ROLES)} (rename the others first)")
-        out.append(Message(m["role"], _check_text(m["content"], f"'{name}[{i}].content'", location)))
+        content = _check_text(m["content"], f"'{name}[{i}].content'", location)
+        out.append(Message(m["role"], content))
     return tuple(out)
 
 
