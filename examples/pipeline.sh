@@ -8,6 +8,9 @@
 #   --work-dir DIR     where every stage writes (checkpoints, logs, eval, HF export)
 #   --train FILE       preference pairs for SFT and SEGA prompts (JSONL / HF datasets dir)
 #   --eval FILE        held-out preference pairs
+#   --eval-name NAME   names this evaluation set: eval writes eval_<model>_NAME and is done once
+#                      per name, so `--stages eval` with another --eval and name adds a set
+#                      (examples/table1_datasets.yaml: the paper's Table 1 sets)
 #   --config FILE      (default $PIPELINE_CONFIG, else examples/configs/sega_llama3_8b.yaml)
 #   --stages LIST      subset of convert,sft,sega,dpo,eval,export (default: all but dpo, in
 #                      order); dpo (the DPO/IPO baseline) starts from the SFT checkpoint too
@@ -66,7 +69,7 @@ run_and_wait() {  # run_and_wait CMD...: run CMD in the background and return it
 }
 
 pipeline_main() {
-  local hf_dir="" work="" train="" eval="" stages="convert,sft,sega,eval,export" dry=0
+  local hf_dir="" work="" train="" eval="" eval_name="" stages="convert,sft,sega,eval,export" dry=0
   local config="${PIPELINE_CONFIG:-${REPO}/examples/configs/sega_llama3_8b.yaml}"
   local overrides=()
   while [ $# -gt 0 ]; do
@@ -75,6 +78,7 @@ pipeline_main() {
       --work-dir) work="$2"; shift 2 ;;
       --train) train="$2"; shift 2 ;;
       --eval) eval="$2"; shift 2 ;;
+      --eval-name) eval_name="_$2"; shift 2 ;;
       --config) config="$2"; shift 2 ;;
       --stages) stages="$2"; shift 2 ;;
       --dry-run) dry=1; shift ;;
@@ -96,9 +100,10 @@ pipeline_main() {
     if declare -F on_stopped >/dev/null; then on_stopped "$1"; fi
     exit "$RESUME_EXIT_CODE"
   }
-  stage() {  # stage NAME: true when NAME is selected and not already done
+  stage() {  # stage NAME [MARKER]: true when NAME is selected and not already done (as MARKER)
     [[ ",$stages," == *",$1,"* ]] || return 1
-    if [ -f "$work/.done_$1" ] && [ "$dry" = 0 ]; then echo "== $1: done earlier, skipped"; return 1; fi
+    local marker="${2:-$1}"
+    if [ -f "$work/.done_$marker" ] && [ "$dry" = 0 ]; then echo "== $marker: done earlier, skipped"; return 1; fi
     if [ "$STOP_REQUESTED" = 1 ]; then stopped "$1"; fi
     CURRENT_STAGE="$1"
     echo "== $1 (started at $(date +%s.%N))"
@@ -145,13 +150,13 @@ pipeline_main() {
     train dpo "$work/dpo" "${common[@]}" "model.load=$sft/ckpt"
     done_stage dpo
   fi
-  if stage eval; then
+  if stage eval "eval$eval_name"; then
     for name in sft sega dpo; do  # what this run trains or an earlier one left
       [[ ",$stages," == *",$name,"* ]] || [ -d "$work/$name/ckpt" ] || continue
-      megatron eval "${common[@]}" "model.load=$work/$name/ckpt" "eval.out=$work/eval_$name" \
-        "eval.reference=$mcore"
+      megatron eval "${common[@]}" "model.load=$work/$name/ckpt" \
+        "eval.out=$work/eval_$name$eval_name" "eval.reference=$mcore"
     done
-    done_stage eval
+    done_stage "eval$eval_name"
   fi
   if stage export; then
     [ "$dry" = 1 ] || run1 "$REPO/tools/convert.py" mcore-to-hf --mcore-dir "$sega/ckpt" \

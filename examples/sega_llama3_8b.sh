@@ -7,6 +7,9 @@
 #       --work-dir /scratch/$USER/sega-8b --train data/train.jsonl --eval data/eval.jsonl
 #   bash examples/sega_llama3_8b.sh --dry-run --hf-dir X --work-dir Y --train A --eval B
 #
+# The paper's Table 1 datasets (Skywork, UltraFeedback, PKU-SafeRLHF, RewardBench) as the hub ships
+# them, with the options that read them: examples/table1_datasets.yaml.
+#
 # Processes per node: NPROC_PER_NODE if set (e.g. CPU nodes with parallel.device=cpu), else
 # SLURM_GPUS_ON_NODE, else 8.
 #

@@ -6,6 +6,9 @@
 #       --work-dir runs/sega-8b --train data/train.jsonl --eval data/eval.jsonl
 #   bash examples/sega_llama3_8b_single_node.sh --dry-run ...     (no GPU needed)
 #
+# The paper's Table 1 datasets (Skywork, UltraFeedback, PKU-SafeRLHF, RewardBench) as the hub ships
+# them, with the options that read them: examples/table1_datasets.yaml.
+#
 # Processes: NPROC_PER_NODE (or GPUS), default 8; with parallel.device=cpu it runs on CPUs.
 #
 # Stop a stage with `kill -USR1` (or SIGTERM) on its workers, the children of torchrun

@@ -68,9 +68,26 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    # The file's column names for ours (OpenRLHF's prompt_key/chosen_key/rejected_key).
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: Optional[str] = None
     eval: Optional[str] = None
+    # Record layout (megatron_sega/data/formats.py); auto: detected per file from its first record.
+    format: Literal["auto", "standard", "conversational", "implicit", "hh", "pku"] = "auto"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    preference: Literal["better", "safer"] = "better"  # pku: better_ or safer_response_id
+    # The split of a DatasetDict directory (dataset_dict.json), or of a folder of split files
+    # (<split>-*.parquet, ...), to read, e.g. train_prefs / test_prefs. None: a DatasetDict's
+    # 'train', every file of a folder.
+    train_split: Optional[str] = None
+    eval_split: Optional[str] = None
     template: Literal["chat", "none"] = "chat"
     max_seq_len: int = 1024
     overlong: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"

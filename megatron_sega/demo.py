@@ -39,12 +39,12 @@ def _evaluate(config: Config, out: Path, name: str, score_prompts: int) -> dict:
 
     start = time.time()
     session = open_session(config, train=False)
-    pairs = load_eval_pairs(session, config.data.eval)
+    pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split)
     records, summary = evaluate_pairs(session, pairs, beta=config.eval.beta,
                                       micro_batch_size=config.eval.micro_batch_size,
                                       ties=config.eval.ties,
                                       bootstrap_samples=config.eval.bootstrap_samples)
-    prompts = load_prompts(session, config.data.eval)[:score_prompts]
+    prompts = load_prompts(session, config.data.eval, config.data.eval_split)[:score_prompts]
     summary["entropy_score"] = mean_entropy_score(session, prompts)
     summary["eval_time_s"] = time.time() - start
     if session.is_main:

@@ -25,8 +25,9 @@ from megatron_sega.data.batching import (
     collate_pairs,
 )
 from megatron_sega.data.errors import DataError, TokenizerError
+from megatron_sega.data.formats import FORMATS, BadRecordReason, Message, ReadOptions
 from megatron_sega.data.records import (
-    BadRecordReason, PreferencePair, ReadReport, has_records, read_pairs, require_pairs,
+    PreferencePair, ReadReport, detect_formats, has_records, read_pairs, require_pairs,
 )
 from megatron_sega.data.templates import (
     REFLECTIVE_SYSTEM_PROMPT,
@@ -41,6 +42,10 @@ TINY_TOKENIZER_DIR: Path = Path(__file__).parent / "assets" / "tiny_tokenizer"
 """A few-hundred-token byte-level BPE with a chat template, for the demo and the tests."""
 
 __all__ = [
+    "FORMATS",
+    "Message",
+    "ReadOptions",
+    "detect_formats",
     "TINY_TOKENIZER_DIR",
     "REFLECTIVE_SYSTEM_PROMPT",
     "BadRecordReason",

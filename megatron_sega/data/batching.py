@@ -47,7 +47,8 @@ class TokenizedExample:
 
 @dataclass(frozen=True, slots=True)
 class TokenizedPair:
-    """A prompt with its chosen and rejected responses, sharing one prompt encoding."""
+    """A prompt with its chosen and rejected responses, sharing one prompt encoding;
+    ``subset`` is the record's ``subset`` column, for per-subset evaluation."""
 
     id: str
     prompt_ids: list[int]

@@ -1,4 +1,6 @@
-"""Read and validate preference pairs ``{"prompt", "chosen", "rejected", optional "id"}``.
+"""Read and validate preference pairs ``{"prompt", "chosen", "rejected", optional "id",
+optional "subset"}``, in any of the record layouts of :mod:`megatron_sega.data.formats`
+(detected per file, or forced with ``ReadOptions.format``).
 
 Sources:
 - a JSON Lines file (``.jsonl`` or ``.json`` holding one object per line), always supported;
@@ -18,36 +20,32 @@ so that dropping data is never silent. Blank lines in JSONL are not records and 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from megatron_sega.data.errors import DataError
+from megatron_sega.data.formats import (
+    FIX_HINT, BadRecord, BadRecordReason, Preference, Prompt, ReadOptions, describe,
+    detect_format, parse_record, rename_columns, required_columns, type_name,
+)
 
 logger = logging.getLogger(__name__)
 
 OnBadRecord = Literal["error", "skip"]
 
-REQUIRED_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
-_FIX_HINT = "every record needs non-empty 'prompt', 'chosen' and 'rejected' strings"
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_TABLE_SUFFIXES = (".parquet", ".arrow")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")  # .gz: as hh-rlhf ships
 
 
-class BadRecordReason(str, Enum):
-    """Why a record was rejected; the value is the key used in ``ReadReport.dropped``."""
-
-    MALFORMED_JSON = "malformed_json"
-    NOT_AN_OBJECT = "not_an_object"
-    MISSING_FIELD = "missing_field"
-    EMPTY_FIELD = "empty_field"
-    WRONG_TYPE = "wrong_type"
-    DUPLICATE_ID = "duplicate_id"
-    INVALID_UTF8 = "invalid_utf8"
+def _kind(path: Path) -> str | None:
+    """``jsonl``, ``parquet``, ``arrow``, or None for a file type we do not read."""
+    if path.name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    return {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +54,13 @@ class PreferencePair:
 
     ``id`` is the record's own id (as a string) or, when it has none, ``"<file>:<line>"``, which
     is deterministic for a given input path. ``source`` is where the record came from, for
-    messages.
+    messages. ``prompt`` is a string (one user turn) or a conversation ending with the user's
+    turn; ``chosen`` and ``rejected`` are the final assistant turns. ``subset`` is the record's
+    ``subset`` column (e.g. RewardBench's), kept for per-subset evaluation.
     """
 
     id: str
-    prompt: str
+    prompt: Prompt
     chosen: str
     rejected: str
     source: str
@@ -75,10 +75,19 @@ class ReadReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> the format it was read in
 
     @property
     def total_dropped(self) -> int:
         return sum(self.dropped.values())
+
+    def format_line(self) -> str:
+        """The format each file was read in, on one line."""
+        by_format: dict[str, list[str]] = {}
+        for file, fmt in self.formats.items():
+            by_format.setdefault(fmt, []).append(file)
+        return "; ".join(f"{describe(fmt)}: {', '.join(files)}"
+                         for fmt, files in by_format.items())
 
     def summary(self) -> str:
         """One line for the training log, e.g. ``kept 798 pairs, dropped 2 (empty_field: 2)``."""
@@ -91,15 +100,6 @@ class ReadReport:
         )
 
 
-class _BadRecord(Exception):
-    """Internal signal from the per-record validators; turned into DataError or a skip."""
-
-    def __init__(self, reason: BadRecordReason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
@@ -110,14 +110,18 @@ def read_pairs(
     *,
     on_bad_record: OnBadRecord = "error",
     split: str | None = None,
+    options: ReadOptions | None = None,
 ) -> tuple[list[PreferencePair], ReadReport]:
     """Read and validate preference pairs from one or more files or dataset directories.
 
-    Ids must be unique across all inputs (a duplicate is a bad record, reported at its second
-    occurrence). Returns the pairs in file order and a report of what was dropped.
+    ``options`` says how the records are laid out (default: detected per file, no renaming,
+    PKU-SafeRLHF's ``better_response_id``). Ids must be unique across all inputs (a duplicate
+    is a bad record, reported at its second occurrence). Returns the pairs in file order and a
+    report of what was dropped and of the format each file was read in.
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    options = options or ReadOptions()
     inputs = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not inputs:
         raise DataError("no data files given; pass at least one JSONL/Parquet/Arrow file or directory")
@@ -129,18 +133,19 @@ def read_pairs(
     pairs: list[PreferencePair] = []
     first_seen: dict[str, str] = {}
     for path in files:
-        for location, row in _iter_rows(path):
+        for location, row in _iter_records(path, options, report):
             try:
-                if isinstance(row, _BadRecord):
+                if isinstance(row, BadRecord):
                     raise row
-                pair = validate_record(row, location)
+                fmt = report.formats.get(str(path), "standard")  # set by the first object
+                pair = validate_record(row, location, fmt, options.preference)
                 if pair.id in first_seen:
-                    raise _BadRecord(
+                    raise BadRecord(
                         BadRecordReason.DUPLICATE_ID,
                         f"{location}: field 'id' duplicates id {pair.id!r} first seen at "
                         f"{first_seen[pair.id]}; ids must be unique across all input files",
                     )
-            except _BadRecord as bad:
+            except BadRecord as bad:
                 if on_bad_record == "error":
                     raise DataError(bad.message, reason=bad.reason.value) from None
                 _record_skip(report, bad)
@@ -153,7 +158,49 @@ def read_pairs(
     return pairs, report
 
 
-def _record_skip(report: ReadReport, bad: _BadRecord) -> None:
+def detect_formats(path: str | Path, split: str | None = None,
+                   options: ReadOptions | None = None) -> str:
+    """One line naming the format each file behind ``path`` is read in (``data.format`` or
+    detected from its first record), e.g. ``implicit (...): d/train.parquet, d/extra.jsonl``;
+    reads no further than each file's first record."""
+    options = options or ReadOptions()
+    report = ReadReport()
+    for file in resolve_data_files(Path(path), split):
+        records = _iter_records(file, options, report)
+        try:
+            next(records, None)
+        finally:
+            records.close()
+    return report.format_line()
+
+
+def _iter_records(path: Path, options: ReadOptions,
+                  report: ReadReport) -> Iterator[tuple[str, Any]]:
+    """The rows of one file under our column names, after fixing the file's format (in
+    ``report.formats``) from its first object; a table missing a column that format needs is a
+    file error, not one bad record per row."""
+    for location, row in _iter_rows(path):
+        if isinstance(row, dict):
+            row = rename_columns(row, options.columns)
+            if str(path) not in report.formats:
+                fmt = detect_format(row) if options.format == "auto" else options.format
+                report.formats[str(path)] = fmt
+                if _kind(path) != "jsonl":
+                    _check_columns(path, list(row), fmt, options)
+        yield location, row
+
+
+def _check_columns(path: Path, names: list[str], fmt: str, options: ReadOptions) -> None:
+    missing = [c for c in required_columns(fmt, options.preference) if c not in names]
+    if missing:
+        renamed = f"; data.columns renames {dict(options.columns)}" if options.columns else ""
+        raise DataError(
+            f"{path}: column(s) {missing} missing for format {fmt} (found {names}{renamed}); "
+            f"{FIX_HINT}, or name the columns with data.columns"
+        )
+
+
+def _record_skip(report: ReadReport, bad: BadRecord) -> None:
     key = bad.reason.value
     report.dropped[key] = report.dropped.get(key, 0) + 1
     report.messages.append(bad.message)
@@ -165,35 +212,31 @@ def _record_skip(report: ReadReport, bad: _BadRecord) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def validate_record(row: Any, location: str) -> PreferencePair:
-    """Turn one decoded row into a ``PreferencePair`` or raise ``_BadRecord`` naming the field."""
+def validate_record(row: Any, location: str, fmt: str = "standard",
+                    preference: Preference = "better") -> PreferencePair:
+    """Turn one decoded row (under our column names) into a ``PreferencePair`` or raise
+    ``BadRecord`` naming the field."""
     if not isinstance(row, dict):
-        raise _BadRecord(
+        raise BadRecord(
             BadRecordReason.NOT_AN_OBJECT,
-            f"{location}: expected a JSON object, got {_type_name(row)}; "
+            f"{location}: expected a JSON object, got {type_name(row)}; "
             f"each line must be one object like "
             '{"prompt": "...", "chosen": "...", "rejected": "..."}',
         )
-    values: dict[str, str] = {}
-    for name in REQUIRED_FIELDS:
-        if name not in row or row[name] is None:
-            what = "is missing" if name not in row else "is null"
-            raise _BadRecord(
-                BadRecordReason.MISSING_FIELD, f"{location}: field '{name}' {what}; {_FIX_HINT}"
-            )
-        value = row[name]
-        if not isinstance(value, str):
-            raise _BadRecord(
-                BadRecordReason.WRONG_TYPE,
-                f"{location}: field '{name}' must be a string, got {_type_name(value)}; {_FIX_HINT}",
-            )
-        if not value.strip():
-            raise _BadRecord(
-                BadRecordReason.EMPTY_FIELD, f"{location}: field '{name}' is empty; {_FIX_HINT}"
-            )
-        values[name] = value
-    return PreferencePair(id=_record_id(row, location), source=location, **values,
-                          subset=None if row.get("subset") is None else str(row["subset"]))
+    triple = parse_record(row, fmt, location, preference)
+    return PreferencePair(id=_record_id(row, location), prompt=triple.prompt,
+                          chosen=triple.chosen, rejected=triple.rejected, source=location,
+                          subset=_subset(row, location))
+
+
+def _subset(row: dict[str, Any], location: str) -> str | None:
+    raw = row.get("subset")
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise BadRecord(BadRecordReason.WRONG_TYPE,
+                        f"{location}: field 'subset' must be a string, got {type_name(raw)}")
+    return raw
 
 
 def _record_id(row: dict[str, Any], location: str) -> str:
@@ -202,26 +245,18 @@ def _record_id(row: dict[str, Any], location: str) -> str:
         return location
     # bool is an int subclass, but True/False as ids are almost surely a data bug.
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
-        raise _BadRecord(
+        raise BadRecord(
             BadRecordReason.WRONG_TYPE,
-            f"{location}: field 'id' must be a string or an integer, got {_type_name(raw)}; "
+            f"{location}: field 'id' must be a string or an integer, got {type_name(raw)}; "
             "omit 'id' to get the generated id '<file>:<line>'",
         )
     text = str(raw)
     if not text.strip():
-        raise _BadRecord(
+        raise BadRecord(
             BadRecordReason.EMPTY_FIELD,
             f"{location}: field 'id' is empty; omit 'id' to get the generated id '<file>:<line>'",
         )
     return text
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), type(value).__name__
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,10 +305,10 @@ def require_pairs(path: str | Path, pairs: Sequence[PreferencePair], report: Rea
                     "prompt/chosen/rejected records")
 
 
-def has_records(path: str | Path) -> bool:
+def has_records(path: str | Path, split: str | None = None) -> bool:
     """Whether the data behind ``path`` (as ``read_pairs`` resolves it) holds at least one
     record, valid or not; blank lines are not records. Reads no further than the first one."""
-    for file in resolve_data_files(Path(path)):
+    for file in resolve_data_files(Path(path), split):
         rows = _iter_rows(file)
         try:
             if next(rows, None) is not None:
@@ -313,7 +348,7 @@ def _resolve_saved_dataset(path: Path) -> list[Path]:
 
 
 def _is_data_file(p: Path) -> bool:
-    return p.suffix in _JSONL_SUFFIXES + _TABLE_SUFFIXES and p.name not in (
+    return _kind(p) is not None and p.name not in (
         "state.json",
         "dataset_info.json",
         "dataset_dict.json",
@@ -321,10 +356,10 @@ def _is_data_file(p: Path) -> bool:
 
 
 def _check_suffix(path: Path) -> None:
-    if path.suffix not in _JSONL_SUFFIXES + _TABLE_SUFFIXES:
+    if _kind(path) is None:
         raise DataError(
             f"{path}: unsupported file type '{path.suffix}'; "
-            "use .jsonl (or .json with one object per line), .parquet or .arrow"
+            "use .jsonl (or .json with one object per line, either gzipped), .parquet or .arrow"
         )
 
 
@@ -336,23 +371,25 @@ def _matches_split(rel: Path, split: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Row sources: each yields (location, decoded row or _BadRecord)
+# Row sources: each yields (location, decoded row or BadRecord)
 # --------------------------------------------------------------------------------------------
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix in _JSONL_SUFFIXES:
+    kind = _kind(path)
+    if kind == "jsonl":
         yield from _iter_jsonl(path)
-    elif path.suffix == ".parquet":
+    elif kind == "parquet":
         yield from _iter_parquet(path)
-    elif path.suffix == ".arrow":
+    elif kind == "arrow":
         yield from _iter_arrow(path)
     else:
         _check_suffix(path)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:
+    opened: Any = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    with opened as f:
         for lineno, raw in enumerate(f, start=1):
             location = f"{path}:{lineno}"
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -360,7 +397,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield location, _BadRecord(
+                yield location, BadRecord(
                     BadRecordReason.INVALID_UTF8,
                     f"{location}: invalid UTF-8 at byte {e.start + 1} of the line; "
                     "re-save the file as UTF-8",
@@ -371,7 +408,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield location, json.loads(text)
             except json.JSONDecodeError as e:
-                yield location, _BadRecord(
+                yield location, BadRecord(
                     BadRecordReason.MALFORMED_JSON,
                     f"{location}: malformed JSON ({e.msg} at column {e.colno}); "
                     "each line must be one complete JSON object",
@@ -399,8 +436,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         pfile = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-    columns = _table_columns(path, pfile.schema_arrow.names)
-    yield from _iter_batches(path, pfile.iter_batches(columns=columns))
+    yield from _iter_batches(path, pfile.iter_batches())
 
 
 def _iter_arrow(path: Path) -> Iterator[tuple[str, Any]]:
@@ -419,18 +455,7 @@ def _iter_arrow(path: Path) -> Iterator[tuple[str, Any]]:
             except pa.ArrowInvalid as e:
                 raise DataError(f"{path}: not a readable Arrow IPC file ({e})") from None
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        columns = _table_columns(path, reader.schema.names)
-        yield from _iter_batches(path, (b.select(columns) for b in batches))
-
-
-def _table_columns(path: Path, names: list[str]) -> list[str]:
-    """Columns to read; a whole missing column is a file-level error, not N bad records."""
-    missing = [c for c in REQUIRED_FIELDS if c not in names]
-    if missing:
-        raise DataError(
-            f"{path}: column(s) {missing} missing (found {names}); {_FIX_HINT}"
-        )
-    return list(REQUIRED_FIELDS) + [c for c in ("id", "subset") if c in names]
+        yield from _iter_batches(path, batches)
 
 
 def _iter_batches(path: Path, batches: Any) -> Iterator[tuple[str, Any]]:

@@ -14,9 +14,20 @@ Two templates:
 
     Message contents are stripped, as the Llama chat templates do.
 
+    A prompt is a string (one user turn) or a conversation (``Message``s ending with the
+    user's turn); a one-turn conversation and the same text as a string give the same ids.
+    Earlier assistant turns are rendered by the template as context; the response is always
+    the final assistant turn only, the one every loss scores. The system prompt joins a
+    conversation that has its own system turn by going first: one system message,
+    ``system_prompt + "\n\n" + the conversation's system text``, so the reflective
+    instruction (which SEGA's answer marker relies on) is never lost and the dataset's
+    instruction is kept, in one system turn as the Llama templates expect.
+
 ``none``
     Raw text: ``[BOS] + encode(prompt)`` then ``encode(response)``, nothing added in between or
-    to the response, except EOS when ``append_eos=True``. The system prompt is not used.
+    to the response, except EOS when ``append_eos=True``. The system prompt is not used. A
+    conversation is accepted only when it is a single user turn (it cannot be rendered
+    without a template): anything longer is a ``DataError`` naming the record.
 
 User text is always encoded as untrusted (special-token strings in it stay text); only the
 template's own text is encoded with special tokens. To tell the two apart the template is
@@ -35,7 +46,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from megatron_sega.data.batching import TokenizedExample, TokenizedPair
-from megatron_sega.data.errors import TokenizerError
+from megatron_sega.data.errors import DataError, TokenizerError
+from megatron_sega.data.formats import Message, Prompt
 from megatron_sega.data.records import PreferencePair
 from megatron_sega.data.tokenizer import Tokenizer
 
@@ -94,10 +106,10 @@ class PromptFormatter:
         """The id appended to responses when ``append_eos=True``."""
         return self._end_of_turn_id
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of the prompt as the model sees it before generating; starts with BOS once."""
         if self.template == "none":
-            return self.tokenizer.encode(prompt, add_bos=True)
+            return self.tokenizer.encode(_plain_prompt(prompt), add_bos=True)
         ids = self._encode_messages(self._messages(prompt), add_generation_prompt=True)
         bos = self.tokenizer.bos_id
         if bos is not None and ids[:1] != [bos]:
@@ -105,7 +117,7 @@ class PromptFormatter:
         return ids
 
     def encode_pair(
-        self, prompt: str, response: str, append_eos: bool = False
+        self, prompt: Prompt, response: str, append_eos: bool = False
     ) -> tuple[list[int], list[int]]:
         """``(prompt_ids, response_ids)``; the end-of-turn/EOS id is appended only if asked."""
         return self.encode_prompt(prompt), self.encode_response(response, append_eos)
@@ -119,11 +131,15 @@ class PromptFormatter:
         return ids
 
     # ----------------------------------------------------------------------------------------
-    def _messages(self, prompt: str) -> list[dict[str, str]]:
-        messages = []
+    def _messages(self, prompt: Prompt) -> list[dict[str, str]]:
+        turns = [Message("user", prompt)] if isinstance(prompt, str) else list(prompt)
+        messages = [{"role": m.role, "content": m.content.strip()} for m in turns]
         if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": prompt.strip()})
+            if messages[0]["role"] == "system":
+                own = messages.pop(0)["content"]
+                messages.insert(0, {"role": "system", "content": f"{self.system_prompt}\n\n{own}"})
+            else:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -240,11 +256,9 @@ def tokenize_sft(
     pairs: Sequence[PreferencePair], formatter: PromptFormatter
 ) -> list[TokenizedExample]:
     """Stage A examples: ``prompt -> chosen``, with the end-of-turn token as the last target."""
-    out = []
-    for p in pairs:
-        prompt_ids, response_ids = formatter.encode_pair(p.prompt, p.chosen, append_eos=True)
-        out.append(TokenizedExample(p.id, prompt_ids, response_ids))
-    return out
+    return [TokenizedExample(p.id, _prompt_ids(formatter, p),
+                             formatter.encode_response(p.chosen, append_eos=True))
+            for p in pairs]
 
 
 def tokenize_pairs(
@@ -256,7 +270,7 @@ def tokenize_pairs(
         out.append(
             TokenizedPair(
                 p.id,
-                formatter.encode_prompt(p.prompt),
+                _prompt_ids(formatter, p),
                 formatter.encode_response(p.chosen, append_eos),
                 formatter.encode_response(p.rejected, append_eos),
                 subset=p.subset,
@@ -269,4 +283,29 @@ def tokenize_prompts(
     pairs: Sequence[PreferencePair], formatter: PromptFormatter
 ) -> list[TokenizedExample]:
     """Generation prompts (stage B); ``response_ids`` is empty."""
-    return [TokenizedExample(p.id, formatter.encode_prompt(p.prompt), []) for p in pairs]
+    return [TokenizedExample(p.id, _prompt_ids(formatter, p), []) for p in pairs]
+
+
+class _ConversationWithoutTemplate(DataError):
+    """A conversation under template ``none``; ``tokenize_*`` add the record's location."""
+
+
+def _prompt_ids(formatter: PromptFormatter, pair: PreferencePair) -> list[int]:
+    """``formatter.encode_prompt``, with a conversation that template ``none`` cannot render
+    reported at its record."""
+    try:
+        return formatter.encode_prompt(pair.prompt)
+    except _ConversationWithoutTemplate as e:
+        raise DataError(f"{pair.source}: field 'prompt' is {e}") from None
+
+
+def _plain_prompt(prompt: Prompt) -> str:
+    """The text of a prompt under template ``none``: a string, or a single user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].role == "user":
+        return prompt[0].content
+    raise _ConversationWithoutTemplate(
+        f"a conversation of {len(prompt)} turns ({', '.join(m.role for m in prompt)}), which "
+        "data.template=none cannot render; use data.template=chat (the tokenizer's chat "
+        "template renders every turn) or give single-turn prompts")

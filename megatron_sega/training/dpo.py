@@ -147,10 +147,10 @@ def run_dpo(config, args) -> int:
     rt = session.runtime
     # Before any resume: without dpo.reference the reference is the starting weights.
     reference = load_reference(session, cfg.reference)
-    pairs = load_eval_pairs(session, config.data.train, append_eos=True)
+    pairs = load_eval_pairs(session, config.data.train, config.data.train_split, append_eos=True)
     iterator = GlobalBatchIterator(pairs, cfg.global_batch_size, dp_rank=rt.dp_rank,
                                    dp_size=rt.dp, seed=config.data.seed)
-    eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
+    eval_pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split) if config.data.eval else []
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "dpo", start, cfg.steps)

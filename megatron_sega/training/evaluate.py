@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sega.data import (
-    DataError, TokenizedPair, apply_overlong_policy, collate_pairs, read_pairs, require_pairs,
-    tokenize_pairs,
+    DataError, TokenizedPair, apply_overlong_policy, collate_pairs, tokenize_pairs,
 )
 from megatron_sega.training.rewardbench import is_rewardbench, section_report
 from megatron_sega.training.stats import CONFIDENCE, wilson_interval
@@ -44,16 +43,17 @@ SCORES: dict[str, Callable[[dict, str, float], float]] = {
 }
 
 
-def load_eval_pairs(session, path: str, *, append_eos: bool = True) -> list[TokenizedPair]:
-    """Read, validate and tokenise preference pairs (template ``data.template``); each response
-    ends with the template's end-of-turn token as its last target, as in training (SFT, SEGA and
-    DPO score it too). A file that leaves no pair (empty, all bad, all too long) is a
-    ``DataError``: an accuracy over zero pairs is not a result."""
+def load_eval_pairs(session, path: str, split: Optional[str] = None, *,
+                    append_eos: bool = True) -> list[TokenizedPair]:
+    """Read (as ``data.*`` says: format, columns, preference; ``split`` of a DatasetDict or a
+    folder of split files), validate and tokenise preference pairs (template
+    ``data.template``); each response ends with the template's end-of-turn token as its last
+    target, as in training (SFT, SEGA and DPO score it too). A file that leaves no pair (empty,
+    all bad, all too long) is a ``DataError``: an accuracy over zero pairs is not a result."""
+    from megatron_sega.training.session import read_records
+
     data = session.config.data
-    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
-    if report.total_dropped:
-        session.print(report.summary())
-    require_pairs(path, pairs, report)
+    pairs = read_records(session, path, split)
     tokenized = tokenize_pairs(pairs, session.formatter, append_eos=append_eos)
     kept, overlong = apply_overlong_policy(tokenized, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
@@ -212,7 +212,7 @@ def run_eval(config, args) -> int:
     preflight(config, "eval")
     session = open_session(config, train=False)
     announce(session, "eval")
-    pairs = load_eval_pairs(session, config.data.eval)
+    pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split)
     reference = None
     if config.eval.reference:
         reference = load_reference(session, config.eval.reference)

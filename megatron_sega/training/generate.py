@@ -96,12 +96,13 @@ def _show(session: Session, prompts: list[TokenizedExample], records: list[dict]
 
 def run_generate(config, args) -> int:
     source = config.data.eval or config.data.train
+    split = config.data.eval_split if config.data.eval else config.data.train_split
     if not source:
         raise ConfigError("generate needs prompts: set data.eval or data.train")
     preflight(config, "generate")
     out = getattr(args, "out", None)
     session = open_session(config, train=False)
-    prompts: list[TokenizedExample] = load_prompts(session, source)
+    prompts: list[TokenizedExample] = load_prompts(session, source, split)
     if not out:
         prompts = prompts[:_SHOWN]
     records = generate_samples(session, prompts, config.sega.k)

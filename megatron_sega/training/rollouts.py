@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sega.data import (
-    DataError, TokenizedExample, read_pairs, require_pairs, tokenize_prompts,
+    DataError, TokenizedExample, tokenize_prompts,
 )
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
     advantages, answer_span_mask, entropy_scores, rewards, top_bottom_pairs, trim_outliers,
 )
-from megatron_sega.training.session import Session, dp_all_reduce
+from megatron_sega.training.session import Session, dp_all_reduce, read_records
 
 
 @dataclass
@@ -79,13 +79,11 @@ def mean_entropy_score(session: Session, prompts: list[TokenizedExample], seed_o
     return score_sum / max(count, 1.0)
 
 
-def load_prompts(session: Session, path: str) -> list[TokenizedExample]:
+def load_prompts(session: Session, path: str, split: str | None = None) -> list[TokenizedExample]:
+    """The generation prompts of ``path`` (its ``split``), those that leave room for
+    ``sampling.max_new_tokens`` within ``data.max_seq_len``."""
     data = session.config.data
-    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
-    if report.total_dropped:
-        session.print(report.summary())
-    require_pairs(path, pairs, report)
-    prompts = tokenize_prompts(pairs, session.formatter)
+    prompts = tokenize_prompts(read_records(session, path, split), session.formatter)
     limit = data.max_seq_len - session.config.sampling.max_new_tokens
     kept = [p for p in prompts if len(p.prompt_ids) <= limit]
     if len(kept) < len(prompts):

@@ -272,7 +272,7 @@ def run_sega(config, args) -> int:
                            lr_override=cfg.lr)
     announce(session, "sega")
     rt = session.runtime
-    prompts = load_prompts(session, config.data.train)
+    prompts = load_prompts(session, config.data.train, config.data.train_split)
     iterator = GlobalBatchIterator(list(range(len(prompts))), cfg.prompts_per_step,
                                    dp_rank=rt.dp_rank, dp_size=rt.dp, seed=config.data.seed,
                                    name="sega.prompts_per_step")

@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sega.config import Config, ConfigError, check_stages, torch_dtype
+from megatron_sega.config import Config, ConfigError, DataConfig, check_stages, torch_dtype
 from megatron_sega.data import (
-    DataError, PromptFormatter, Tokenizer, TINY_TOKENIZER_DIR, has_records,
+    DataError, PreferencePair, PromptFormatter, ReadOptions, Tokenizer, TINY_TOKENIZER_DIR,
+    detect_formats, has_records, read_pairs, require_pairs,
 )
 from megatron_sega.checkpoint.mcore import (
     checkpoint_spec, checkpoint_tokenizer_dir, load_model_checkpoint, resolve_checkpoint_dir,
@@ -119,10 +120,30 @@ def model_spec(config: Config, tokenizer_vocab: Optional[int] = None) -> LlamaSp
     return resolve_spec(config, tokenizer_vocab, checkpoint_spec=recorded)
 
 
+def read_options(data: DataConfig) -> ReadOptions:
+    """How ``data.format``, ``data.columns`` and ``data.preference`` say records are laid out."""
+    columns = {ours: theirs for ours, theirs in vars(data.columns).items() if ours != theirs}
+    return ReadOptions(format=data.format, columns=columns, preference=data.preference)
+
+
+def read_records(session: Session, path: str, split: Optional[str]) -> list[PreferencePair]:
+    """The preference pairs of ``path`` (its ``split`` when it is a DatasetDict or a folder of
+    split files) read as ``data.*`` says; bad records skipped are counted on the log, and a
+    file that leaves none is a ``DataError``."""
+    data = session.config.data
+    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record, split=split,
+                               options=read_options(data))
+    if report.total_dropped:
+        session.print(report.summary())
+    require_pairs(path, pairs, report)
+    return pairs
+
+
 def data_inputs(config: Config, stages: tuple[str, ...]) -> list[tuple[str, str]]:
     """The data options (name, path) that ``stages`` read: SFT, SEGA and DPO train on
-    ``data.train``; eval scores ``data.eval``, as SFT and DPO do when it is set; generate takes
-    its prompts from ``data.eval``, else ``data.train``."""
+    ``data.train`` (its split ``data.train_split``); eval scores ``data.eval``
+    (``data.eval_split``), as SFT and DPO do when it is set; generate takes its prompts from
+    ``data.eval``, else ``data.train``."""
     data = config.data
     wanted = []
     for stage in stages:
@@ -137,15 +158,20 @@ def data_inputs(config: Config, stages: tuple[str, ...]) -> list[tuple[str, str]
 
 
 def check_data_inputs(config: Config, stages: tuple[str, ...]) -> None:
-    """Each data path the ``stages`` read exists and holds at least one record."""
+    """Each data path the ``stages`` read exists and holds at least one record; the format
+    each file will be read in is printed, one line per option (on the first rank)."""
     for option, path in data_inputs(config, stages):
+        split = getattr(config.data, f"{option.removeprefix('data.')}_split")
         if not Path(path).exists():
             raise DataError(f"{option} = {path} does not exist (relative paths start at "
                             f"{Path.cwd()}); point {option} at a JSONL/Parquet/Arrow file "
                             "or a datasets directory")
-        if not has_records(path):
+        if not has_records(path, split):
             raise DataError(f"{option} = {path} holds no records (an empty file); point "
                             f"{option} at a file of prompt/chosen/rejected records")
+        if launch_info()[0] == 0:
+            line = detect_formats(path, split, read_options(config.data))
+            print(f"{option}: format {line}", flush=True)
 
 
 def preflight(config: Config, *stages: str) -> int:

@@ -14,13 +14,14 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.config import ConfigError
-from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, read_pairs, tokenize_sft
+from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, tokenize_sft
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
 from megatron_sega.training.microbatch import split_microbatches
 from megatron_sega.training.session import (
-    Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight, stage_logger,
+    Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight, read_records,
+    stage_logger,
 )
 from megatron_sega.training.teacher_forced import vocab_shard_info
 
@@ -58,12 +59,9 @@ def check_sft_microbatches(config, dp: int) -> None:
         f"sft.micro_batch_size({sft.micro_batch_size})")
 
 
-def load_sft_examples(session: Session, path: str):
+def load_sft_examples(session: Session, path: str, split: str | None = None):
     data = session.config.data
-    pairs, report = read_pairs(path, on_bad_record=data.on_bad_record)
-    if report.total_dropped:
-        session.print(report.summary())
-    examples = tokenize_sft(pairs, session.formatter)
+    examples = tokenize_sft(read_records(session, path, split), session.formatter)
     kept, overlong = apply_overlong_policy(examples, data.max_seq_len, data.overlong,
                                            bos_id=session.tokenizer.bos_id)
     if overlong.truncated or overlong.dropped:
@@ -102,11 +100,11 @@ def run_sft(config, args) -> int:
     session = open_session(config, train=True, total_steps=sft.steps, lr_override=sft.lr)
     announce(session, "sft")
     rt = session.runtime
-    examples = load_sft_examples(session, config.data.train)
+    examples = load_sft_examples(session, config.data.train, config.data.train_split)
     iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
                                    dp_size=rt.dp, seed=config.data.seed,
                                    name="sft.global_batch_size")
-    eval_pairs = load_eval_pairs(session, config.data.eval) if config.data.eval else []
+    eval_pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split) if config.data.eval else []
     ckpt = checkpoint_manager(session, "sft", iterator)
     start = ckpt.resume()
     logger = stage_logger(session, "sft", start, sft.steps)
