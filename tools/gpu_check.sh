@@ -59,7 +59,7 @@ while [ $# -gt 0 ]; do
       "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 -d "$2" "${WHEELS_FOR_TARGET[@]}"
-      ls -l "$2"; du -ch "$2"/*.whl | tail -n 1; exit 0 ;;
+      ls -l "$2"; du -sh "$2"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option '$1' (use --dry-run, --wheels DIR, --make-wheels DIR)" >&2
        exit 2 ;;
   esac
