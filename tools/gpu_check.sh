@@ -96,8 +96,9 @@ else
 fi
 FIGURES="$WORK/figures.log"
 : > "$FIGURES"
+step() { echo "== $1 (at $(( $(date +%s) - start )) s)"; }  # where the 8 minutes go
 
-echo "== preflight"
+step "preflight"
 "$PY" - <<'PY'
 import ast, importlib, importlib.metadata as md, re, sys
 from pathlib import Path
@@ -141,7 +142,7 @@ print(f"device: {name}; torch {torch.__version__}; megatron-core {megatron.core.
       f"Transformer Engine {te}")
 PY
 
-echo "== gpu tests"
+step "gpu tests"
 # The modules that declare GPU tests (a module-level pytestmark or a test decorated with the gpu
 # marker): pytest collects only these, so no other module's imports can stop the check.
 mapfile -t GPU_TESTS < <(grep -rlE --include='test_*.py' \
@@ -150,7 +151,7 @@ PYTEST=(-m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}")
 echo "pytest command: ${PYTEST[*]}"
 "$PY" "${PYTEST[@]}"
 
-echo "== bf16 SFT + SEGA + eval (CLI)"
+step "bf16 SFT + SEGA + eval (CLI)"
 cat > "$WORK/bf16.yaml" <<'YAML'
 model: {preset: tiny, dtype: bf16}
 data: {train: examples/demo_data/train.jsonl, eval: examples/demo_data/eval.jsonl,
@@ -186,26 +187,26 @@ print(f"bf16 ok: SFT loss {rows['sft'][0]['loss']:.3f} -> {rows['sft'][-1]['loss
       f"{summary['accuracy']:.3f} on {summary['pairs']} pairs")
 PY
 
-echo "== vpp tests"
+step "vpp tests"
 # The interleaved schedule needs pp >= 2, i.e. two ranks, and NCCL refuses two ranks on one GPU,
 # so this one-GPU check cannot run VPP. Its CPU/gloo tests (tests/e2e/test_vpp_e2e.py and the
 # pp2xvpp2 layouts of the distributed tests) run in CI; on GPUs VPP stays "not yet verified".
 echo "vpp: not run (needs 2 GPUs with NCCL); verified on CPU/gloo only, in CI"
 
-echo "== training steps: SFT, DPO, SEGA update (MFU)"
+step "training steps: SFT, DPO, SEGA update (MFU)"
 "$PY" -m benchmarks.train_step --stage sft dpo sega "${MODEL[@]}" "${TRAIN[@]}" --dtype bf16 \
   --out "$OUT/gpu_train_step.json" | tee -a "$FIGURES"
-echo "== SEGA step: sample / score / train, peak memory per phase"
+step "SEGA step: sample / score / train, peak memory per phase"
 "$PY" -m benchmarks.sega_step "${MODEL[@]}" "${SEGA[@]}" --dtype bf16 \
   --out "$OUT/gpu_sega_step.json" | tee -a "$FIGURES"
-echo "== sampler tokens/s"
+step "sampler tokens/s"
 for b in 1 8 64; do
   "$PY" -m benchmarks.sampler "${SAMPLE[@]}" --batch "$b" --repeats 1 --dtype bf16 \
     --skip no_cache sampler_local --no-tp2-demo --out "$OUT/gpu_sampler_b$b.json" | tee -a "$FIGURES"
 done
-echo "== entropy op"
+step "entropy op"
 "$PY" -m benchmarks.entropy_op "${ENTROPY[@]}" --dtype bf16 --out "$OUT/gpu_entropy_op.json" \
   | tee -a "$FIGURES"
-echo "== figures"
+step "figures"
 grep '^figure: ' "$FIGURES"
 echo "gpu check done in $(( $(date +%s) - start )) s; results in $OUT/gpu_*.json"
