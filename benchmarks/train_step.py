@@ -188,8 +188,10 @@ def random_rows(n: int, length: int, prompt: int, vocab: int, seed: int = 0
     return [(row[:prompt], row[prompt:]) for row in rows]
 
 
-def stage_steps(session, stages: list[str], batch: int, seq: int) -> dict[str, Callable]:
-    """One training step of each stage, on fixed random full-length rows (a quarter prompt)."""
+def stage_steps(session, stages: list[str], batch: int, seq: int):
+    """(stage, one training step of it) in turn, on fixed random full-length rows (a quarter
+    prompt). A generator: DPO's reference is built when its turn comes and dropped after it, so
+    each stage's peak memory holds only what that stage holds."""
     from megatron_sega.data import TokenizedExample, collate
     from megatron_sega.data.batching import TokenizedPair
     from megatron_sega.training.dpo import dpo_step
@@ -198,17 +200,16 @@ def stage_steps(session, stages: list[str], batch: int, seq: int) -> dict[str, C
     from megatron_sega.training.session import load_reference
     from megatron_sega.training.sft import sft_step
 
-    vocab, prompt = session.vocab_size, seq // 4
-    rows = random_rows(batch, seq, prompt, vocab)
+    rows = random_rows(batch, seq, seq // 4, session.vocab_size)
     examples = [TokenizedExample(str(i), p, r) for i, (p, r) in enumerate(rows)]
-    steps = {}
     if "sft" in stages:
-        steps["sft"] = lambda: sft_step(session, examples)
+        yield "sft", lambda: sft_step(session, examples)
     if "dpo" in stages:
         pairs = [TokenizedPair(str(j), rows[2 * j][0], rows[2 * j][1], rows[2 * j + 1][1])
                  for j in range(batch // 2)]
         reference = load_reference(session)
-        steps["dpo"] = lambda: dpo_step(session, reference, pairs)
+        yield "dpo", lambda: dpo_step(session, reference, pairs)
+        del reference
     if "sega" in stages:
         sega_batch = collate(examples, session.tokenizer.pad_id)
         advantage = torch.randn(batch, generator=torch.Generator().manual_seed(1))
@@ -220,8 +221,7 @@ def stage_steps(session, stages: list[str], batch: int, seq: int) -> dict[str, C
             return optimizer_step(session.optimizer, session.scheduler,
                                   device=session.runtime.device)
 
-        steps["sega"] = sega_update
-    return steps
+        yield "sega", sega_update
 
 
 def run_stages(spec, args) -> dict:
@@ -238,9 +238,10 @@ def run_stages(spec, args) -> dict:
     device = session.runtime.device.type
     tokens = args.batch * args.seq  # every row full length: prompt + response tokens
     results, peaks = {}, PeakMemory(device)
-    for stage, step in stage_steps(session, args.stage, args.batch, args.seq).items():
+    for stage, step in stage_steps(session, args.stage, args.batch, args.seq):
         peaks.start()
         sec = timed(step, args.steps, device)
+        del step  # DPO's step holds its reference
         peaks.stop(stage)
         flops = training_flops_per_token(session.spec, args.seq) * tokens / sec
         results[stage] = {"seconds_per_step": sec, "tokens_per_s": tokens / sec,
