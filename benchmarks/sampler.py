@@ -106,7 +106,8 @@ def sampler_variants(model, local_model, rt, vocab: int) -> dict:
     else:
         print(f"sampler (lean forward) skipped: {reason}", file=sys.stderr)
     samplers["sampler_megatron"] = Sampler(model, rt, vocab, pad_id=0, lean=False)
-    samplers["sampler_local"] = Sampler(local_model, rt, vocab, pad_id=0, lean=False)
+    if local_model is not None:  # None: left out (--skip sampler_local)
+        samplers["sampler_local"] = Sampler(local_model, rt, vocab, pad_id=0, lean=False)
     return samplers
 
 
@@ -293,6 +294,18 @@ def speedups(seconds: dict, baseline: str = "sampler") -> dict:
             for name, t in seconds.items()}
 
 
+def figure_line(rows: list[dict], where: str) -> str:
+    """One readable line: every decoder's tokens/s on the speed-up clock, and how many times
+    faster the sampler is than each other decoder."""
+    parts = []
+    for r in rows:
+        faster = r["sampler_speedup"]
+        vs = f" (sampler {faster:.2f}x faster)" if faster and r["decoder"] != "sampler" else ""
+        parts.append(f"{r['decoder']} {r['tokens_per_s']:.0f} tokens/s{vs}")
+    clock = rows[0]["speedup_clock"] if rows else "-"
+    return f"figure: sampler ({where}; {clock} clock): " + ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -320,10 +333,12 @@ def main() -> None:
     from megatron_sega import runtime
     rt = runtime.setup(1, 1)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    hf = hf_model(args.hidden, args.layers, args.vocab, heads=args.heads,
-                  kv_heads=args.kv_heads, ffn=args.ffn).to(rt.device, dtype)
+    with torch.device(rt.device):  # drawn where it runs: an 8B-wide init on CPU takes minutes
+        hf = hf_model(args.hidden, args.layers, args.vocab, heads=args.heads,
+                      kv_heads=args.kv_heads, ffn=args.ffn).to(dtype=dtype)
     model, spec = megatron_model(hf, rt, attention=LEAN_ATTENTION, dtype=dtype)
-    local_model, _ = megatron_model(hf, rt, attention="local", dtype=dtype)
+    local_model = (None if "sampler_local" in args.skip
+                   else megatron_model(hf, rt, attention="local", dtype=dtype)[0])
     prompts = prompts_for(args.batch, args.prompt, args.vocab)
     samplers = sampler_variants(model, local_model, rt, spec.vocab_size)
     runners = {
@@ -351,6 +366,8 @@ def main() -> None:
         rows.append({
             "decoder": name, "wall_s": wall[name], "cpu_s": cpu[name],
             "tokens_per_s_wall": generated / wall[name], "tokens_per_cpu_s": generated / cpu[name],
+            # on the speed-up's clock: what the README and benchmarks/__main__ quote
+            "tokens_per_s": generated / (wall[name] if clock == "wall" else cpu[name]),
             "sampler_speedup": speedup[name], "speedup_clock": clock,
             "first_call_s": first_call[name],
             "token_agreement": float((outputs[name].cpu() == ref).float().mean()),
@@ -382,6 +399,9 @@ def main() -> None:
         print(f"| {r['decoder']} | {r['cpu_s']:.2f} | {r['tokens_per_cpu_s']:.0f} | {times} | "
               f"{r['wall_s']:.2f} | {r['tokens_per_s_wall']:.0f} | {r['first_call_s']:.2f} | "
               f"{r['token_agreement']:.3f} |")
+    print(figure_line(rows, f"{rt.device}, hidden {args.hidden}, {args.layers} layers, batch "
+                      f"{args.batch}, prompts <= {args.prompt}, {args.new} new tokens, "
+                      f"{args.dtype}"), flush=True)
     if tp2:
         print(f"\nTP=2, demo model, {tp2['rows']} rows x {tp2['new']} new tokens, "
               f"T=1 p=0.95, per decode step (ms, host wall):\n")

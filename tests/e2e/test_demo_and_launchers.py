@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,11 +92,56 @@ def test_launcher_dry_run_validates_config_and_world_size(script, tmp_path):
     assert "tp(3) * pp(1) = 3 does not divide WORLD_SIZE(8)" in bad.stderr
 
 
-def test_gpu_check_dry_run_works_on_cpu():
+# Stands in for Python in a real (not dry) run of gpu_check.sh: every step before the GPU tests
+# passes; `-m pytest ...` writes its arguments down and stops the script.
+_FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m pytest" ]; then shift 2; echo "$@" > "$LOG/pytest"; exit 3; fi
+exit 0
+"""
+
+
+def _gpu_tests_pytest_selects(env) -> set[str]:
+    """The modules of the GPU tests pytest itself selects over the whole tree (-m gpu)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                          "tests", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    return {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+
+
+def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
+    """The rehearsal runs the real run's steps: its pytest command is the one a real run
+    executes (captured with a stand-in Python), over exactly the modules that hold GPU tests
+    (pytest's own -m gpu selection over the whole tree), and it collects them without an error
+    (a module that fails to import fails the dry run); then every figure is printed."""
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=_env(),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in ("== gpu tests", "== bf16 SFT + SEGA + eval (CLI)", "bf16 ok: SFT loss",
-                 "== vpp tests", "vpp: not run (needs 2 GPUs", "== training step (MFU)", "== sampler tokens/s", "== entropy op",
-                 "gpu check done"):
-        assert step in result.stdout
+    out = result.stdout
+    for step in ("== preflight", "device: ", "== gpu tests", "== bf16 SFT + SEGA + eval (CLI)",
+                 "bf16 ok: SFT loss", "== vpp tests", "vpp: not run (needs 2 GPUs",
+                 "== training steps: SFT, DPO, SEGA update (MFU)", "== SEGA step",
+                 "== sampler tokens/s", "== entropy op", "== figures", "gpu check done"):
+        assert step in out, step
+    dry_command = next(line for line in out.splitlines() if line.startswith("pytest command: "))
+    dry_args = dry_command[len("pytest command: -m pytest "):].split()
+
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    real = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(_env(), PYTHON=str(fake), LOG=str(tmp_path)))
+    assert real.returncode == 3, real.stdout + real.stderr  # stopped at the GPU tests
+    assert (tmp_path / "pytest").read_text().split() == dry_args
+
+    modules = {a for a in dry_args if a.endswith(".py")}
+    assert modules == _gpu_tests_pytest_selects(_env())
+    summary = out.split("== gpu tests")[1].split("== bf16")[0]
+    assert re.search(r"\b\d+ skipped", summary) and "error" not in summary.lower(), summary
+
+    figures = [line for line in out.split("== figures")[1].splitlines()
+               if line.startswith("figure: ")]
+    for kind in ("SFT step", "DPO step", "SEGA update step", "SEGA step", "entropy+logprob op"):
+        assert any(f"figure: {kind} (" in line for line in figures), kind
+    assert sum("figure: sampler (" in line and "hf_generate" in line for line in figures) == 3
