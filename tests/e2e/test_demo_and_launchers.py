@@ -63,6 +63,7 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
 
 
 LAUNCHERS = ["examples/sega_llama3_8b.sh", "examples/sega_llama3_8b_single_node.sh",
+             "examples/sega_llama3_70b.sh", "examples/slurm_job.sh",
              "examples/pipeline.sh", "scripts/demo.sh", "scripts/test.sh", "scripts/env.sh",
              "tools/gpu_check.sh"]
 
@@ -75,21 +76,28 @@ def test_scripts_are_bash_n_clean(script):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", ["examples/sega_llama3_8b.sh",
-                                    "examples/sega_llama3_8b_single_node.sh"])
-def test_launcher_dry_run_validates_config_and_world_size(script, tmp_path):
+@pytest.mark.parametrize("script,nodes,layout", [
+    ("examples/sega_llama3_8b.sh", 1, "tp=8 pp=1 dp=1 world=8"),
+    ("examples/sega_llama3_8b_single_node.sh", 1, "tp=8 pp=1 dp=1 world=8"),
+    ("examples/sega_llama3_70b.sh", 4, "tp=8 pp=4 dp=1 world=32"),  # its own config by default
+])
+def test_launcher_dry_run_validates_config_and_world_size(script, nodes, layout, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     args = ["bash", script, "--dry-run", "--hf-dir", str(tmp_path / "hf"), "--work-dir",
             str(tmp_path / "work"), "--train", str(data), "--eval", str(data)]
-    ok = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    env = {**_env(), "SLURM_NNODES": str(nodes)}
+    ok = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    assert "dry run ok: world size 8" in ok.stdout
-    assert ok.stdout.count("ok: tp=8 pp=1 dp=1 world=8") == 4  # sft, sega, eval x2
-    bad = subprocess.run(args + ["parallel.tp=3"], cwd=ROOT, env=_env(), capture_output=True,
+    world = 8 * nodes
+    assert f"dry run ok: world size {world}" in ok.stdout
+    assert ok.stdout.count(f"ok: {layout}") == 4  # sft, sega, eval x2
+    if nodes == 4:
+        assert "model 80 layers, hidden 8192" in ok.stdout
+    bad = subprocess.run(args + ["parallel.tp=3"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0
-    assert "tp(3) * pp(1) = 3 does not divide WORLD_SIZE(8)" in bad.stderr
+    assert f"does not divide WORLD_SIZE({world})" in bad.stderr
 
 
 # Stands in for Python in a real (not dry) run of gpu_check.sh: every step before the GPU tests
