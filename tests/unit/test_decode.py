@@ -47,6 +47,17 @@ def test_lean_forward_equals_megatron(model):
         assert diff <= 1e-5, (step, diff)
 
 
+def lean_vs_megatron(model, rt, is_pad: torch.Tensor, steps: int) -> float:
+    """Largest |logit| difference between the lean forward and Megatron's over a prefill of
+    ``is_pad``'s rows (6 tokens) and ``steps`` decode steps."""
+    tokens = torch.randint(3, 300, (is_pad.shape[0], 6), generator=torch.Generator().manual_seed(0))
+    out = []
+    for forward in (LeanForward(model, rt.tp_group), MegatronForward(model)):
+        forward.start(is_pad, is_pad.shape[1])
+        out.append([forward(tokens)] + [forward(tokens[:, i:i + 1]) for i in range(steps)])
+    return max((a - b).abs().max().item() for a, b in zip(*out))
+
+
 def test_lean_forward_runs_megatrons_local_core_attention():
     """The lean forward computes softmax attention through SDPA whatever module the model
     trains with: Megatron's local DotProductAttention too (it was refused before issue 20)."""
@@ -56,12 +67,6 @@ def test_lean_forward_runs_megatrons_local_core_attention():
     load_full_state_dict(local, random_full_state_dict(spec, spec.padded_vocab_size(1), seed=4),
                          1, 0)
     assert lean_unsupported(local) is None
-    tokens = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
     is_pad = torch.zeros(2, 8, dtype=torch.bool)
     is_pad[0, :2] = True
-    out = []
-    for forward in (LeanForward(local, rt.tp_group), MegatronForward(local)):
-        forward.start(is_pad, 8)
-        out.append([forward(tokens), forward(tokens[:, :1]), forward(tokens[:, 1:2])])
-    for a, b in zip(*out):
-        assert (a - b).abs().max().item() <= 1e-5
+    assert lean_vs_megatron(local, rt, is_pad, steps=2) <= 1e-5

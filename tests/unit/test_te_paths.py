@@ -15,6 +15,7 @@ from megatron_sega.models.builder import build_model
 from megatron_sega.models.init import random_full_state_dict
 from megatron_sega.sampling import Sampler
 from megatron_sega.sampling.decode import LeanForward, MegatronForward, lean_unsupported
+from tests.unit.test_decode import lean_vs_megatron
 
 
 class RMSNorm(torch.nn.Module):
@@ -89,15 +90,9 @@ def test_lean_forward_runs_a_te_final_norm(model):
     te_final_norm(m)
     assert not hasattr(m.decoder.final_layernorm, "normalized_shape")
     assert lean_unsupported(m) is None
-    tokens = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
     is_pad = torch.zeros(2, 7, dtype=torch.bool)
     is_pad[1, :2] = True
-    out = []
-    for forward in (LeanForward(m, rt.tp_group), MegatronForward(m)):
-        forward.start(is_pad, 7)
-        out.append([forward(tokens), forward(tokens[:, :1])])
-    for a, b in zip(*out):
-        assert (a - b).abs().max().item() <= 1e-5
+    assert lean_vs_megatron(m, rt, is_pad, steps=1) <= 1e-5
 
 
 def test_lean_refuses_a_zero_centered_final_norm(model):
