@@ -66,3 +66,25 @@ def test_every_layout_runs_through_each_stage(mixed: Path, stage: str) -> None:
     if stage == "eval":
         records = [json.loads(r) for r in (out / "eval" / "pairs.jsonl").read_text().splitlines()]
         assert len(records) == N_PAIRS
+
+
+def test_eval_and_dpo_read_renamed_columns_from_their_splits(tmp_path: Path) -> None:
+    """``data.columns`` and ``data.train_split`` / ``data.eval_split`` reach DPO's training
+    pairs and ``eval`` (their pairs go through evaluate.load_eval_pairs): a DatasetDict with the
+    UltraFeedback split names and renamed columns, its test split one pair shorter."""
+    rows = [{"question": f"Q{i}?", "good": f"yes {i}.", "bad": f"no {i}."} for i in range(6)]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(rows),
+                          "test_prefs": datasets.Dataset.from_list(rows[:5])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG.replace("DIR", str(tmp_path / "dd")))
+    options = ["data.columns.prompt=question", "data.columns.chosen=good",
+               "data.columns.rejected=bad", "data.train_split=train_prefs",
+               "data.eval_split=test_prefs"]
+    for stage in ("eval", "dpo"):
+        out = tmp_path / stage
+        Run(stage, tmp_path, stage, config, *options, f"logging.dir={out}",
+            f"checkpoint.save_dir={out / 'ckpt'}", f"eval.out={out / 'eval'}").wait()
+    records = (tmp_path / "eval" / "eval" / "pairs.jsonl").read_text().splitlines()
+    assert len(records) == 5
+    assert json.loads(records[0])["id"]  # read from the test split, through the renaming
