@@ -53,6 +53,39 @@ class ModelConfig:
     init_seed: int = 1234  # weights of a model that is not loaded from a checkpoint
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the base model's linear layers (``models/lora.py``); rank 0 = off.
+    The base weights are frozen; only the adapters train (SFT, SEGA, DPO)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        _check(self.rank >= 0, f"lora.rank must be >= 0 (0 = off), got {self.rank}")
+        _check(math.isfinite(self.alpha) and self.alpha > 0,
+               f"lora.alpha must be > 0 (the update is scaled by alpha / rank), got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _check(not unknown and len(self.targets) > 0,
+               f"lora.targets {list(self.targets)}: "
+               + (f"unknown target(s) {unknown}; " if unknown else "none given; ")
+               + f"choose among {', '.join(LORA_TARGETS)}")
+
+    def settings(self):
+        """The adapters to build (``models.lora.LoraSettings``), or None when LoRA is off."""
+        if not self.rank:
+            return None
+        from megatron_sega.models.lora import LoraSettings
+
+        return LoraSettings(self.rank, self.alpha, self.dropout, tuple(self.targets))
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
@@ -311,6 +344,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)

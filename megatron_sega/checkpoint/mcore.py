@@ -149,34 +149,66 @@ def sharded_model_state(model, loading_from: Optional[str | Path] = None) -> dic
 
 
 def keep_absent_extra_state_local(state: dict, directory: str | Path) -> list[str]:
-    """Turn the ``*._extra_state`` objects of ``state`` that the checkpoint in ``directory``
-    does not hold into ``LocalNonpersistentObject``s, in place; return their keys.
+    """Turn the entries of ``state`` that the checkpoint in ``directory`` may lack and does
+    lack into ``LocalNonpersistentObject``s, in place; return their keys. Two kinds:
 
-    Transformer Engine modules (and Megatron-Core's final norm whenever TE imports, whatever
-    the layer spec) add an ``_extra_state`` (their FP8 metadata) to the sharded state dict; a
-    checkpoint written where TE does not import (``tools/convert.py`` on a login node, a CPU
-    run) has none, and DCP would raise "Missing key". Kept local, the module's own value is
-    loaded back, so the strict ``load_state_dict`` that follows still sees every key. Weights
-    are never dropped: a missing tensor still fails the load. The reverse direction needs
-    nothing: a checkpoint's extra entries are simply not read."""
+    - ``*._extra_state`` objects. Transformer Engine modules (and Megatron-Core's final norm
+      whenever TE imports, whatever the layer spec) add one (their FP8 metadata); a checkpoint
+      written where TE does not import (``tools/convert.py`` on a login node, a CPU run) has
+      none, and DCP would raise "Missing key";
+    - LoRA adapters (``*.lora_a``, ``*.lora_b``): a LoRA run starting from a base checkpoint
+      keeps the adapters it initialised.
+
+    Kept local, the module's own value is loaded back, so the strict ``load_state_dict`` that
+    follows still sees every key. Other weights are never dropped: a missing tensor still fails
+    the load. The reverse direction needs nothing: a checkpoint's extra entries are not read."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    with safe_loading(directory):
-        stored = {obj.key for obj in load_sharded_metadata(str(directory))
-                  .values() if isinstance(obj, ShardedObject)}
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject, ShardedObject, ShardedTensor,
+    )
+    stored = stored_keys(directory)
     kept: list[str] = []
 
+    def optional(x) -> bool:
+        return (isinstance(x, ShardedObject) and x.key.endswith("_extra_state")) or (
+            isinstance(x, ShardedTensor) and x.key.endswith((".lora_a", ".lora_b")))
+
     def local(x):
-        if isinstance(x, ShardedObject) and x.key.endswith("_extra_state") \
-                and x.key not in stored:
+        if optional(x) and x.key not in stored:
             kept.append(x.key)
             return LocalNonpersistentObject(x.data)
         return x
 
     dict_list_map_inplace(local, state)
     return kept
+
+
+def stored_keys(directory: str | Path) -> set[str]:
+    """The keys of the tensors and objects a ``torch_dist`` checkpoint holds."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    with safe_loading(directory):
+        return {obj.key for obj in load_sharded_metadata(str(directory)).values()}
+
+
+def refuse_dropped_adapters(model, directory: str | Path) -> None:
+    """A checkpoint with LoRA adapters loaded into a model without them would silently be its
+    base: refuse it, naming the option."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    adapters = {k for k in stored_keys(directory) if k.endswith((".lora_a", ".lora_b"))}
+    if not adapters or any(n.endswith((".lora_a", ".lora_b"))
+                           for chunk in model_chunks(model) for n, _ in chunk.named_parameters()):
+        return
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    with safe_loading(directory):
+        meta = load_sharded_metadata(str(directory))
+    a = next(v for k, v in meta.items() if k.endswith(".lora_a") and isinstance(v, ShardedTensor))
+    raise CheckpointError(
+        f"{directory} holds LoRA adapters (rank {a.global_shape[-2]}) but lora.rank is 0, so "
+        f"they would be ignored; set lora.rank={a.global_shape[-2]} (and the run's lora.alpha "
+        "and lora.targets) to load them")
 
 
 def load_model_state(model, wanted: dict, loaded: dict) -> None:
@@ -216,6 +248,7 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     first = model_chunks(model)[0]
     info = read_info(directory)
     check_compatible(info, first.llama_spec, _model_padded_vocab(first), str(directory))
+    refuse_dropped_adapters(model, directory)
     wanted = sharded_model_state(model, loading_from=directory)
     with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))

@@ -75,12 +75,23 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
+# LoRA adapters (models/lora.py): B of a column-parallel layer is split as its weight's rows,
+# A of a row-parallel layer as its weight's columns; the other factor is replicated.
+_LORA_DIM0 = ("linear_qkv.lora_b", "linear_fc1.lora_b")
+_LORA_DIM1 = ("linear_proj.lora_a", "linear_fc2.lora_a")
+_LORA_REPLICATED = ("linear_qkv.lora_a", "linear_fc1.lora_a", "linear_proj.lora_b",
+                    "linear_fc2.lora_b")
+_GATE_UP = ("linear_fc1.weight", "linear_fc1.lora_b")  # rows [gate; up], split per half
+
+
 def tp_dim(name: str) -> int | None:
     """The partition dim of a parameter, or None when it is replicated across TP."""
-    if name.endswith(_ROW_DIM0) or name.endswith("linear_fc1.weight"):
+    if name.endswith(_ROW_DIM0) or name.endswith("linear_fc1.weight") or name.endswith(_LORA_DIM0):
         return 0
-    if name.endswith(_COL_DIM1):
+    if name.endswith(_COL_DIM1) or name.endswith(_LORA_DIM1):
         return 1
+    if name.endswith(_LORA_REPLICATED):
+        return None
     if name.endswith(("layernorm.weight", "final_layernorm.weight", "layer_norm_weight")):
         return None
     raise LayoutError(f"unknown parameter '{name}': not part of the Llama layout")
@@ -94,7 +105,7 @@ def tp_shard(name: str, full: torch.Tensor, tp: int, tp_rank: int) -> torch.Tens
     if full.shape[dim] % tp != 0:
         raise LayoutError(f"'{name}' has size {full.shape[dim]} on dim {dim}, not divisible by "
                           f"tp={tp}")
-    if name.endswith("linear_fc1.weight"):
+    if name.endswith(_GATE_UP):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
     return full.chunk(tp, dim=dim)[tp_rank]
@@ -105,7 +116,7 @@ def tp_unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     dim = tp_dim(name)
     if dim is None or len(shards) == 1:
         return shards[0]
-    if name.endswith("linear_fc1.weight"):
+    if name.endswith(_GATE_UP):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(shards, dim=dim)
@@ -146,7 +157,7 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], tp: int, tp_rank:
     with torch.no_grad():
         for key, param in named_stage_tensors(model, "param"):
             if key not in full:
-                if strict:
+                if strict and not key.endswith((".lora_a", ".lora_b")):  # adapters: optional
                     raise LayoutError(f"the state dict has no tensor '{key}' for a parameter "
                                       "of this stage")
                 continue

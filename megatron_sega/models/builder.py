@@ -169,7 +169,7 @@ def uses_transformer_engine(attention: str = "auto") -> bool:
     return attention == "auto" and have_transformer_engine()
 
 
-def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
+def layer_spec(use_te: Optional[bool] = None, attention: str = "auto", lora=None):
     """TE layer spec for ``attention='auto'`` when transformer_engine imports, else the local spec.
 
     ``attention``: 'auto' | 'local' | 'sdpa'. Without TE, 'auto' swaps the local spec's core
@@ -195,6 +195,10 @@ def layer_spec(use_te: Optional[bool] = None, attention: str = "auto"):
     spec.submodules.self_attention.module = CachedRotarySelfAttention
     if not use_te and attention in ("sdpa", "auto"):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if lora is not None:
+        from megatron_sega.models.lora import adapt_layer_spec
+
+        spec = adapt_layer_spec(spec, lora)
     return spec
 
 
@@ -209,6 +213,8 @@ def build_model(
     recompute: str = "none",
     vocab_multiple: int = 128,
     vp_stage: Optional[int] = None,
+    lora=None,
+    lora_seed: int = 0,
 ):
     """The ``GPTModel`` chunk of this rank's pipeline stage, on ``runtime.device``.
 
@@ -232,11 +238,16 @@ def build_model(
             f"parallel.sequence_parallel needs Transformer Engine's layers (Megatron's torch norms "
             f"refuse it), but model.attention={attention} builds the local layers; set "
             f"model.attention=auto with Transformer Engine installed, or sequence_parallel=false")
+    if lora is not None and (use_te or sequence_parallel):
+        raise ModelConfigError(
+            "lora.rank > 0 adapts Megatron's local linear layers: set model.attention=sdpa (or "
+            "local) and parallel.sequence_parallel=false (Transformer Engine's fused norm + "
+            "linear layers are not adapted yet)")
     config = transformer_config(spec, runtime, dtype=dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te, attention),
+        transformer_layer_spec=layer_spec(use_te, attention, lora),
         vocab_size=spec.padded_vocab_size(runtime.tp, vocab_multiple),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=runtime.is_first_stage and first_chunk,
@@ -253,7 +264,13 @@ def build_model(
         rope.inv_freq = llama3_scaled_inv_freq(rope.inv_freq, spec.rope_scaling)
     model.llama_spec = spec
     model.uses_transformer_engine = use_te
-    return model.to(runtime.device)
+    model = model.to(runtime.device)
+    if lora is not None:
+        from megatron_sega.models.lora import freeze_base, init_adapters
+
+        init_adapters(model, lora_seed, runtime.tp, runtime.tp_rank)
+        model.lora_trainable = freeze_base(model)
+    return model
 
 
 def build_model_chunks(spec: LlamaSpec, runtime: Runtime, **kwargs) -> list:

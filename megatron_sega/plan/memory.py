@@ -72,12 +72,31 @@ def stage_parameters(spec: LlamaSpec, tp: int, pp: int, stage: int,
     return n
 
 
-def static_bytes(params: int, *, bf16: bool, dp: int, distributed_optimizer: bool = True
-                 ) -> dict[str, int]:
-    """Weights, gradients and optimizer state of ``params`` elements on one rank."""
+def adapter_parameters(spec: LlamaSpec, tp: int, pp: int, rank: int,
+                       targets: tuple[str, ...]) -> int:
+    """LoRA elements one TP rank of a pipeline stage holds (``models/lora.py``): per adapted
+    column-parallel layer A ``[rank, in]`` replicated and B ``[out / TP, rank]``; per
+    row-parallel layer A ``[rank, in / TP]`` and B ``[out, rank]`` replicated."""
+    h, d, ffn = spec.hidden_size, spec.kv_channels, spec.ffn_hidden_size
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    shapes = {"linear_qkv": (h, q + 2 * kv, "column"), "linear_fc1": (h, 2 * ffn, "column"),
+              "linear_proj": (q, h, "row"), "linear_fc2": (ffn, h, "row")}
+    per_layer = 0
+    for target in targets:
+        fan_in, fan_out, kind = shapes[target]
+        per_layer += rank * (fan_in + fan_out // tp if kind == "column" else fan_in // tp + fan_out)
+    return spec.num_layers // pp * per_layer
+
+
+def static_bytes(params: int, *, bf16: bool, dp: int, distributed_optimizer: bool = True,
+                 trainable: Optional[int] = None) -> dict[str, int]:
+    """Weights, gradients and optimizer state of ``params`` elements on one rank, of which
+    ``trainable`` (default all; LoRA: the adapters, counted in ``params``) have gradients and
+    optimizer state."""
+    trainable = params if trainable is None else trainable
     weights = params * (2 if bf16 else 4)
-    grads = params * 4  # DDP's fp32 grad buffer (grad_reduce_in_fp32)
-    state = params * ((4 if bf16 else 0) + 8)  # [fp32 main copy] + Adam's exp_avg, exp_avg_sq
+    grads = trainable * 4  # DDP's fp32 grad buffer (grad_reduce_in_fp32)
+    state = trainable * ((4 if bf16 else 0) + 8)  # [fp32 main copy] + Adam's two moments
     return {"weights": weights, "grads": grads,
             "optimizer": math.ceil(state / dp) if distributed_optimizer else state}
 

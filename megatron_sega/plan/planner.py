@@ -69,14 +69,20 @@ def stage_memory(config, spec: LlamaSpec, layout: mem.Layout, gpu: GPU, stage: s
     shape = stage_shape(config, stage, layout.dp, micro)
     recompute = config.model.recompute
     best: Optional[mem.StageMemory] = None
+    lora = config.lora
+    adapters = (mem.adapter_parameters(spec, layout.tp, layout.pp, lora.rank, tuple(lora.targets))
+                if lora.rank else 0)
     for index in sorted({0, layout.pp - 1}):
         first = index == 0
         params = mem.stage_parameters(spec, layout.tp, layout.pp, index)
         out = mem.StageMemory(stage, dict(mem.static_bytes(
-            params, bf16=bf16, dp=layout.dp,
+            params + adapters, bf16=bf16, dp=layout.dp, trainable=adapters or None,
             distributed_optimizer=config.parallel.distributed_optimizer)))
-        if shape.reference:
+        explicit = getattr(getattr(config, stage, None), "reference", None)
+        if shape.reference and (not lora.rank or explicit):  # LoRA: the base, adapters off
             out.parts["reference"] = params * (2 if bf16 else 4)
+        if lora.rank:
+            out.notes.append(f"LoRA rank {lora.rank}: {adapters:,} trainable elements a GPU")
         train = mem.training_activation_bytes(spec, layout, shape.rows, shape.seq,
                                               shape.microbatches, bf16=bf16,
                                               recompute=recompute, first=first)

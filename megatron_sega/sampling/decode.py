@@ -159,24 +159,48 @@ def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
 
 
+class _Linear(NamedTuple):
+    """A linear layer's weight transposed (a view) for matmul, and its LoRA adapter when it
+    has one on: ``A^T [in, rank]``, ``B^T [rank, out]`` (this rank's shards) and the scale."""
+
+    weight_t: Tensor
+    a_t: Optional[Tensor] = None
+    b_t: Optional[Tensor] = None
+    scale: float = 0.0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x W^T`` (+ the adapter). A row-parallel layer's result is this rank's partial sum
+        of both, which the caller's one all-reduce completes."""
+        out = torch.matmul(x, self.weight_t)
+        if self.a_t is not None:
+            out = out + self.scale * torch.matmul(torch.matmul(x, self.a_t), self.b_t)
+        return out
+
+
+def _linear(module) -> _Linear:
+    if getattr(module, "lora_enabled", False):
+        return _Linear(module.weight.t(), module.lora_a.t(), module.lora_b.t(), module.lora.scale)
+    return _Linear(module.weight.t())
+
+
 class _Layer(NamedTuple):
-    """One decoder layer's parameters, the linear weights transposed (views) for matmul."""
+    """One decoder layer's parameters."""
 
     norm1: _Norm
-    qkv_t: Tensor
-    proj_t: Tensor
+    qkv: _Linear
+    proj: _Linear
     norm2: _Norm
-    fc1_t: Tensor
-    fc2_t: Tensor
+    fc1: _Linear
+    fc2: _Linear
 
 
 def _layer_parts(layer) -> _Layer:
     """A decoder layer's parameters under the local spec or TE's (see :func:`_pre_norm`)."""
     attention, mlp = layer.self_attention, layer.mlp
     return _Layer(_pre_norm(layer.input_layernorm, attention.linear_qkv),
-                  attention.linear_qkv.weight.t(), attention.linear_proj.weight.t(),
+                  _linear(attention.linear_qkv), _linear(attention.linear_proj),
                   _pre_norm(layer.pre_mlp_layernorm, mlp.linear_fc1),
-                  mlp.linear_fc1.weight.t(), mlp.linear_fc2.weight.t())
+                  _linear(mlp.linear_fc1), _linear(mlp.linear_fc2))
 
 
 class LeanForward:
@@ -275,7 +299,7 @@ class LeanForward:
         start, end = self.offset, self.offset + s
         per_group, d = self.heads // self.groups, self.head_dim
         # Megatron's fused layout: per query group, its queries, then its key and its value.
-        qkv = torch.matmul(_rms_norm(layer.norm1, x), layer.qkv_t)
+        qkv = layer.qkv(_rms_norm(layer.norm1, x))
         qkv = qkv.view(s, b, self.groups, per_group + 2, d)
         qk = _rotate(qkv[:, :, :, :per_group + 1], self.cos[start:end, None], self.sin[start:end, None])
         k_cache[:, :, start:end] = qk[:, :, :, per_group].permute(1, 2, 0, 3)
@@ -290,11 +314,11 @@ class LeanForward:
             q = q.reshape(s, b, self.heads, d).permute(1, 2, 0, 3)
             out = attend(q, keys, values, mask, scale=self.scale)
             out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * d)
-        return self._all_reduce(torch.matmul(out, layer.proj_t))
+        return self._all_reduce(layer.proj(out))
 
     def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
-        gate, up = torch.chunk(torch.matmul(_rms_norm(layer.norm2, x), layer.fc1_t), 2, dim=-1)
-        return self._all_reduce(torch.matmul(F.silu(gate) * up, layer.fc2_t))
+        gate, up = torch.chunk(layer.fc1(_rms_norm(layer.norm2, x)), 2, dim=-1)
+        return self._all_reduce(layer.fc2(F.silu(gate) * up))
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor, hidden: Optional[Tensor] = None) -> Tensor:

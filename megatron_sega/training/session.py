@@ -213,13 +213,16 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     chunks = build_training_model(spec, runtime, dtype, attention=config.model.attention,
                                   use_distributed_optimizer=par.distributed_optimizer,
                                   sequence_parallel=par.sequence_parallel,
-                                  recompute=config.model.recompute if train else "none")
+                                  recompute=config.model.recompute if train else "none",
+                                  lora=config.lora.settings(), lora_seed=config.model.init_seed)
     if config.model.load:
         load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
         random_init(chunks, spec, runtime.tp, runtime.tp_rank, config.model.init_seed)
     session = Session(config, runtime, spec, tokenizer,
                       PromptFormatter(tokenizer, template=config.data.template), chunks, dtype)
+    if config.lora.rank:
+        _announce_lora(session)
     if train:
         session.optimizer, session.scheduler = build_optimizer(
             chunks, config.optim, total_steps=total_steps, lr=lr_override, dtype=dtype,
@@ -228,9 +231,35 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
     return session
 
 
+def _announce_lora(session: Session) -> None:
+    """One line: the adapters and how many parameters train, over the whole model (the
+    adapters of every stage and TP shard, counted once)."""
+    from megatron_sega.convert.layout import tp_dim
+    from megatron_sega.models.builder import unwrap_model
+    from megatron_sega.models.lora import is_adapter
+
+    rt, lora = session.runtime, session.config.lora
+    counts = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for chunk in session.chunks:
+        for name, p in unwrap_model(chunk).named_parameters():
+            shared = rt.tp if tp_dim(name) is None and rt.tp > 1 else 1  # replicated over TP
+            counts[0 if is_adapter(name) else 1] += p.numel() / shared
+    if dist.is_initialized() and rt.tp * rt.pp > 1:
+        dist.all_reduce(counts, group=rt.mp_group)
+    trainable, frozen = counts.tolist()
+    session.print(f"lora: rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}: "
+                  f"{trainable:,.0f} trainable parameters, {frozen:,.0f} frozen "
+                  f"({100 * trainable / (trainable + frozen):.2f}% train)")
+
+
 def load_reference(session: Session, path: Optional[str] = None) -> list:
     """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
-    path a copy of the policy's current weights (DPO's default reference: its starting weights)."""
+    path a copy of the policy's current weights (DPO's default reference: its starting weights);
+    under LoRA without a path, the policy itself with its adapters off (no copy)."""
+    if path is None and session.config.lora.rank:
+        from megatron_sega.models.lora import BaseModel
+
+        return BaseModel(session.chunks)  # the policy with its adapters off: no second copy
     from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
 
     chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,

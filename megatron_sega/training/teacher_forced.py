@@ -41,10 +41,13 @@ def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: 
             logp = entropy = torch.full(labels.shape, float("nan"), device=logits.device)
         return logits.new_zeros(()), {"logp": logp.detach(), "entropy": entropy.detach()}
 
+    from megatron_sega.models.lora import as_run
+
     for chunk in model_chunks:
         chunk.eval()
     try:
-        outputs = forward_backward(model_chunks, runtime, micro, loss_fn, forward_only=True)
+        with as_run(model_chunks):  # a LoRA model's base: its adapters off
+            outputs = forward_backward(model_chunks, runtime, micro, loss_fn, forward_only=True)
     finally:
         for chunk in model_chunks:
             chunk.train()
