@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -54,6 +55,10 @@ def test_lora_dpo_starts_at_log2_and_resumes_bitwise(sft_checkpoint, tmp_path): 
                          capture_output=True, text=True, timeout=300)
     errors = [line for line in bad.stderr.splitlines() if "error" in line]
     assert bad.returncode == 2 and len(errors) == 1 and "set lora.rank=4" in errors[0], bad.stderr
+    Run("eval", tmp_path, "eval", config, f"model.load={final_a}",
+        f"eval.out={tmp_path / 'eval'}").wait()  # with the config's lora: the adapters load
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert 0 <= summary["accuracy"] <= 1 and summary["pairs"] > 0
 
 
 @pytest.mark.parametrize("override,words", [
