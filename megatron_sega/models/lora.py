@@ -75,8 +75,23 @@ class _Adapter:
             set_tensor_model_parallel_attributes(param, dim is not None, dim or 0, 1)
         self.lora_enabled = True
 
-    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.lora.dropout, self.training) if self.lora.dropout else x
+    def _add_delta(self, out: torch.Tensor, x: torch.Tensor, collective) -> torch.Tensor:
+        """``out + scale * B(collective(A(dropout(x))))``, or ``out`` with the adapter off;
+        ``collective`` is the TP mapping of the ``[tokens, rank]`` intermediate."""
+        if not self.lora_enabled:
+            return out
+        if self.lora.dropout:
+            x = F.dropout(x, self.lora.dropout, self.training)
+        h = collective(F.linear(x, self.lora_a), group=self.tp_group)
+        return out + self.lora.scale * F.linear(h, self.lora_b)
+
+    def _sharded(self, prefix: str, axes: dict[str, int], sharded_offsets, metadata):
+        """The layer's sharded state dict, the adapters with their TP axes (``axes``)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
 
 
 class LoRAColumnParallelLinear(_Adapter, ColumnParallelLinear):
@@ -91,19 +106,11 @@ class LoRAColumnParallelLinear(_Adapter, ColumnParallelLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
-        if self.lora_enabled:
-            h = F.linear(self._dropped(input_), self.lora_a)
-            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-            out = out + self.lora.scale * F.linear(h, self.lora_b)
-        return out, bias
+        return self._add_delta(out, input_, copy_to_tensor_model_parallel_region), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix,
-            {"weight": 0, "bias": 0, "lora_b": 0}, sharded_offsets, tp_group=self.tp_group,
-            dp_cp_group=metadata["dp_cp_group"])
+        return self._sharded(prefix, {"weight": 0, "bias": 0, "lora_b": 0}, sharded_offsets,
+                             metadata)
 
 
 class LoRARowParallelLinear(_Adapter, RowParallelLinear):
@@ -118,18 +125,10 @@ class LoRARowParallelLinear(_Adapter, RowParallelLinear):
 
     def forward(self, input_):
         out, bias = super().forward(input_)
-        if self.lora_enabled:
-            h = F.linear(self._dropped(input_), self.lora_a)
-            h = reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-            out = out + self.lora.scale * F.linear(h, self.lora_b)
-        return out, bias
+        return self._add_delta(out, input_, reduce_from_tensor_model_parallel_region), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 1, "lora_a": 1},
-            sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        return self._sharded(prefix, {"weight": 1, "lora_a": 1}, sharded_offsets, metadata)
 
 
 def adapt_layer_spec(spec, lora: LoraSettings):

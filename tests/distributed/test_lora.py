@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tests.dist import run_distributed
-from tests.distributed.test_parallel_equivalence import _assert_close, _batch
+from tests.distributed.test_parallel_equivalence import _assert_close, _batch, train_step_loss
 
 pytestmark = pytest.mark.distributed
 
-GLOBAL_BATCH, STEPS = 4, 3
+STEPS = 3
 LORA = dict(rank=4, alpha=8.0)
 
 
@@ -23,15 +23,13 @@ def _spec():
 
 
 def _run(tp: int, pp: int, distopt: bool) -> dict:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     from megatron_sega import runtime
     from megatron_sega.config import OptimConfig
     from megatron_sega.convert.layout import gather_tp, load_full_state_dict
     from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.models.lora import LoraSettings
     from megatron_sega.training.engine import (
-        build_optimizer, build_training_model, forward_backward, optimizer_step,
+        build_optimizer, build_training_model, optimizer_step,
     )
 
     spec = _spec()
@@ -47,20 +45,7 @@ def _run(tp: int, pp: int, distopt: bool) -> dict:
     start = gather_tp(chunks, rt.tp_group, "param")
     out = {"losses": [], "grads": []}
     for step in range(STEPS):
-        batch = _batch(step, spec.vocab_size)
-        n_tokens = batch["loss_mask"].sum()
-        per_rank = GLOBAL_BATCH // rt.dp
-        micro = [{k: v[i:i + 1] for k, v in batch.items()}
-                 for i in range(rt.dp_rank * per_rank, (rt.dp_rank + 1) * per_rank)]
-
-        def loss_fn(logits, mb):
-            nll = vocab_parallel_cross_entropy(logits.float().clone(), mb["labels"])
-            loss = (nll * mb["loss_mask"]).sum() / n_tokens
-            return loss, {"loss": loss.detach().clone()}
-
-        metrics = forward_backward(chunks, rt, micro, loss_fn)
-        loss = torch.tensor(sum(float(m["loss"]) for m in metrics), dtype=torch.float64)
-        torch.distributed.all_reduce(loss, group=rt.dp_group)
+        loss = train_step_loss(chunks, rt, _batch(step, spec.vocab_size))
         if not distopt:
             out["grads"].append({k: v for k, v in gather_tp(chunks, rt.tp_group, "grad").items()
                                  if k.endswith((".lora_a", ".lora_b"))})

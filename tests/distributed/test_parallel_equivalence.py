@@ -27,6 +27,29 @@ def _batch(step: int, vocab: int) -> dict:
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
 
 
+def train_step_loss(chunks, rt, batch: dict) -> torch.Tensor:
+    """Forward and backward of this DP rank's rows of ``batch``, one row a microbatch, loss =
+    token-mean NLL over the global batch; returns the global loss (fp64)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_sega.training.engine import forward_backward
+
+    n_tokens = batch["loss_mask"].sum()
+    per_rank = GLOBAL_BATCH // rt.dp
+    micro = [{k: v[i:i + 1] for k, v in batch.items()}
+             for i in range(rt.dp_rank * per_rank, (rt.dp_rank + 1) * per_rank)]
+
+    def loss_fn(logits, mb):
+        nll = vocab_parallel_cross_entropy(logits.float().clone(), mb["labels"])
+        loss = (nll * mb["loss_mask"]).sum() / n_tokens
+        return loss, {"loss": loss.detach().clone()}
+
+    metrics = forward_backward(chunks, rt, micro, loss_fn)
+    loss = torch.tensor(sum(float(m["loss"]) for m in metrics), dtype=torch.float64)
+    torch.distributed.all_reduce(loss, group=rt.dp_group)
+    return loss
+
+
 def _misplace_fc2_shards(model, full, tp, tp_rank) -> None:
     """Negative control: give every TP rank its neighbour's linear_fc2 shard."""
     from megatron_sega.convert.layout import canonical_name, shift_layer, stage_offset, tp_shard
@@ -40,14 +63,12 @@ def _misplace_fc2_shards(model, full, tp, tp_rank) -> None:
 
 def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: bool = False,
                 vpp: int | None = None) -> dict:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     from megatron_sega import runtime
     from megatron_sega.convert.layout import gather_tp, load_full_state_dict
     from megatron_sega.models.init import random_full_state_dict
     from megatron_sega.config import OptimConfig
     from megatron_sega.training.engine import (
-        build_optimizer, build_training_model, forward_backward, optimizer_step,
+        build_optimizer, build_training_model, optimizer_step,
     )
 
     spec = _spec()
@@ -65,20 +86,7 @@ def _run_layout(tp: int, pp: int, use_distributed_optimizer: bool, misplace: boo
 
     result = {"losses": [], "grads": None}
     for step in range(STEPS):
-        batch = _batch(step, spec.vocab_size)
-        n_tokens = batch["loss_mask"].sum()
-        per_rank = GLOBAL_BATCH // rt.dp
-        rows = slice(rt.dp_rank * per_rank, (rt.dp_rank + 1) * per_rank)
-        micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(rows.start, rows.stop)]
-
-        def loss_fn(logits, mb):
-            nll = vocab_parallel_cross_entropy(logits.float().clone(), mb["labels"])
-            loss = (nll * mb["loss_mask"]).sum() / n_tokens
-            return loss, {"loss": loss.detach().clone()}
-
-        metrics = forward_backward(chunks, rt, micro, loss_fn)
-        loss = torch.tensor(sum(float(m["loss"]) for m in metrics), dtype=torch.float64)
-        torch.distributed.all_reduce(loss, group=rt.dp_group)
+        loss = train_step_loss(chunks, rt, _batch(step, spec.vocab_size))
         if step == 0 and not use_distributed_optimizer:
             # (the distributed optimizer's buffers hold reduced grads only for this DP shard)
             result["grads"] = gather_tp(chunks, rt.tp_group, "grad")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_run import Run
-from tests.e2e.test_dpo_cli import BETA, DPO_STEPS, DPO_YAML, sft_checkpoint  # noqa: F401
+from tests.e2e.test_dpo_cli import DPO_STEPS, DPO_YAML, sft_checkpoint  # noqa: F401
 from tests.e2e.test_resume import (
     _assert_same_checkpoint, _assert_same_metrics, _assert_same_train_state, _kill_and_resume,
     _latest, _metrics, _write,
