@@ -59,7 +59,7 @@ import torch.distributed as dist
 from megatron_sega.checkpoint import stop
 from megatron_sega.checkpoint.finite import refuse_nonfinite_weights
 from megatron_sega.checkpoint.mcore import (
-    CheckpointInfo, check_compatible, dtype_name, load_model_state, read_info,
+    CheckpointInfo, check_compatible, dtype_name, load_model_state, lora_info, read_info,
     sharded_model_state, unwrap, write_info,
 )
 from megatron_sega.checkpoint.names import (
@@ -221,7 +221,7 @@ class CheckpointManager:
         if self.is_main:
             write_info(model_dir, CheckpointInfo(
                 spec=self.spec, padded_vocab_size=int(model.vocab_size),
-                dtype=dtype_name(model.config.params_dtype)))
+                dtype=dtype_name(model.config.params_dtype), lora=lora_info(model)))
             train_state = {
                 "stage": self.stage, "step": step, "run_id": self.run_id,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,

@@ -55,6 +55,8 @@ class CheckpointInfo:
     dtype: str  # 'float32' | 'bfloat16' | 'float16'
     format_version: int = FORMAT_VERSION
     tokenizer_files: tuple[str, ...] = ()
+    # LoRA adapters the checkpoint holds ({rank, alpha, dropout, targets}), or None.
+    lora: Optional[dict] = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -70,6 +72,8 @@ def write_info(directory: str | Path, info: CheckpointInfo) -> None:
         "dtype": info.dtype,
         "tokenizer_files": list(info.tokenizer_files),
     }
+    if info.lora:
+        data["lora"] = info.lora
     path = Path(directory) / METADATA_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -99,6 +103,7 @@ def read_info(directory: str | Path) -> CheckpointInfo:
             dtype=dtype_name(DTYPES[data["dtype"]]),
             format_version=version,
             tokenizer_files=tuple(data.get("tokenizer_files", ())),
+            lora=data.get("lora"),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
@@ -191,24 +196,42 @@ def stored_keys(directory: str | Path) -> set[str]:
         return {obj.key for obj in load_sharded_metadata(str(directory)).values()}
 
 
-def refuse_dropped_adapters(model, directory: str | Path) -> None:
-    """A checkpoint with LoRA adapters loaded into a model without them would silently be its
-    base: refuse it, naming the option."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+def lora_info(model) -> Optional[dict]:
+    """The LoRA settings of ``model``'s adapters (what ``megatron_sega.json`` records), or
+    None without adapters."""
+    from megatron_sega.models.lora import adapters
 
-    adapters = {k for k in stored_keys(directory) if k.endswith((".lora_a", ".lora_b"))}
-    if not adapters or any(n.endswith((".lora_a", ".lora_b"))
-                           for chunk in model_chunks(model) for n, _ in chunk.named_parameters()):
+    module = next((m for chunk in model_chunks(model) for _, m in adapters(chunk)), None)
+    if module is None:
+        return None
+    lora = module.lora
+    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+            "targets": list(lora.targets)}
+
+
+def check_adapters(model, directory: str | Path, info: CheckpointInfo) -> None:
+    """The model's adapters can take the checkpoint's: a LoRA checkpoint loaded without
+    ``lora.rank`` would silently be its base, and one of another rank, scale or targets would
+    not load or would mean other weights. Errors name the options to set."""
+    from megatron_sega.models.lora import is_adapter
+
+    saved = info.lora
+    if saved is None and any(is_adapter(k) for k in stored_keys(directory)):
+        saved = {}  # adapters written before megatron_sega.json recorded them
+    if saved is None:
         return
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    with safe_loading(directory):
-        meta = load_sharded_metadata(str(directory))
-    a = next(v for k, v in meta.items() if k.endswith(".lora_a") and isinstance(v, ShardedTensor))
-    raise CheckpointError(
-        f"{directory} holds LoRA adapters (rank {a.global_shape[-2]}) but lora.rank is 0, so "
-        f"they would be ignored; set lora.rank={a.global_shape[-2]} (and the run's lora.alpha "
-        "and lora.targets) to load them")
+    ours = lora_info(model)
+    wanted = " ".join(f"lora.{k}=" + (f"[{','.join(v)}]" if k == "targets" else f"{v:g}")
+                      for k, v in saved.items() if k != "dropout")
+    if ours is None:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters but lora.rank is 0, so they would be ignored; "
+            f"load it with the run's LoRA settings: {wanted or 'lora.rank=R'}")
+    mismatch = [k for k in ("rank", "alpha", "targets") if k in saved and saved[k] != ours[k]]
+    if mismatch:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters with other {', '.join(mismatch)} than this run's "
+            f"({', '.join(f'{k}={ours[k]}' for k in mismatch)}); set {wanted}")
 
 
 def load_model_state(model, wanted: dict, loaded: dict) -> None:
@@ -235,7 +258,8 @@ def save_model_checkpoint(model, directory: str | Path, *,
     if dist.get_rank() == 0:
         write_info(directory, CheckpointInfo(
             spec=first.llama_spec, padded_vocab_size=_model_padded_vocab(first),
-            dtype=dtype_name(first.config.params_dtype), tokenizer_files=tuple(tokenizer_files)))
+            dtype=dtype_name(first.config.params_dtype), tokenizer_files=tuple(tokenizer_files),
+            lora=lora_info(first)))
     dist.barrier()
 
 
@@ -248,7 +272,7 @@ def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     first = model_chunks(model)[0]
     info = read_info(directory)
     check_compatible(info, first.llama_spec, _model_padded_vocab(first), str(directory))
-    refuse_dropped_adapters(model, directory)
+    check_adapters(model, directory, info)
     wanted = sharded_model_state(model, loading_from=directory)
     with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))

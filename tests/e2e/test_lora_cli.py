@@ -54,7 +54,17 @@ def test_lora_dpo_starts_at_log2_and_resumes_bitwise(sft_checkpoint, tmp_path): 
                           str(config), "lora.rank=0", f"model.load={final_a}"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     errors = [line for line in bad.stderr.splitlines() if "error" in line]
-    assert bad.returncode == 2 and len(errors) == 1 and "set lora.rank=4" in errors[0], bad.stderr
+    assert bad.returncode == 2 and len(errors) == 1, bad.stderr
+    assert "lora.rank=4 lora.alpha=8 lora.targets=[linear_qkv,linear_proj,linear_fc1,linear_fc2]" \
+        in errors[0], errors
+    other = subprocess.run([sys.executable, "-m", "megatron_sega.cli", "eval", "--config",
+                            str(config), "lora.rank=8", f"model.load={final_a}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "with other rank than this run's (rank=8)" in other.stderr, \
+        other.stderr
+    info = json.loads((final_a / "model_optim" / "megatron_sega.json").read_text())
+    assert info["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
+                            "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}
     Run("eval", tmp_path, "eval", config, f"model.load={final_a}",
         f"eval.out={tmp_path / 'eval'}").wait()  # with the config's lora: the adapters load
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
