@@ -169,14 +169,15 @@ def keep_absent_extra_state_local(state: dict, directory: str | Path) -> list[st
     the load. The reverse direction needs nothing: a checkpoint's extra entries are not read."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import (
-        LocalNonpersistentObject, ShardedObject, ShardedTensor,
+        LocalNonpersistentObject, ShardedObject, ShardedTensor, ShardedTensorFactory,
     )
     stored = stored_keys(directory)
     kept: list[str] = []
 
-    def optional(x) -> bool:
+    def optional(x) -> bool:  # (a gated fc1's B is stored through a factory, as its weight)
         return (isinstance(x, ShardedObject) and x.key.endswith("_extra_state")) or (
-            isinstance(x, ShardedTensor) and x.key.endswith((".lora_a", ".lora_b")))
+            isinstance(x, (ShardedTensor, ShardedTensorFactory))
+            and x.key.endswith((".lora_a", ".lora_b")))
 
     def local(x):
         if optional(x) and x.key not in stored:
