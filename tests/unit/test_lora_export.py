@@ -164,3 +164,54 @@ def test_stored_adapters_reads_rank_and_targets(tiny):
     assert found.rank == RANK and found.targets == ("linear_qkv", "linear_proj", "linear_fc1",
                                                     "linear_fc2")
     assert stored_adapters(root / "base") is None
+
+
+def _full_lora_state(spec, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Random base weights and adapters (B nonzero) in the full layout: the same model at any
+    TP once each rank takes its shards."""
+    from megatron_sega.convert.layout import full_shapes
+    from megatron_sega.models.init import random_full_state_dict
+
+    full = random_full_state_dict(spec, padded_vocab, seed=3)
+    g = torch.Generator().manual_seed(11)
+    for name, shape in full_shapes(spec, padded_vocab).items():
+        if name.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight",
+                          "linear_fc2.weight")):
+            layer = name.removesuffix(".weight")
+            full[f"{layer}.lora_a"] = torch.randn(RANK, shape[1], generator=g) * 0.1
+            full[f"{layer}.lora_b"] = torch.randn(shape[0], RANK, generator=g) * 0.05
+    return full
+
+
+def save_at_tp(out: str, tp: int) -> None:
+    """``tp`` gloo ranks: the same LoRA model saved at TP=``tp``."""
+    import torch.distributed as dist
+
+    from megatron_sega.checkpoint.mcore import save_model_checkpoint
+    from megatron_sega.convert.layout import load_full_state_dict
+
+    spec = preset("tiny", vocab_size=300)
+    rt = runtime.setup(tp, 1, device="cpu")
+    model = build_model(spec, rt, use_te=False, lora=LoraSettings(RANK, ALPHA))
+    full = _full_lora_state(spec, spec.padded_vocab_size(tp))
+    load_full_state_dict(model, full, tp, dist.get_rank())
+    save_model_checkpoint(model, out)
+
+
+def test_a_tp2_lora_checkpoint_exports_as_the_tp1_one(tmp_path):
+    """The checkpoint stores global tensors; fc1's B must keep its [gate; up] rows across TP."""
+    from safetensors.torch import load_file
+
+    run_distributed(save_at_tp, 1, str(tmp_path / "tp1"), 1)
+    run_distributed(save_at_tp, 2, str(tmp_path / "tp2"), 2)
+    cli = _convert_cli()
+    for tp in (1, 2):
+        for name, extra in (("merged", []), ("peft", ["--peft-adapter"])):
+            assert cli.main(["mcore-to-hf", "--mcore-dir", str(tmp_path / f"tp{tp}"), "--out",
+                             str(tmp_path / f"{name}{tp}"), "--lora-alpha", str(ALPHA),
+                             *extra]) == 0
+    for file in ("merged{}/model.safetensors", "peft{}/adapter_model.safetensors"):
+        one, two = (load_file(tmp_path / file.format(tp)) for tp in (1, 2))
+        assert one.keys() == two.keys()
+        unequal = sorted(k for k in one if not torch.equal(one[k], two[k]))
+        assert not unequal, unequal[:4]
