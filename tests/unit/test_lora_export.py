@@ -88,7 +88,8 @@ def check_exports(lora_dir: Path, hf_base: Path, out: Path, tokens: torch.Tensor
     for name, model in (("merged", merged), ("peft", peft)):
         theirs = _hf_logits(model, tokens)
         errors[f"{name}_logits"] = (theirs - ours).abs().max().item()
-        errors[f"{name}_logprobs"] = (theirs.log_softmax(-1) - ours.log_softmax(-1)).abs().max().item()
+        logprobs = theirs.log_softmax(-1) - ours.log_softmax(-1)
+        errors[f"{name}_logprobs"] = logprobs.abs().max().item()
     return errors
 
 
