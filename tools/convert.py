@@ -3,11 +3,17 @@
     python tools/convert.py hf-to-mcore --hf-dir DIR --out DIR --tp N --pp M [--dtype bf16|fp32]
     python tools/convert.py mcore-to-hf --mcore-dir DIR --out DIR [--dtype bf16|fp32]
                                         [--max-shard-size 5GB]
+                                        [--lora-alpha A [--peft-adapter]]
 
 Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor: peak memory is
 about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
 TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padding. Tokenizer
 files are copied along in both directions. See megatron_sega/convert/hf_mcore.py.
+
+A LoRA checkpoint (base + adapters) exports merged HF weights (W + alpha / rank * B A), or with
+--peft-adapter a PEFT adapter directory for the HF base; its alpha is not stored in the
+checkpoint yet, so --lora-alpha is required for it (the rank is read from the tensors). A flag
+that does not fit the checkpoint is a usage error: one line, exit 2.
 
 The output appears whole or not at all, with a record of what was converted (conversion.json).
 Rerunning the same command over it does nothing and exits 0 (a job killed after the conversion
@@ -47,10 +53,32 @@ def parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--mcore-dir", required=True, type=Path)
     to_hf.add_argument("--out", required=True, type=Path)
     to_hf.add_argument("--max-shard-size", type=shard_size, default=shard_size("5GB"))
+    to_hf.add_argument("--lora-alpha", type=float, default=None,
+                       help="the run's lora.alpha (required for a checkpoint with LoRA adapters)")
+    to_hf.add_argument("--peft-adapter", action="store_true",
+                       help="write a HF PEFT adapter directory instead of merged weights")
     for command in (to_mcore, to_hf):
         command.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                              help="dtype of the written weights (default: as in the source)")
     return p
+
+
+def _lora_usage_error(args) -> str | None:
+    """Why --lora-alpha / --peft-adapter do not fit the checkpoint, or None."""
+    from megatron_sega.checkpoint.mcore import resolve_checkpoint_dir
+    from megatron_sega.convert.lora_export import check_export, stored_adapters
+    from megatron_sega.errors import UserError
+
+    try:
+        directory = resolve_checkpoint_dir(str(args.mcore_dir))
+        adapters = stored_adapters(directory)
+    except UserError:
+        return None  # not a checkpoint: the converter says so
+    try:
+        check_export(adapters, args.peft_adapter, args.lora_alpha, str(directory))
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sega.convert.record import RECORD_FILE
     from megatron_sega.errors import UserError
 
+    if args.command == "mcore-to-hf":
+        usage = _lora_usage_error(args)
+        if usage:
+            print(f"error: {usage}", file=sys.stderr)
+            return 2
     # The converters never overwrite: a record there before a success means nothing was done.
     earlier = (args.out / RECORD_FILE).is_file()
     start = time.time()
@@ -76,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{info.dtype}, for tp={args.tp} pp={args.pp}")
         else:
             mcore_to_hf(args.mcore_dir, args.out, dtype=args.dtype,
-                        max_shard_bytes=args.max_shard_size)
-            what = "HF safetensors + config.json"
+                        max_shard_bytes=args.max_shard_size, lora_alpha=args.lora_alpha,
+                        peft_adapter=args.peft_adapter)
+            what = ("PEFT adapter" if args.peft_adapter else "HF safetensors + config.json")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from megatron_sega.checkpoint.mcore import (
 )
 from megatron_sega.checkpoint.names import TOKENIZER_DIR
 from megatron_sega.convert import hf
+from megatron_sega.convert import lora_export
 from megatron_sega.convert.hf_io import (
     HFCheckpoint, ShardedSafetensorsWriter, copy_tokenizer_files, parse_dtype,
 )
@@ -38,6 +39,7 @@ from megatron_sega.convert.streaming import (
     build_skeleton, load_streaming, save_streaming, single_process_runtime, stream_groups,
 )
 from megatron_sega.errors import ConversionError
+from megatron_sega.models.lora import is_adapter
 from megatron_sega.models.spec import from_hf_config, to_hf_config
 from megatron_sega.runtime import validate_parallel_sizes
 
@@ -69,7 +71,8 @@ def _output_dir(path: Path, record: dict) -> Iterator[Path]:
 
 
 def _check_skeleton_names(skeleton, spec) -> None:
-    names = {n for n in skeleton.state_dict() if not n.endswith("_extra_state")}
+    names = {n for n in skeleton.state_dict() if not n.endswith("_extra_state") and
+             not is_adapter(n)}
     expected = set(hf.megatron_names(spec))
     if names != expected:
         raise ConversionError(f"internal: model tensors differ from the Llama layout: "
@@ -124,31 +127,69 @@ def _export_group(writer: ShardedSafetensorsWriter, tensors: dict, spec, target)
 
 
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
-                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, lora_alpha: Optional[float] = None,
+                peft_adapter: bool = False) -> Path:
     """Convert a megatron-sega ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF
     Llama directory: ``config.json``, safetensors (sharded above ``max_shard_bytes``, with
-    ``model.safetensors.index.json``) and the tokenizer files. Single process."""
+    ``model.safetensors.index.json``) and the tokenizer files. Single process.
+
+    A checkpoint with LoRA adapters (base + ``*.lora_a``/``*.lora_b``) needs ``lora_alpha``
+    (not stored yet); its adapters are merged into the weights (``W + alpha / rank * B A``), or,
+    with ``peft_adapter``, written instead as a PEFT adapter directory for the HF base
+    (see ``convert.lora_export``)."""
     # A converted checkpoint, a training checkpoint (step_*/model_optim) or a save directory.
     mcore_dir, out_dir = resolve_checkpoint_dir(str(mcore_dir)), Path(out_dir)
     info = read_info(mcore_dir)
     spec = info.spec
+    adapters = lora_export.stored_adapters(mcore_dir)
+    lora_export.check_export(adapters, peft_adapter, lora_alpha, str(mcore_dir))
     target = parse_dtype(dtype) or info.torch_dtype
     record = conversion_record("mcore-to-hf", mcore_dir, (out_dir, _partial(out_dir)),
-                               dtype=dtype_name(target), max_shard_bytes=max_shard_bytes)
+                               dtype=dtype_name(target), max_shard_bytes=max_shard_bytes,
+                               **({} if adapters is None else
+                                  {"lora_alpha": lora_alpha, "peft_adapter": peft_adapter}))
     if already_converted(out_dir, record):  # a rerun after the rename: nothing to do
         return out_dir
+    lora = None if adapters is None else adapters.settings(lora_alpha)
     skeleton = build_skeleton(spec, info.torch_dtype, info.padded_vocab_size,
-                              single_process_runtime())
+                              single_process_runtime(), lora=lora)
     _check_skeleton_names(skeleton, spec)
     groups = list(stream_groups(skeleton))
-    entries = [(n, hf.hf_shape(n, spec), target)
-               for group in groups for name in group for n in hf.hf_sources(name)]
     with _output_dir(out_dir, record) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
-        for group in groups:
-            _export_group(writer, load_streaming(skeleton, mcore_dir, group), spec, target)
-        writer.close()
-        config = to_hf_config(spec, torch_dtype=dtype_name(target))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if peft_adapter:
+            _export_peft(tmp, skeleton, mcore_dir, groups, adapters, lora_alpha, spec, target)
+        else:
+            _export_weights(tmp, skeleton, mcore_dir, groups, lora, spec, target,
+                            max_shard_bytes)
         copy_tokenizer_files(mcore_dir / TOKENIZER_DIR, tmp)
     return out_dir
+
+
+def _export_weights(tmp: Path, skeleton, mcore_dir: Path, groups: list[list[str]], lora,
+                    spec, target, max_shard_bytes: int) -> None:
+    """HF weights and config.json, the adapters (if any) merged, one load group at a time."""
+    entries = [(n, hf.hf_shape(n, spec), target) for group in groups for name in group
+               if not is_adapter(name) for n in hf.hf_sources(name)]
+    writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
+    for group in groups:
+        tensors = load_streaming(skeleton, mcore_dir, group)
+        if lora is not None:
+            tensors = lora_export.merge_group(tensors, lora.scale)
+        _export_group(writer, tensors, spec, target)
+    writer.close()
+    config = to_hf_config(spec, torch_dtype=dtype_name(target))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _export_peft(tmp: Path, skeleton, mcore_dir: Path, groups: list[list[str]], adapters,
+                 alpha: float, spec, target) -> None:
+    """The PEFT adapter directory: only the adapter tensors are read."""
+    out: dict = {}
+    for group in groups:
+        names = [n for n in group if is_adapter(n)]
+        tensors = load_streaming(skeleton, mcore_dir, names) if names else {}
+        for name in names:
+            if name.endswith(".lora_a"):
+                b = tensors[name.removesuffix("_a") + "_b"]
+                out.update(lora_export.peft_tensors(name, tensors[name], b, spec))
+    lora_export.write_peft_adapter(tmp, out, lora_export.peft_config(adapters, alpha), target)

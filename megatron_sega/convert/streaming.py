@@ -39,14 +39,15 @@ def single_process_runtime():
     return runtime.setup(1, 1)
 
 
-def build_skeleton(spec: LlamaSpec, dtype: torch.dtype, padded_vocab: int, rt):
-    """The whole model (TP=1, PP=1) on the meta device: shapes and sharding, no memory."""
+def build_skeleton(spec: LlamaSpec, dtype: torch.dtype, padded_vocab: int, rt, lora=None):
+    """The whole model (TP=1, PP=1) on the meta device: shapes and sharding, no memory; with
+    ``lora`` (``models.lora.LoraSettings``) its adapters too."""
     from megatron_sega.models.builder import build_model
 
     meta_rt = dataclasses.replace(rt, device=torch.device("meta"))
     with torch.device("meta"):  # at TP=1, vocab_multiple=padded_vocab pads to exactly that
         skeleton = build_model(spec, meta_rt, dtype=dtype, use_te=False, attention="local",
-                               vocab_multiple=padded_vocab)
+                               vocab_multiple=padded_vocab, lora=lora)
     if skeleton.vocab_size != padded_vocab:
         raise ConversionError(f"internal: skeleton vocab {skeleton.vocab_size} != {padded_vocab}")
     # Megatron's norms keep fp32 params under bf16 ``params_dtype`` until a Float16Module casts
