@@ -95,11 +95,14 @@ class _Adapter:
 
 
 class LoRAColumnParallelLinear(_Adapter, ColumnParallelLinear):
-    """``ColumnParallelLinear`` + an adapter: A replicated, B split by output rows."""
+    """``ColumnParallelLinear`` + an adapter: A replicated, B split by output rows.
+    ``gate_up``: the layer is a gated ``linear_fc1`` whose rows are ``[gate; up]`` per rank."""
 
-    def __init__(self, input_size: int, output_size: int, *, lora: LoraSettings, **kwargs):
+    def __init__(self, input_size: int, output_size: int, *, lora: LoraSettings,
+                 gate_up: bool = False, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
         self.lora = lora
+        self.gate_up = gate_up and self.config.gated_linear_unit
         tp = self.tp_group.size() if self.tp_group is not None else 1
         self._make_adapter((lora.rank, input_size), (output_size // tp, lora.rank),
                            None, 0)
@@ -109,8 +112,18 @@ class LoRAColumnParallelLinear(_Adapter, ColumnParallelLinear):
         return self._add_delta(out, input_, copy_to_tensor_model_parallel_region), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return self._sharded(prefix, {"weight": 0, "bias": 0, "lora_b": 0}, sharded_offsets,
-                             metadata)
+        state = self._sharded(prefix, {"weight": 0, "bias": 0, "lora_b": 0}, sharded_offsets,
+                              metadata)
+        if self.gate_up:
+            # B's rows are [gate_t; up_t] on rank t: stored as the weight is (Megatron's MLP
+            # wraps only weight and bias), the checkpoint's global B is [gate; up] at any TP.
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            key = f"{prefix}lora_b"
+            state[key] = apply_swiglu_sharded_factory(
+                state[key], sharded_offsets, (metadata or {}).get("singleton_local_shards", False),
+                tp_group=self.tp_group, dp_group=metadata["dp_cp_group"])
+        return state
 
 
 class LoRARowParallelLinear(_Adapter, RowParallelLinear):
@@ -144,7 +157,8 @@ def adapt_layer_spec(spec, lora: LoraSettings):
         module = LoRAColumnParallelLinear if name in COLUMN_TARGETS else LoRARowParallelLinear
         if base is not (ColumnParallelLinear if name in COLUMN_TARGETS else RowParallelLinear):
             raise ValueError(f"LoRA adapts Megatron's local linear layers, not {base}")
-        return ModuleSpec(module=module, params={"lora": lora})
+        params = {"lora": lora, **({"gate_up": True} if name == "linear_fc1" else {})}
+        return ModuleSpec(module=module, params=params)
 
     attention = spec.submodules.self_attention.submodules
     attention.linear_qkv = adapted("linear_qkv", attention.linear_qkv)

@@ -199,12 +199,10 @@ def save_at_tp(out: str, tp: int) -> None:
     save_model_checkpoint(model, out)
 
 
-@pytest.mark.xfail(strict=True, reason="models/lora.py stores fc1's B without Megatron's swiglu "
-                   "factory: a TP=2 checkpoint holds its rows [gate_0; up_0; gate_1; up_1]")
 def test_a_tp2_lora_checkpoint_exports_as_the_tp1_one(tmp_path):
-    """The checkpoint stores global tensors; fc1's B must keep its [gate; up] rows across TP.
-    Known bug (the fix belongs with the adapter checkpoints of checkpoint/mcore.py, whose
-    optional-adapter rule accepts plain ShardedTensors only): qkv, proj and fc2 agree."""
+    """The checkpoint stores global tensors; fc1's B keeps its [gate; up] rows across TP (it is
+    stored through Megatron's swiglu factory, as the weight; a plain axis-0 shard would hold
+    [gate_0; up_0; gate_1; up_1] at TP=2)."""
     from safetensors.torch import load_file
 
     run_distributed(save_at_tp, 1, str(tmp_path / "tp1"), 1)
