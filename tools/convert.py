@@ -3,7 +3,7 @@
     python tools/convert.py hf-to-mcore --hf-dir DIR --out DIR --tp N --pp M [--dtype bf16|fp32]
     python tools/convert.py mcore-to-hf --mcore-dir DIR --out DIR [--dtype bf16|fp32]
                                         [--max-shard-size 5GB]
-                                        [--lora-alpha A [--peft-adapter]]
+                                        [--peft-adapter] [--lora-alpha A]
 
 Runs in one process (``python``, not ``torchrun``) and streams tensor by tensor: peak memory is
 about the largest tensor twice, whatever the model size. The Megatron checkpoint loads at any
@@ -11,9 +11,10 @@ TP/PP with the same padded vocabulary; --tp/--pp are validated and fix that padd
 files are copied along in both directions. See megatron_sega/convert/hf_mcore.py.
 
 A LoRA checkpoint (base + adapters) exports merged HF weights (W + alpha / rank * B A), or with
---peft-adapter a PEFT adapter directory for the HF base; its alpha is not stored in the
-checkpoint yet, so --lora-alpha is required for it (the rank is read from the tensors). A flag
-that does not fit the checkpoint is a usage error: one line, exit 2.
+--peft-adapter a PEFT adapter directory for the HF base. Its alpha is the one the checkpoint
+records (megatron_sega.json); --lora-alpha gives it for one written before alpha was recorded (the
+rank is read from the tensors). A flag that does not fit the checkpoint is a usage error: one
+line, exit 2.
 
 The output appears whole or not at all, with a record of what was converted (conversion.json).
 Rerunning the same command over it does nothing and exits 0 (a job killed after the conversion
@@ -65,17 +66,19 @@ def parser() -> argparse.ArgumentParser:
 
 def _lora_usage_error(args) -> str | None:
     """Why --lora-alpha / --peft-adapter do not fit the checkpoint, or None."""
-    from megatron_sega.checkpoint.mcore import resolve_checkpoint_dir
-    from megatron_sega.convert.lora_export import check_export, stored_adapters
+    from megatron_sega.checkpoint.mcore import read_info, resolve_checkpoint_dir
+    from megatron_sega.convert.lora_export import check_export, export_alpha, stored_adapters
     from megatron_sega.errors import UserError
 
     try:
         directory = resolve_checkpoint_dir(str(args.mcore_dir))
         adapters = stored_adapters(directory)
+        recorded = read_info(directory).lora
     except UserError:
         return None  # not a checkpoint: the converter says so
     try:
-        check_export(adapters, args.peft_adapter, args.lora_alpha, str(directory))
+        alpha = export_alpha(args.lora_alpha, recorded, str(directory))
+        check_export(adapters, args.peft_adapter, alpha, str(directory))
     except UserError as err:
         return str(err)
     return None

@@ -133,8 +133,8 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     Llama directory: ``config.json``, safetensors (sharded above ``max_shard_bytes``, with
     ``model.safetensors.index.json``) and the tokenizer files. Single process.
 
-    A checkpoint with LoRA adapters (base + ``*.lora_a``/``*.lora_b``) needs ``lora_alpha``
-    (not stored yet); its adapters are merged into the weights (``W + alpha / rank * B A``), or,
+    A checkpoint with LoRA adapters (base + ``*.lora_a``/``*.lora_b``) takes its alpha from
+    ``megatron_sega.json`` (or ``lora_alpha`` where an older one does not record it); its adapters are merged into the weights (``W + alpha / rank * B A``), or,
     with ``peft_adapter``, written instead as a PEFT adapter directory for the HF base
     (see ``convert.lora_export``)."""
     # A converted checkpoint, a training checkpoint (step_*/model_optim) or a save directory.
@@ -142,6 +142,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     info = read_info(mcore_dir)
     spec = info.spec
     adapters = lora_export.stored_adapters(mcore_dir)
+    lora_alpha = lora_export.export_alpha(lora_alpha, info.lora, str(mcore_dir))
     lora_export.check_export(adapters, peft_adapter, lora_alpha, str(mcore_dir))
     target = parse_dtype(dtype) or info.torch_dtype
     record = conversion_record("mcore-to-hf", mcore_dir, (out_dir, _partial(out_dir)),

@@ -69,18 +69,31 @@ def stored_adapters(directory: str | Path) -> Optional[StoredAdapters]:
     return StoredAdapters(ranks.pop(), targets)
 
 
+def export_alpha(given: Optional[float], recorded: Optional[dict], where: str
+                 ) -> Optional[float]:
+    """The adapters' alpha: the one ``megatron_sega.json`` records (``lora``), or
+    ``--lora-alpha`` for a checkpoint that records none; a different ``--lora-alpha`` than the
+    recorded one is refused (it would export other weights than the run trained)."""
+    saved = (recorded or {}).get("alpha")
+    if saved is not None and given is not None and float(given) != float(saved):
+        raise ConversionError(f"--lora-alpha {given:g}: {where} records lora.alpha = {saved:g}; "
+                              "drop --lora-alpha")
+    return given if saved is None else float(saved)
+
+
 def check_export(adapters: Optional[StoredAdapters], peft_adapter: bool,
                  lora_alpha: Optional[float], where: str) -> None:
     """Refuse an export the checkpoint cannot give: a PEFT adapter without adapters, or
-    adapters without their alpha (the scale ``alpha / rank`` is not stored yet)."""
+    adapters without their alpha (a checkpoint written before ``megatron_sega.json`` recorded
+    it: see :func:`export_alpha`)."""
     if adapters is None:
         if peft_adapter:
             raise ConversionError(f"{where} holds no LoRA adapters, so there is no PEFT adapter "
                                   "to export; drop --peft-adapter to export its weights")
         return
     if lora_alpha is None:
-        raise ConversionError(f"{where} holds LoRA adapters (rank {adapters.rank}); pass the "
-                              "run's lora.alpha as --lora-alpha to export them")
+        raise ConversionError(f"{where} holds LoRA adapters (rank {adapters.rank}) and does not "
+                              "record their alpha; pass the run's lora.alpha as --lora-alpha")
     if not lora_alpha > 0:
         raise ConversionError(f"--lora-alpha {lora_alpha}: must be > 0")
 

@@ -124,7 +124,7 @@ def test_peft_adapter_is_exact_per_projection_split(tiny, tmp_path):
 
     root = tiny[0]
     cli = _convert_cli()
-    for name, src, extra in (("merged", "lora", ["--lora-alpha", str(ALPHA)]),
+    for name, src, extra in (("merged", "lora", []),  # alpha: as megatron_sega.json records it
                              ("peft", "lora", ["--lora-alpha", str(ALPHA), "--peft-adapter"]),
                              ("hf_base", "base", [])):
         assert cli.main(["mcore-to-hf", "--mcore-dir", str(root / src),
@@ -142,12 +142,22 @@ def test_peft_adapter_is_exact_per_projection_split(tiny, tmp_path):
 
 
 def test_export_flags_that_do_not_fit_are_one_line_exit_2(tiny, tmp_path, capsys):
+    import json
+    import shutil
+
     root = tiny[0]
     cli = _convert_cli()
+    # A LoRA checkpoint whose megatron_sega.json does not record the adapters (older ones).
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(root / "lora", unrecorded)
+    info = json.loads((unrecorded / "megatron_sega.json").read_text())
+    del info["lora"]
+    (unrecorded / "megatron_sega.json").write_text(json.dumps(info))
     cases = [
         ([str(root / "base"), "--peft-adapter"], "holds no LoRA adapters"),
-        ([str(root / "lora")], "pass the run's lora.alpha as --lora-alpha"),
-        ([str(root / "lora"), "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
+        ([str(unrecorded)], "pass the run's lora.alpha as --lora-alpha"),
+        ([str(unrecorded), "--lora-alpha", "0"], "--lora-alpha 0.0: must be > 0"),
+        ([str(root / "lora"), "--lora-alpha", "3"], "records lora.alpha = 8"),
     ]
     for n, (args, message) in enumerate(cases):
         capsys.readouterr()
