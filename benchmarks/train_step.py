@@ -265,6 +265,8 @@ def stage_line(stage: str, r: dict, where: str, lora_rank: int = 0) -> str:
     mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
     label = {"sft": "SFT step", "dpo": "DPO step", "sega": "SEGA update step"}[stage]
     label = f"LoRA {label}" if lora_rank else label
+    if lora_rank:  # the frozen base computes no weight gradients: fewer FLOPs than counted
+        mfu += " (FLOPs counted as full training)"
     return (f"figure: {label} ({where}): {r['seconds_per_step']:.3f} s/step, "
             f"{r['tokens_per_s']:.0f} tokens/s, {r['model_tflops_per_s']:.3g} TFLOP/s, MFU {mfu}, "
             f"peak memory {mem}")

@@ -156,6 +156,8 @@ def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
     for kind in ("SFT step", "DPO step", "SEGA update step", "SEGA step", "entropy+logprob op",
                  "LoRA SFT step", "LoRA SEGA update step"):
         assert any(f"figure: {kind} (" in line for line in figures), kind
+    # The LoRA steps train adapters on all four linear layers, the base frozen.
+    assert "lora: rank 16, alpha 32, on linear_qkv, linear_proj, linear_fc1, linear_fc2: " in out
     lora = [line for line in figures if line.startswith("figure: LoRA ")]
     assert len(lora) == 2 and all("LoRA rank 16" in line and "peak memory " in line
                                   for line in lora), lora
