@@ -27,7 +27,9 @@ launch() {
   run_and_wait "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 "$@"
 }
 run1() {
-  if [ "${2:-}" = mcore-to-hf ] && ! "$PYTHON" "$1" mcore-to-hf --help | grep -q -- --peft-adapter; then
+  local help=""  # read whole: `| grep -q` could end the pipe early, a failure under pipefail
+  [ "${2:-}" != mcore-to-hf ] || help="$("$PYTHON" "$1" mcore-to-hf --help 2>&1 || true)"
+  if [ "${2:-}" = mcore-to-hf ] && [[ "$help" != *--peft-adapter* ]]; then
     echo "error: tools/convert.py mcore-to-hf has no --peft-adapter in this checkout (drop the" \
          "flag from EXPORT_FLAGS in $0 for merged HF weights)" >&2
     return 2
