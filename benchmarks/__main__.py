@@ -1,7 +1,7 @@
 """Run every benchmark and collect the figures.
 
     python -m benchmarks                 # all, CPU-sized (about 10 minutes on 2 cores)
-    python -m benchmarks --only sampler  # one of: vocab_parallel, sampler, convert, train_step
+    python -m benchmarks --only sampler  # one of: vocab_parallel, sampler, convert, train_step, lora
 
 Each benchmark runs in a fresh subprocess (so memory figures are its own) and writes
 ``benchmarks/results/NAME.json``; this collects them into ``benchmarks/results.json`` and a
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "sampler": ["-m", "benchmarks.sampler"],
     "convert": ["-m", "benchmarks.convert"],
     "train_step": ["-m", "benchmarks.train_step"],
+    "lora": ["-m", "benchmarks.lora"],
 }
 
 
@@ -111,7 +112,33 @@ def table(results: dict) -> str:
         if train.get("mfu") is not None:
             rows.append(f"| training step ({train['device']}) | MFU | {train['mfu']:.1%} | "
                         f"peak {train['peak_tflops']} TFLOP/s |")
+    rows.extend(lora_rows(results.get("lora") or {}))
     return "\n".join(rows)
+
+
+def lora_rows(lora: dict) -> list[str]:
+    """The LoRA benchmark's rows: training state and trainable parameters of the 8B shape, and
+    the CPU step time, each LoRA against full training."""
+    if not lora:
+        return []
+    full, ours, ratio = lora["full"], lora["lora_counts"], lora["ratios_lora_over_full"]
+    name = f"LoRA rank {lora['lora']['rank']}, Llama-3-8B shape, bf16, one rank"
+    gib = 2**30
+    step = lora["step_time"]
+    return [
+        f"| {name} | training state (weights + grads + optimizer), counted from the built "
+        f"objects | {ours['training_state_bytes'] / gib:.1f} GiB "
+        f"({ratio['training_state_bytes']:.3f} of full) | full "
+        f"{full['training_state_bytes'] / gib:.1f} GiB |",
+        f"| {name} | grads + optimizer state | "
+        f"{(ours['grads_bytes'] + ours['optimizer_bytes']) / gib:.2f} GiB | full "
+        f"{(full['grads_bytes'] + full['optimizer_bytes']) / gib:.1f} GiB |",
+        f"| {name} | trainable parameters | {ours['trainable_parameters'] / 1e6:.1f} M "
+        f"({ratio['trainable_parameters']:.2%}) | full {full['trainable_parameters'] / 1e9:.2f} B |",
+        f"| LoRA SFT step ({step['device']}, {step['model']}) | seconds per step | "
+        f"{step['seconds_per_step']['lora']:.3f} ({step['ratio_lora_over_full']:.2f} of full) | "
+        f"full {step['seconds_per_step']['full']:.3f} |",
+    ]
 
 
 def update_readme(markdown: str) -> None:

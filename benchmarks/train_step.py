@@ -16,7 +16,10 @@ full-length rows of ``--seq`` tokens: ``sft_step``; ``dpo_step`` (``--batch / 2`
 reference's forward included in the time as in ``run_dpo``, not in the FLOPs); the SEGA update
 (``training_microbatches`` + ``sega_loss_fn`` + ``forward_backward`` + ``optimizer_step``, what
 ``sega_step`` runs after sampling). The tokenizer is the shipped tiny one padded to the model's
-vocabulary, so the loss ops run over all of it, as with Llama 3's own.
+vocabulary, so the loss ops run over all of it, as with Llama 3's own. ``--lora-rank R``: the same
+steps with rank-R LoRA adapters (alpha 2R) on the four linear layers and the base frozen, on
+PyTorch SDPA attention (LoRA does not wrap Transformer Engine's layers); DPO's reference is then
+the policy with its adapters off, as in a LoRA run.
 
 Timing: one warm-up step, then ``--steps`` steps between two CUDA events on a GPU
 (``time.perf_counter`` on CPU). MFU against the chip's dense bf16 peak with
@@ -175,8 +178,9 @@ def bench_session(spec, dtype: str, workdir: Path, sections: dict):
     hf_config = workdir / "config.json"
     hf_config.write_text(json.dumps(to_hf_config(spec)))
     tokenizer = padded_tokenizer(workdir / "tokenizer", spec.vocab_size)
-    base = {"model": {"hf_config": str(hf_config), "tokenizer": str(tokenizer), "dtype": dtype},
-            "logging": {"progress": False, "tensorboard": False}, **sections}
+    model = {"hf_config": str(hf_config), "tokenizer": str(tokenizer), "dtype": dtype,
+             **sections.get("model", {})}
+    base = {"logging": {"progress": False, "tensorboard": False}, **sections, "model": model}
     return open_session(load_config(base=base), train=True, total_steps=1000, lr_override=1e-5)
 
 
@@ -233,6 +237,9 @@ def run_stages(spec, args) -> dict:
     sections = {"data": {"max_seq_len": args.seq}, "sft": {"micro_batch_size": micro},
                 "dpo": {"micro_batch_size": max(micro // 2, 1)},
                 "sega": {"micro_batch_size": micro}}
+    if args.lora_rank:
+        sections["lora"] = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank}
+        sections["model"] = {"attention": "sdpa"}
     with tempfile.TemporaryDirectory(prefix="msega_bench_") as workdir:
         session = bench_session(spec, args.dtype, Path(workdir), sections)
     device = session.runtime.device.type
@@ -252,11 +259,14 @@ def run_stages(spec, args) -> dict:
     return results
 
 
-def stage_line(stage: str, r: dict, where: str) -> str:
+def stage_line(stage: str, r: dict, where: str, lora_rank: int = 0) -> str:
     """One readable line of a stage's figures."""
     mfu = "n/a (no GPU peak)" if r["mfu"] is None else f"{r['mfu']:.1%}"
     mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
     label = {"sft": "SFT step", "dpo": "DPO step", "sega": "SEGA update step"}[stage]
+    label = f"LoRA {label}" if lora_rank else label
+    if lora_rank:  # the frozen base computes no weight gradients: fewer FLOPs than counted
+        mfu += " (FLOPs counted as full training)"
     return (f"figure: {label} ({where}): {r['seconds_per_step']:.3f} s/step, "
             f"{r['tokens_per_s']:.0f} tokens/s, {r['model_tflops_per_s']:.3g} TFLOP/s, MFU {mfu}, "
             f"peak memory {mem}")
@@ -291,11 +301,15 @@ def main(argv=None) -> dict:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="(--stage sft/dpo/sega) train rank-R LoRA adapters, the base frozen")
     p.add_argument("--no-baseline", action="store_true", help="skip the transformers step")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_step.json")
     args = p.parse_args(argv)
     if "lm" in args.stage and len(args.stage) > 1:
         p.error("--stage lm runs alone (it builds its own model and the transformers baseline)")
+    if args.lora_rank < 0 or (args.lora_rank and args.stage == ["lm"]):
+        p.error("--lora-rank R (R >= 1) applies to --stage sft/dpo/sega")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -305,14 +319,15 @@ def main(argv=None) -> dict:
     result = {"device": name, "preset": args.preset, "layers": spec.num_layers,
               "hidden": spec.hidden_size, "vocab": spec.vocab_size, "seq": args.seq,
               "batch": args.batch, "micro_batch": args.micro_batch, "dtype": args.dtype,
-              "steps": args.steps}
+              "steps": args.steps, "lora_rank": args.lora_rank}
     if args.stage != ["lm"]:
         result["stages"] = run_stages(spec, args)
         result["peak_tflops"] = peak
         result["timer"] = "CUDA events" if device == "cuda" else "time.perf_counter"
         where = (f"{name}, {args.preset} cut to {spec.num_layers} layers, seq {args.seq}, "
-                 f"batch {args.batch}, {args.dtype}")
-        lines = [stage_line(s, r, where) for s, r in result["stages"].items()]
+                 f"batch {args.batch}, {args.dtype}"
+                 + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
+        lines = [stage_line(s, r, where, args.lora_rank) for s, r in result["stages"].items()]
     else:
         sec = ours(spec, dtype, args.batch, args.micro_batch, args.seq, args.steps, device)
         result["ours_tokens_per_s"] = tokens / sec

@@ -2,7 +2,8 @@
 # The stages of a GEM/SEGA run, shared by the SLURM and single-node launchers.
 # Sourced, not run: the launcher defines `launch` (how to start N GPU processes), `run1` (how to
 # run one process) and `signal_workers` (send USR1 to the training processes, not to torchrun),
-# optionally `on_stopped`, then calls `pipeline_main "$@"`.
+# optionally `on_stopped` and the array EXPORT_FLAGS (extra flags of the export stage's
+# `tools/convert.py mcore-to-hf`, e.g. --peft-adapter), then calls `pipeline_main "$@"`.
 #
 #   --hf-dir DIR       HF Llama checkpoint to start from (config.json, *.safetensors, tokenizer)
 #   --work-dir DIR     where every stage writes (checkpoints, logs, eval, HF export)
@@ -160,7 +161,7 @@ pipeline_main() {
   fi
   if stage export; then
     [ "$dry" = 1 ] || run1 "$REPO/tools/convert.py" mcore-to-hf --mcore-dir "$sega/ckpt" \
-      --out "$work/hf_sega" --dtype bf16
+      --out "$work/hf_sega" --dtype bf16 ${EXPORT_FLAGS[@]+"${EXPORT_FLAGS[@]}"}
     done_stage export
   fi
   if [ "$dry" = 1 ]; then echo "dry run ok: world size $WORLD_SIZE"; else echo "pipeline finished: $work"; fi

@@ -15,6 +15,8 @@
 #      SEGA update step (CUDA events after a warm-up step); one SEGA step split into sample /
 #      score / train seconds with the peak memory of each phase; sampler tokens/s at batch 1, 8
 #      and 64 against transformers generate (synchronized wall time); entropy-op throughput.
+#      the same SFT and SEGA update steps with rank-16 LoRA (the base frozen, SDPA attention: the
+#      single-GPU recipe, examples/sega_llama3_8b_lora.sh) with their peak memory;
 #      JSON lands in benchmarks/results/gpu_*.json; every figure is also printed on one
 #      "figure:" line, and all of them again at the end.
 #
@@ -198,6 +200,9 @@ echo "vpp: not run (needs 2 GPUs with NCCL); verified on CPU/gloo only, in CI"
 step "training steps: SFT, DPO, SEGA update (MFU)"
 "$PY" -m benchmarks.train_step --stage sft dpo sega "${MODEL[@]}" "${TRAIN[@]}" --dtype bf16 \
   --out "$OUT/gpu_train_step.json" | tee -a "$FIGURES"
+step "LoRA steps: SFT, SEGA update (rank 16, peak memory)"
+"$PY" -m benchmarks.train_step --stage sft sega --lora-rank 16 "${MODEL[@]}" "${TRAIN[@]}" \
+  --dtype bf16 --out "$OUT/gpu_train_step_lora.json" | tee -a "$FIGURES"
 step "SEGA step: sample / score / train, peak memory per phase"
 "$PY" -m benchmarks.sega_step "${MODEL[@]}" "${SEGA[@]}" --dtype bf16 \
   --out "$OUT/gpu_sega_step.json" | tee -a "$FIGURES"

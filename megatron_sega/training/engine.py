@@ -115,6 +115,22 @@ def build_optimizer(model_chunks: list, optim: OptimConfig, *, total_steps: int,
     return optimizer, scheduler
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """The bytes of optimizer state this rank holds: Adam's two moments and, in bf16, the fp32
+    main copies of its parameter shard (the step counters left out). States Megatron creates at
+    the first step are made now with dummy values, so the count holds before any step."""
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        for state in opt.optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for k, t in state.items()
+                         if isinstance(t, torch.Tensor) and k != "step")
+        for group in getattr(opt, "shard_fp32_from_float16_groups", []):  # bf16: fp32 mains
+            total += sum(p.numel() * p.element_size() for p in group)
+    return total
+
+
 def _wire_config(chunk, model_chunks: list) -> None:
     from megatron.core.distributed import finalize_model_grads
 

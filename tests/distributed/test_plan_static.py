@@ -19,19 +19,6 @@ pytestmark = pytest.mark.distributed
 LAYOUTS_2 = [(2, 1), (1, 2), (1, 1)]  # (tp, pp) on 2 ranks: DP = 2 / (tp * pp)
 
 
-def _optimizer_bytes(optimizer) -> int:
-    total = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-        for state in opt.optimizer.state.values():
-            total += sum(t.numel() * t.element_size() for k, t in state.items()
-                         if isinstance(t, torch.Tensor) and k != "step")
-        for group in getattr(opt, "shard_fp32_from_float16_groups", []):  # bf16: fp32 mains
-            total += sum(p.numel() * p.element_size() for p in group)
-    return total
-
-
 def _static(layouts) -> list[dict]:
     import torch.distributed as dist
 
@@ -39,7 +26,9 @@ def _static(layouts) -> list[dict]:
     from megatron_sega.config import OptimConfig
     from megatron_sega.models import preset
     from megatron_sega.plan import memory as mem
-    from megatron_sega.training.engine import build_optimizer, build_training_model
+    from megatron_sega.training.engine import (
+        build_optimizer, build_training_model, optimizer_state_bytes,
+    )
 
     spec = preset("tiny", vocab_size=300)
     out = []
@@ -57,7 +46,7 @@ def _static(layouts) -> list[dict]:
                 "weights": sum(p.numel() * p.element_size() for c in chunks for p in c.parameters()),
                 "grads": sum(b.grad_data.numel() * b.grad_data.element_size()
                              for c in chunks for b in c.buffers),
-                "optimizer": _optimizer_bytes(optimizer),
+                "optimizer": optimizer_state_bytes(optimizer),
             }
             out.append({"layout": (tp, pp, dp, str(dtype)), "plan": plan, "real": real,
                         "pad": 2 * (128 * dp) * (12 if bf16 else 8)})

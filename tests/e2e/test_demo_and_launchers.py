@@ -63,6 +63,7 @@ def test_quick_demo_runs_the_whole_pipeline_at_tp2(tmp_path):
 
 
 LAUNCHERS = ["examples/sega_llama3_8b.sh", "examples/sega_llama3_8b_single_node.sh",
+             "examples/sega_llama3_8b_lora.sh",
              "examples/sega_llama3_70b.sh", "examples/slurm_job.sh",
              "examples/pipeline.sh", "scripts/demo.sh", "scripts/test.sh", "scripts/env.sh",
              "tools/gpu_check.sh"]
@@ -80,6 +81,7 @@ def test_scripts_are_bash_n_clean(script):
     ("examples/sega_llama3_8b.sh", 1, "tp=8 pp=1 dp=1 world=8"),
     ("examples/sega_llama3_8b_single_node.sh", 1, "tp=8 pp=1 dp=1 world=8"),
     ("examples/sega_llama3_70b.sh", 4, "tp=8 pp=4 dp=1 world=32"),  # its own config by default
+    ("examples/sega_llama3_8b_lora.sh", 1, "tp=1 pp=1 dp=1 world=1"),  # one GPU, its own config
 ])
 def test_launcher_dry_run_validates_config_and_world_size(script, nodes, layout, tmp_path):
     data = tmp_path / "pairs.jsonl"
@@ -89,7 +91,7 @@ def test_launcher_dry_run_validates_config_and_world_size(script, nodes, layout,
     env = {**_env(), "SLURM_NNODES": str(nodes)}
     ok = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-    world = 8 * nodes
+    world = int(layout.split("world=")[1])
     assert f"dry run ok: world size {world}" in ok.stdout
     assert ok.stdout.count(f"ok: {layout}") == 4  # sft, sega, eval x2
     if nodes == 4:
@@ -128,7 +130,8 @@ def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
     out = result.stdout
     for step in ("== preflight", "device: ", "== gpu tests", "== bf16 SFT + SEGA + eval (CLI)",
                  "bf16 ok: SFT loss", "== vpp tests", "vpp: not run (needs 2 GPUs",
-                 "== training steps: SFT, DPO, SEGA update (MFU)", "== SEGA step",
+                 "== training steps: SFT, DPO, SEGA update (MFU)",
+                 "== LoRA steps: SFT, SEGA update (rank 16, peak memory)", "== SEGA step",
                  "== sampler tokens/s", "== entropy op", "== figures", "gpu check done"):
         assert step in out, step
     dry_command = next(line for line in out.splitlines() if line.startswith("pytest command: "))
@@ -150,6 +153,45 @@ def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
 
     figures = [line for line in out.split("== figures")[1].splitlines()
                if line.startswith("figure: ")]
-    for kind in ("SFT step", "DPO step", "SEGA update step", "SEGA step", "entropy+logprob op"):
+    for kind in ("SFT step", "DPO step", "SEGA update step", "SEGA step", "entropy+logprob op",
+                 "LoRA SFT step", "LoRA SEGA update step"):
         assert any(f"figure: {kind} (" in line for line in figures), kind
+    # The LoRA steps train adapters on all four linear layers, the base frozen.
+    assert "lora: rank 16, alpha 32, on linear_qkv, linear_proj, linear_fc1, linear_fc2: " in out
+    lora = [line for line in figures if line.startswith("figure: LoRA ")]
+    assert len(lora) == 2 and all("LoRA rank 16" in line and "peak memory " in line
+                                  for line in lora), lora
     assert sum("figure: sampler (" in line and "hf_generate" in line for line in figures) == 3
+
+
+# Stands in for Python in the LoRA launcher's export stage: `convert.py mcore-to-hf --help` lists
+# --peft-adapter when HELP says so; a conversion writes its arguments down.
+_FAKE_CONVERT = """#!/usr/bin/env bash
+if [ "$3" = "--help" ]; then echo "$HELP"; exit 0; fi
+[ "${2:-}" = mcore-to-hf ] && echo "$@" > "$LOG/convert"
+exit 0
+"""
+
+
+@pytest.mark.parametrize("has_flag", [True, False])
+def test_lora_launcher_exports_a_peft_adapter(has_flag, tmp_path):
+    """The LoRA recipe's export stage asks tools/convert.py for the PEFT adapter; a converter
+    without --peft-adapter stops it with one line, exit 2."""
+    fake = tmp_path / "python"
+    fake.write_text(_FAKE_CONVERT)
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    env = dict(_env(), PYTHON=str(fake), LOG=str(tmp_path),
+               HELP="--mcore-dir --out --dtype" + (" --peft-adapter" if has_flag else ""))
+    result = subprocess.run(
+        ["bash", "examples/sega_llama3_8b_lora.sh", "--hf-dir", str(tmp_path / "hf"), "--work-dir",
+         str(work), "--train", "t.jsonl", "--eval", "e.jsonl", "--stages", "export"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    if has_flag:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (tmp_path / "convert").read_text().split()[1:] == [
+            "mcore-to-hf", "--mcore-dir", f"{work}/sega/ckpt", "--out", f"{work}/hf_sega",
+            "--dtype", "bf16", "--peft-adapter"]
+    else:
+        assert result.returncode == 2 and not (tmp_path / "convert").exists()
+        assert "has no --peft-adapter" in result.stderr
