@@ -2,7 +2,6 @@
 the whole model built directly, LoRA's trainable parameters are the planner's adapter count and
 its base has no gradients or optimizer state; the RESULTS table shows its rows."""
 
-from dataclasses import replace
 
 import pytest
 
