@@ -216,6 +216,25 @@ def freeze_base(model) -> int:
     return trainable
 
 
+def parameter_counts(chunks, runtime) -> tuple[float, float]:
+    """(trainable, frozen) parameters of the whole model: this rank's chunks summed over the
+    model-parallel group, a tensor replicated over TP counted once."""
+    import torch.distributed as dist
+
+    from megatron_sega.convert.layout import tp_dim
+    from megatron_sega.models.builder import unwrap_model
+
+    counts = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    for chunk in chunks:
+        for name, p in unwrap_model(chunk).named_parameters():
+            shared = runtime.tp if tp_dim(name) is None and runtime.tp > 1 else 1
+            counts[0 if is_adapter(name) else 1] += p.numel() / shared
+    if dist.is_initialized() and runtime.tp * runtime.pp > 1:
+        dist.all_reduce(counts, group=runtime.mp_group)
+    trainable, frozen = counts.tolist()
+    return trainable, frozen
+
+
 @contextlib.contextmanager
 def adapters_disabled(chunks) -> Iterator[None]:
     """The base model: every adapter of ``chunks`` switched off for the duration (the

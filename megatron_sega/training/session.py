@@ -232,21 +232,11 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
 
 
 def _announce_lora(session: Session) -> None:
-    """One line: the adapters and how many parameters train, over the whole model (the
-    adapters of every stage and TP shard, counted once)."""
-    from megatron_sega.convert.layout import tp_dim
-    from megatron_sega.models.builder import unwrap_model
-    from megatron_sega.models.lora import is_adapter
+    """One line: the adapters and how many parameters train, over the whole model."""
+    from megatron_sega.models.lora import parameter_counts
 
-    rt, lora = session.runtime, session.config.lora
-    counts = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for chunk in session.chunks:
-        for name, p in unwrap_model(chunk).named_parameters():
-            shared = rt.tp if tp_dim(name) is None and rt.tp > 1 else 1  # replicated over TP
-            counts[0 if is_adapter(name) else 1] += p.numel() / shared
-    if dist.is_initialized() and rt.tp * rt.pp > 1:
-        dist.all_reduce(counts, group=rt.mp_group)
-    trainable, frozen = counts.tolist()
+    lora = session.config.lora
+    trainable, frozen = parameter_counts(session.chunks, session.runtime)
     session.print(f"lora: rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.targets)}: "
                   f"{trainable:,.0f} trainable parameters, {frozen:,.0f} frozen "
                   f"({100 * trainable / (trainable + frozen):.2f}% train)")
