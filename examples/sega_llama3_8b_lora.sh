@@ -10,8 +10,8 @@
 #
 # Every option of examples/pipeline.sh applies (--stages, --config, KEY=VALUE overrides).
 # Export: `tools/convert.py mcore-to-hf --peft-adapter` writes adapter_config.json +
-# adapter_model.safetensors for `peft.PeftModel.from_pretrained` on the HF base; a checkout whose
-# converter lacks --peft-adapter stops at that stage with a message (the dry run does not run it).
+# adapter_model.safetensors for `peft.PeftModel.from_pretrained` on the HF base (empty
+# EXPORT_FLAGS: merged HF weights instead).
 # Stop with `kill -USR1` on this script; rerun the same command to resume (see pipeline.sh).
 set -euo pipefail
 
@@ -26,16 +26,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 launch() {
   run_and_wait "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 "$@"
 }
-run1() {
-  local help=""  # read whole: `| grep -q` could end the pipe early, a failure under pipefail
-  [ "${2:-}" != mcore-to-hf ] || help="$("$PYTHON" "$1" mcore-to-hf --help 2>&1 || true)"
-  if [ "${2:-}" = mcore-to-hf ] && [[ "$help" != *--peft-adapter* ]]; then
-    echo "error: tools/convert.py mcore-to-hf has no --peft-adapter in this checkout (drop the" \
-         "flag from EXPORT_FLAGS in $0 for merged HF weights)" >&2
-    return 2
-  fi
-  "$PYTHON" "$@"
-}
+run1() { "$PYTHON" "$@"; }
 signal_workers() { pkill -USR1 -P "$LAUNCH_PID" || true; }  # the worker, not torchrun
 trap request_stop USR1
 
