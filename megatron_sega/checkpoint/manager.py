@@ -59,15 +59,15 @@ import torch.distributed as dist
 from megatron_sega.checkpoint import stop
 from megatron_sega.checkpoint.finite import refuse_nonfinite_weights
 from megatron_sega.checkpoint.mcore import (
-    CheckpointInfo, check_compatible, dtype_name, load_model_state, lora_info, read_info,
-    sharded_model_state, unwrap, write_info,
+    CheckpointInfo, adapter_state, check_adapters, check_base, check_compatible, dtype_name,
+    load_model_state, lora_base, lora_info, read_info, sharded_model_state, unwrap, write_info,
 )
 from megatron_sega.checkpoint.names import (
     COMPLETE_MARKER, MODEL_OPTIM_DIR, RNG_DIR, STEP_GLOB, STOP_MARKER, TMP_PREFIX,
     TOKENIZER_DIR, TRAIN_STATE_FILE, rng_file_name, step_dir_name,
 )
 from megatron_sega.checkpoint.retention import (
-    CheckpointWarning, conflicting_checkpoints, find_latest, is_complete, mark_owner,
+    conflicting_checkpoints, find_latest, is_complete, mark_owner,
     point_latest, prune, publish, run_id_of, write_synced,
 )
 from megatron_sega.checkpoint.safe_loading import safe_loading
@@ -142,10 +142,15 @@ class CheckpointManager:
     ``runtime`` (ranks, groups, device), the model ``spec`` and ``tokenizer`` (written into each
     checkpoint), the resolved ``run_config`` (a dict, recorded for the record) and whether the
     optimizer is ``distributed_optimizer`` (its state layout). ``config``: the ``checkpoint``
-    section (save_dir, resume, save_interval, keep_last, load_optim)."""
+    section (save_dir, resume, save_interval, keep_last, load_optim).
+
+    ``lora_base``: for a LoRA run, the record of its frozen base (``path``, ``fingerprint``: see
+    ``checkpoint.fingerprint``). Its checkpoints then hold the adapters and their optimizer
+    state only, and point at that base; resume refuses a base whose fingerprint changed."""
 
     def __init__(self, config, stage: str, *, chunks: list, optimizer, scheduler, iterator,
-                 runtime, spec, tokenizer, run_config: dict, distributed_optimizer: bool):
+                 runtime, spec, tokenizer, run_config: dict, distributed_optimizer: bool,
+                 lora_base: Optional[dict] = None):
         self.config = config
         self.stage = stage
         self.chunks = chunks
@@ -157,6 +162,7 @@ class CheckpointManager:
         self.tokenizer = tokenizer
         self.run_config = run_config
         self.distributed_optimizer = distributed_optimizer
+        self.lora_base = lora_base
         self.save_dir = Path(config.save_dir) if config.save_dir else None
         self.stopped = False
         self.extra: dict = {}
@@ -206,6 +212,8 @@ class CheckpointManager:
         _in_process_write_results()
         model = unwrap(self.chunks[0])
         state = sharded_model_state(self.chunks)  # 'model', or 'model0', 'model1'... under VPP
+        if self.lora_base is not None:  # the frozen base is in its own checkpoint already
+            state = adapter_state(state)
         # Adam's state exists from the first step on; a checkpoint taken before it (e.g. right
         # after a --no-load-optim resume) holds the model only.
         with_optim = torch.tensor([int(optimizer is not None and _has_state(optimizer))],
@@ -221,7 +229,7 @@ class CheckpointManager:
         if self.is_main:
             write_info(model_dir, CheckpointInfo(
                 spec=self.spec, padded_vocab_size=int(model.vocab_size),
-                dtype=dtype_name(model.config.params_dtype), lora=lora_info(model)))
+                dtype=dtype_name(model.config.params_dtype), lora=self._lora_record(model)))
             train_state = {
                 "stage": self.stage, "step": step, "run_id": self.run_id,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -240,6 +248,12 @@ class CheckpointManager:
         dist.barrier()
         self.print(f"saved checkpoint {final}")
         return final
+
+    def _lora_record(self, model) -> Optional[dict]:
+        lora = lora_info(model)
+        if lora is not None and self.lora_base is not None:
+            lora["base"] = self.lora_base
+        return lora
 
     # ------------------------------------------------------------------ loading
     def _resume_path(self) -> Optional[Path]:
@@ -324,7 +338,13 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is a '{train_state.get('stage')}' checkpoint; this is "
                                   f"the '{self.stage}' stage (use model.load to start from it)")
         model = unwrap(self.chunks[0])
-        check_compatible(read_info(model_dir), self.spec, int(model.vocab_size), str(path))
+        info = read_info(model_dir)
+        check_compatible(info, self.spec, int(model.vocab_size), str(path))
+        check_adapters(self.chunks, model_dir, info)
+        base = lora_base(info)
+        if base is not None:  # adapters only: they must meet the base they trained on
+            check_base(self.chunks, base, path, fingerprint=(self.lora_base or {}).get(
+                "fingerprint"))
         load_optim = self.config.load_optim and optimizer is not None
         if load_optim and not train_state.get("optimizer_state", True):
             load_optim = False
@@ -332,6 +352,8 @@ class CheckpointManager:
         elif load_optim:
             self._check_optimizer_layout(path, train_state)
         wanted = sharded_model_state(self.chunks, loading_from=model_dir)
+        if base is not None:
+            wanted = adapter_state(wanted)
         state = dict(wanted)
         if load_optim:
             _ensure_optimizer_state(optimizer)
@@ -339,7 +361,7 @@ class CheckpointManager:
                                                               metadata=_OPTIM_SHARDING)
         with safe_loading(model_dir):
             loaded = dist_checkpointing.load(state, str(model_dir))
-        load_model_state(self.chunks, wanted, loaded)
+        load_model_state(self.chunks, wanted, loaded, adapters_only=base is not None)
         if load_optim:
             _retarget_lr_bounds(loaded["optimizer"], optimizer)
             with torch.no_grad():  # fp32 main params are views of the (grad-requiring) params

@@ -223,7 +223,7 @@ def check_adapters(model, directory: str | Path, info: CheckpointInfo) -> None:
         return
     ours = lora_info(model)
     wanted = " ".join(f"lora.{k}=" + (f"[{','.join(v)}]" if k == "targets" else f"{v:g}")
-                      for k, v in saved.items() if k != "dropout")
+                      for k, v in saved.items() if k in ("rank", "alpha", "targets"))
     if ours is None:
         raise CheckpointError(
             f"{directory} holds LoRA adapters but lora.rank is 0, so they would be ignored; "
@@ -235,12 +235,72 @@ def check_adapters(model, directory: str | Path, info: CheckpointInfo) -> None:
             f"({', '.join(f'{k}={ours[k]}' for k in mismatch)}); set {wanted}")
 
 
-def load_model_state(model, wanted: dict, loaded: dict) -> None:
+def load_model_state(model, wanted: dict, loaded: dict, *, adapters_only: bool = False) -> None:
     """Copy what ``dist_checkpointing.load(wanted)`` returned into the chunks, keeping only the
-    model's own entries (a training checkpoint's common state also holds other objects)."""
+    model's own entries (a training checkpoint's common state also holds other objects).
+    ``adapters_only``: ``wanted`` holds the adapters only (:func:`adapter_state`); the base
+    weights already in the chunks stay."""
     for chunk, key in zip(model_chunks(model), wanted):
-        chunk.load_state_dict({k: v for k, v in loaded[key].items() if k in wanted[key]},
-                              strict=True)
+        result = chunk.load_state_dict(
+            {k: v for k, v in loaded[key].items() if k in wanted[key]}, strict=not adapters_only)
+        if adapters_only and result.unexpected_keys:
+            raise CheckpointError(f"unexpected entries {result.unexpected_keys[:3]} in a "
+                                  "LoRA adapter checkpoint")
+
+
+def adapter_state(state: dict) -> dict:
+    """``state`` (:func:`sharded_model_state`) reduced to the LoRA adapters: what a LoRA
+    training checkpoint stores, and what is read back from one."""
+    from megatron_sega.models.lora import is_adapter
+
+    return {chunk: {k: v for k, v in entries.items() if is_adapter(k)}
+            for chunk, entries in state.items()}
+
+
+def lora_base(info: CheckpointInfo) -> Optional[dict]:
+    """The base record of a LoRA checkpoint that holds only its adapters (``path``,
+    ``fingerprint``; ``init_seed`` for a randomly initialised base), or None."""
+    return (info.lora or {}).get("base")
+
+
+def check_base(model, base: dict, directory: str | Path,
+               fingerprint: Optional[dict] = None) -> None:
+    """The base weights in ``model`` (or given by their ``fingerprint``) are those the
+    adapters of ``directory`` trained on (collective when the fingerprint is computed)."""
+    from megatron_sega.checkpoint.fingerprint import describe_difference, differing, \
+        model_fingerprint
+
+    if fingerprint is None:
+        fingerprint = model_fingerprint(model_chunks(model), model_chunks(model)[0]
+                                        .llama_spec.vocab_size)
+    changed = differing(base["fingerprint"], fingerprint)
+    if changed:
+        where = base.get("path") or f"random weights (model.init_seed = {base.get('init_seed')})"
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters trained on the base {where}, and the base weights "
+            f"loaded now differ ({describe_difference(changed)}); adapters mean nothing on "
+            "other weights: restore that base, or train new adapters from this one")
+
+
+def load_base(model, base: dict, directory: str | Path) -> None:
+    """Collective: load the base a LoRA adapter checkpoint points at into ``model`` (its
+    recorded checkpoint, or the random weights of its seed) and check its fingerprint."""
+    path = base.get("path")
+    if path is None:
+        from megatron.core import parallel_state as ps
+
+        from megatron_sega.models.init import random_init
+
+        first = model_chunks(model)[0]
+        random_init(model_chunks(model), first.llama_spec, ps.get_tensor_model_parallel_world_size(),
+                    ps.get_tensor_model_parallel_rank(), int(base["init_seed"]))
+    elif not (Path(path) / METADATA_FILE).is_file():
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters only; their base checkpoint {path} is missing. "
+            f"Put the base back at {path} (the adapters were trained on it)")
+    else:
+        load_model_checkpoint(model, path)
+    check_base(model, base, directory)
 
 
 def save_model_checkpoint(model, directory: str | Path, *,
@@ -267,17 +327,24 @@ def save_model_checkpoint(model, directory: str | Path, *,
 def load_model_checkpoint(model, directory: str | Path) -> CheckpointInfo:
     """Collective over all ranks: load a checkpoint into this rank's stage/shard of ``model``
     (one model or this rank's chunks; saved at any TP/PP/VPP: the tensors are resharded on load
-    and cast to the model's dtype)."""
+    and cast to the model's dtype). A LoRA checkpoint of adapters only (a training run's, see
+    ``checkpoint.manager``) loads its base first, from the checkpoint it points at, and refuses
+    a base whose fingerprint changed."""
     from megatron.core import dist_checkpointing
 
     first = model_chunks(model)[0]
     info = read_info(directory)
     check_compatible(info, first.llama_spec, _model_padded_vocab(first), str(directory))
     check_adapters(model, directory, info)
+    base = lora_base(info)
+    if base is not None:  # a LoRA checkpoint of adapters only: its base first
+        load_base(model, base, directory)
     wanted = sharded_model_state(model, loading_from=directory)
+    if base is not None:
+        wanted = adapter_state(wanted)
     with safe_loading(directory):  # checkpoints from elsewhere: metadata types only
         state = dist_checkpointing.load(wanted, str(directory))
-    load_model_state(model, wanted, state)
+    load_model_state(model, wanted, state, adapters_only=base is not None)
     return info
 
 

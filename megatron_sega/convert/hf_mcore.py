@@ -25,8 +25,10 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from megatron_sega.checkpoint.fingerprint import describe_difference, differing, \
+    tensors_fingerprint
 from megatron_sega.checkpoint.mcore import (
-    CheckpointInfo, dtype_name, read_info, resolve_checkpoint_dir, write_info,
+    CheckpointInfo, dtype_name, lora_base, read_info, resolve_checkpoint_dir, write_info,
 )
 from megatron_sega.checkpoint.names import TOKENIZER_DIR
 from megatron_sega.convert import hf
@@ -136,7 +138,8 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     A checkpoint with LoRA adapters (base + ``*.lora_a``/``*.lora_b``) takes its alpha from
     ``megatron_sega.json`` (or ``lora_alpha`` where an older one does not record it); its adapters are merged into the weights (``W + alpha / rank * B A``), or,
     with ``peft_adapter``, written instead as a PEFT adapter directory for the HF base
-    (see ``convert.lora_export``)."""
+    (see ``convert.lora_export``). A LoRA training checkpoint holds its adapters only: the base
+    weights come from the checkpoint it points at, whose fingerprint must not have changed."""
     # A converted checkpoint, a training checkpoint (step_*/model_optim) or a save directory.
     mcore_dir, out_dir = resolve_checkpoint_dir(str(mcore_dir)), Path(out_dir)
     info = read_info(mcore_dir)
@@ -156,39 +159,98 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
                               single_process_runtime(), lora=lora)
     _check_skeleton_names(skeleton, spec)
     groups = list(stream_groups(skeleton))
+    source = _Source(skeleton, mcore_dir, _adapter_base(info, mcore_dir))
     with _output_dir(out_dir, record) as tmp:
         if peft_adapter:
-            _export_peft(tmp, skeleton, mcore_dir, groups, adapters, lora_alpha, spec, target)
+            _export_peft(tmp, source, groups, adapters, lora_alpha, spec, target)
         else:
-            _export_weights(tmp, skeleton, mcore_dir, groups, lora, spec, target,
-                            max_shard_bytes)
+            _export_weights(tmp, source, groups, lora, spec, target, max_shard_bytes)
         copy_tokenizer_files(mcore_dir / TOKENIZER_DIR, tmp)
     return out_dir
 
 
-def _export_weights(tmp: Path, skeleton, mcore_dir: Path, groups: list[list[str]], lora,
+class _Source:
+    """Where the tensors of an export come from: ``mcore_dir`` (read through ``skeleton``), or,
+    for a LoRA checkpoint of adapters only, the base weights from ``base`` (its directory, its
+    skeleton and its recorded fingerprint, checked against what was read)."""
+
+    def __init__(self, skeleton, mcore_dir: Path, base: Optional[tuple] = None):
+        self.skeleton, self.mcore_dir, self.base = skeleton, mcore_dir, base
+        self.fingerprint: dict = {}
+
+    def read(self, names: list[str]) -> dict:
+        if self.base is None:
+            return load_streaming(self.skeleton, self.mcore_dir, names)
+        base_dir, base_skeleton, _ = self.base
+        weights = [n for n in names if not is_adapter(n)]
+        tensors = load_streaming(base_skeleton, base_dir, weights) if weights else {}
+        vocab = self.skeleton.llama_spec.vocab_size
+        for key, sums in tensors_fingerprint(tensors.items(), vocab).items():
+            old = self.fingerprint.get(key, [0.0, 0.0])
+            self.fingerprint[key] = [old[0] + sums[0], old[1] + sums[1]]
+        adapters = [n for n in names if is_adapter(n)]
+        if adapters:
+            tensors.update(load_streaming(self.skeleton, self.mcore_dir, adapters))
+        return tensors
+
+    def check_base(self) -> None:
+        """After every base weight was read: they are those the adapters trained on."""
+        if self.base is None:
+            return
+        base_dir, _, recorded = self.base
+        changed = differing(recorded, self.fingerprint)
+        if changed:
+            raise ConversionError(
+                f"{self.mcore_dir} holds LoRA adapters trained on the base {base_dir}, whose "
+                f"weights have changed since ({describe_difference(changed)}); restore that base "
+                "to export these adapters merged, or export them with --peft-adapter")
+
+
+def _adapter_base(info: CheckpointInfo, mcore_dir: Path) -> Optional[tuple]:
+    """(directory, skeleton, fingerprint) of the base of a LoRA adapter checkpoint, or None for
+    a checkpoint that holds its own weights."""
+    base = lora_base(info)
+    if base is None:
+        return None
+    if base.get("path") is None:
+        raise ConversionError(
+            f"{mcore_dir} holds LoRA adapters on random weights (model.init_seed = "
+            f"{base.get('init_seed')}), which the converter does not rebuild; train from a "
+            "converted checkpoint (model.load) to export")
+    base_dir = Path(base["path"])
+    if not base_dir.is_dir():
+        raise ConversionError(f"{mcore_dir} holds LoRA adapters only; their base checkpoint "
+                              f"{base_dir} is missing. Put the base back at {base_dir}")
+    base_info = read_info(base_dir)
+    skeleton = build_skeleton(base_info.spec, base_info.torch_dtype, base_info.padded_vocab_size,
+                              single_process_runtime())
+    return base_dir, skeleton, base["fingerprint"]
+
+
+def _export_weights(tmp: Path, source: _Source, groups: list[list[str]], lora,
                     spec, target, max_shard_bytes: int) -> None:
     """HF weights and config.json, the adapters (if any) merged, one load group at a time."""
     entries = [(n, hf.hf_shape(n, spec), target) for group in groups for name in group
                if not is_adapter(name) for n in hf.hf_sources(name)]
     writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
     for group in groups:
-        tensors = load_streaming(skeleton, mcore_dir, group)
+        tensors = source.read(group)
         if lora is not None:
             tensors = lora_export.merge_group(tensors, lora.scale)
         _export_group(writer, tensors, spec, target)
+    source.check_base()
     writer.close()
     config = to_hf_config(spec, torch_dtype=dtype_name(target))
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _export_peft(tmp: Path, skeleton, mcore_dir: Path, groups: list[list[str]], adapters,
+def _export_peft(tmp: Path, source: _Source, groups: list[list[str]], adapters,
                  alpha: float, spec, target) -> None:
     """The PEFT adapter directory: only the adapter tensors are read."""
     out: dict = {}
     for group in groups:
         names = [n for n in group if is_adapter(n)]
-        tensors = load_streaming(skeleton, mcore_dir, names) if names else {}
+        tensors = source.read(names) if names else {}
         for name in names:
             if name.endswith(".lora_a"):
                 b = tensors[name.removesuffix("_a") + "_b"]

@@ -25,14 +25,12 @@ from typing import Iterable
 import torch
 
 from megatron_sega.errors import LayoutError
+from megatron_sega.models.spec import TE_NORM_NAMES
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
-_TE_TO_LOCAL = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
+_TE_TO_LOCAL = TE_NORM_NAMES
 _LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
 
 _ROW_DIM0 = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")

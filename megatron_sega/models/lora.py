@@ -64,6 +64,7 @@ class _Adapter:
 
     lora: LoraSettings
     lora_enabled: bool
+    lora_frozen: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A, B) used instead
 
     def _make_adapter(self, a_shape: tuple[int, int], b_shape: tuple[int, int],
                       a_split: Optional[int], b_split: Optional[int]) -> None:
@@ -82,8 +83,9 @@ class _Adapter:
             return out
         if self.lora.dropout:
             x = F.dropout(x, self.lora.dropout, self.training)
-        h = collective(F.linear(x, self.lora_a), group=self.tp_group)
-        return out + self.lora.scale * F.linear(h, self.lora_b)
+        a, b = self.lora_frozen or (self.lora_a, self.lora_b)
+        h = collective(F.linear(x, a), group=self.tp_group)
+        return out + self.lora.scale * F.linear(h, b)
 
     def _sharded(self, prefix: str, axes: dict[str, int], sharded_offsets, metadata):
         """The layer's sharded state dict, the adapters with their TP axes (``axes``)."""
@@ -239,9 +241,7 @@ def parameter_counts(chunks, runtime) -> tuple[float, float]:
 def adapters_disabled(chunks) -> Iterator[None]:
     """The base model: every adapter of ``chunks`` switched off for the duration (the
     reference model of DPO and of SEGA's KL, without a second copy of the weights)."""
-    from megatron_sega.models.builder import unwrap_model
-
-    modules = [m for chunk in chunks for _, m in adapters(unwrap_model(chunk))]
+    modules = _modules(chunks)
     for module in modules:
         module.lora_enabled = False
     try:
@@ -251,12 +251,46 @@ def adapters_disabled(chunks) -> Iterator[None]:
             module.lora_enabled = True
 
 
+def _modules(chunks) -> list:
+    from megatron_sega.models.builder import unwrap_model
+
+    return [m for chunk in chunks for _, m in adapters(unwrap_model(chunk))]
+
+
+def snapshot_adapters(chunks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A frozen copy of every adapter's (A, B) of ``chunks``, in :func:`adapters` order."""
+    return [(m.lora_a.detach().clone(), m.lora_b.detach().clone()) for m in _modules(chunks)]
+
+
+@contextlib.contextmanager
+def frozen_adapters(chunks, frozen: list) -> Iterator[None]:
+    """Every adapter of ``chunks`` computes with its copy in ``frozen`` (from
+    :func:`snapshot_adapters`) instead of its trained A and B, for the duration."""
+    modules = _modules(chunks)
+    for module, pair in zip(modules, frozen, strict=True):
+        module.lora_frozen = pair
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.lora_frozen = None
+
+
 class BaseModel(list):
-    """The chunks of a LoRA model, used as its base: the forward passes that take model chunks
-    (``training.teacher_forced.token_stats``) run them with every adapter off. DPO's and
-    SEGA's default reference under LoRA: the same weights, no second copy."""
+    """The chunks of a LoRA model, used as its reference: the forward passes that take model
+    chunks (``training.teacher_forced.token_stats``) run them with every adapter off, or with
+    ``frozen`` adapters (a run that started from a LoRA checkpoint: the adapters it started
+    from). DPO's and SEGA's default reference under LoRA: the same base weights, no copy."""
+
+    def __init__(self, chunks, frozen: Optional[list] = None):
+        super().__init__(chunks)
+        self.frozen = frozen
 
 
 def as_run(chunks):
-    """The context a forward of ``chunks`` runs in: adapters off for a :class:`BaseModel`."""
-    return adapters_disabled(chunks) if isinstance(chunks, BaseModel) else contextlib.nullcontext()
+    """The context a forward of ``chunks`` runs in: for a :class:`BaseModel`, adapters off or
+    its frozen ones."""
+    if not isinstance(chunks, BaseModel):
+        return contextlib.nullcontext()
+    return adapters_disabled(chunks) if chunks.frozen is None else frozen_adapters(
+        chunks, chunks.frozen)

@@ -17,6 +17,14 @@ from typing import Any, Optional
 from megatron_sega.errors import ModelConfigError
 
 
+# A layer's norm weights as the TE layout names them (fused into the next linear layer) and as
+# the local layout does; the converters' canonical names are the local ones.
+TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 frequency-dependent RoPE scaling (HF ``rope_type: llama3``)."""

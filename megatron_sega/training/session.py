@@ -36,6 +36,10 @@ class Session:
     dtype: torch.dtype
     optimizer: object = None
     scheduler: object = None
+    # LoRA: the frozen base's record (checkpoint.fingerprint), which the run's checkpoints point
+    # at, and the adapters the run started from (a LoRA checkpoint's; None: B = 0).
+    lora_base: Optional[dict] = None
+    start_adapters: Optional[list] = None
 
     @property
     def model(self):
@@ -215,14 +219,17 @@ def open_session(config: Config, *, train: bool, total_steps: int = 1,
                                   sequence_parallel=par.sequence_parallel,
                                   recompute=config.model.recompute if train else "none",
                                   lora=config.lora.settings(), lora_seed=config.model.init_seed)
+    info = None
     if config.model.load:
-        load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
+        info = load_model_checkpoint(chunks, resolve_checkpoint_dir(config.model.load))
     else:
         random_init(chunks, spec, runtime.tp, runtime.tp_rank, config.model.init_seed)
     session = Session(config, runtime, spec, tokenizer,
                       PromptFormatter(tokenizer, template=config.data.template), chunks, dtype)
     if config.lora.rank:
         _announce_lora(session)
+        if train:
+            _record_lora_base(session, info)
     if train:
         session.optimizer, session.scheduler = build_optimizer(
             chunks, config.optim, total_steps=total_steps, lr=lr_override, dtype=dtype,
@@ -242,14 +249,36 @@ def _announce_lora(session: Session) -> None:
                   f"({100 * trainable / (trainable + frozen):.2f}% train)")
 
 
+def _record_lora_base(session: Session, info) -> None:
+    """The base the run's adapter checkpoints point at: ``model.load``'s own base when it is a
+    LoRA adapter checkpoint (the run continues those adapters on it), else ``model.load``
+    itself, or the random weights of ``model.init_seed``. A run that starts from adapters keeps
+    a frozen copy of them: its default reference (see :func:`load_reference`)."""
+    from megatron_sega.checkpoint.fingerprint import base_record, model_fingerprint
+    from megatron_sega.checkpoint.mcore import lora_base
+    from megatron_sega.models.lora import snapshot_adapters
+
+    config = session.config
+    base = lora_base(info) if info is not None else None
+    if base is None:
+        path = str(resolve_checkpoint_dir(config.model.load).resolve()) if info else None
+        base = base_record(path, model_fingerprint(session.chunks, session.spec.vocab_size),
+                           init_seed=config.model.init_seed)
+    session.lora_base = base
+    if info is not None and info.lora is not None:
+        session.start_adapters = snapshot_adapters(session.chunks)
+
+
 def load_reference(session: Session, path: Optional[str] = None) -> list:
     """A frozen model (same layout and chunks as the policy) loaded from ``path``, or without a
     path a copy of the policy's current weights (DPO's default reference: its starting weights);
-    under LoRA without a path, the policy itself with its adapters off (no copy)."""
+    under LoRA without a path, the policy itself with its adapters off (no copy of the weights),
+    or, for a run that started from a LoRA checkpoint, with the adapters it started from (a
+    frozen copy of the adapters only)."""
     if path is None and session.config.lora.rank:
         from megatron_sega.models.lora import BaseModel
 
-        return BaseModel(session.chunks)  # the policy with its adapters off: no second copy
+        return BaseModel(session.chunks, session.start_adapters)
     from megatron_sega.models.builder import build_model_chunks, unwrap_model, wrap_mixed_precision
 
     chunks = build_model_chunks(session.spec, session.runtime, dtype=session.dtype,
@@ -277,7 +306,7 @@ def checkpoint_manager(session: Session, stage: str, iterator=None):
         config.checkpoint, stage, chunks=session.chunks, optimizer=session.optimizer,
         scheduler=session.scheduler, iterator=iterator, runtime=session.runtime,
         spec=session.spec, tokenizer=session.tokenizer, run_config=config.to_dict(),
-        distributed_optimizer=config.parallel.distributed_optimizer)
+        distributed_optimizer=config.parallel.distributed_optimizer, lora_base=session.lora_base)
 
 
 def stage_logger(session: Session, stage: str, start: int, steps: int):

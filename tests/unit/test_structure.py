@@ -59,9 +59,11 @@ def test_training_checkpoints_import_nothing_from_the_hf_mapping():
 
 
 def test_the_hf_mapping_uses_only_the_checkpoint_format_of_checkpoint():
-    """convert/ writes and reads the torch_dist model format (mcore, names, safe loading); the
-    training checkpoint manager and the stop protocol are none of its business."""
+    """convert/ writes and reads the torch_dist model format (mcore, names, safe loading, the
+    fingerprint of a LoRA checkpoint's base); the training checkpoint manager and the stop
+    protocol are none of its business."""
     allowed = {"megatron_sega.checkpoint.mcore", "megatron_sega.checkpoint.names",
+               "megatron_sega.checkpoint.fingerprint",
                "megatron_sega.checkpoint.safe_loading"}
     for path in _modules("convert"):
         used = {m for m in _ours(_imports(path), "megatron_sega.checkpoint")
