@@ -5,6 +5,10 @@
   checkpoint and resumed, it logs the same metrics and ends with the same weights and Adam
   state, bit for bit, as an uninterrupted run;
 - SEGA with LoRA and a KL term runs from the same checkpoint;
+- the LoRA checkpoints hold the adapters only and point at their base (with its fingerprint);
+  the next stage starts from one by continuing its adapters, with the adapters it started from
+  as its reference (DPO from the LoRA DPO checkpoint starts at log 2 again); a base that moved
+  or changed is refused with one line, by ``eval`` and by the converter;
 - bad ``lora`` options are one line and exit 2.
 """
 
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_sega.checkpoint.mcore import stored_keys
 from tests.cli_run import Run
 from tests.e2e.test_dpo_cli import DPO_STEPS, DPO_YAML, sft_checkpoint  # noqa: F401
 from tests.e2e.test_resume import (
@@ -63,12 +69,73 @@ def test_lora_dpo_starts_at_log2_and_resumes_bitwise(sft_checkpoint, tmp_path): 
     assert other.returncode == 2 and "with other rank than this run's (rank=8)" in other.stderr, \
         other.stderr
     info = json.loads((final_a / "model_optim" / "megatron_sega.json").read_text())
+    base = info["lora"].pop("base")
     assert info["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
                             "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}
+    assert base["path"] == str((_latest(sft_checkpoint) / "model_optim").resolve())
+    assert "decoder.layers.mlp.linear_fc1.weight" in base["fingerprint"]
+    model_keys = {k for k in stored_keys(final_a / "model_optim")
+                  if "optimizer" not in k and k != "common_state"}
+    assert model_keys and all(k.endswith((".lora_a", ".lora_b")) for k in model_keys), model_keys
+    assert sum(f.stat().st_size for f in (final_a / "model_optim").glob("*.distcp")) < \
+        sum(f.stat().st_size for f in base_files(Path(base["path"])))
     Run("eval", tmp_path, "eval", config, f"model.load={final_a}",
         f"eval.out={tmp_path / 'eval'}").wait()  # with the config's lora: the adapters load
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert 0 <= summary["accuracy"] <= 1 and summary["pairs"] > 0
+    _next_stage_and_bad_bases(config, final_a, base, tmp_path)
+
+
+def base_files(directory: Path) -> list[Path]:
+    return list(directory.glob("*.distcp"))
+
+
+def _one_line_error(args: list[str], words: str, rc: int = 2) -> None:
+    run = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert run.returncode == rc and len(errors) == 1 and words in errors[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def _next_stage_and_bad_bases(config: Path, lora_ckpt: Path, base: dict, tmp_path: Path) -> None:
+    # The next stage continues the adapters; its reference is the adapters it started from, so
+    # DPO's first loss is log 2 again (with the adapters off it would not be).
+    Run("dpo_next", tmp_path, "dpo", config, f"model.load={lora_ckpt}", "dpo.steps=1",
+        f"logging.dir={tmp_path / 'next'}", f"checkpoint.save_dir={tmp_path / 'next' / 'ckpt'}"
+        ).wait()
+    (first,) = _metrics(tmp_path / "next/dpo_metrics.jsonl")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["margin"] == 0
+    nxt = json.loads((_latest(tmp_path / "next/ckpt") / "model_optim" / "megatron_sega.json")
+                     .read_text())
+    assert nxt["lora"]["base"] == base  # still the SFT base: the adapters go on training on it
+
+    # A base that changed (its fingerprint no longer matches), or that is gone.
+    changed = tmp_path / "changed"
+    shutil.copytree(lora_ckpt, changed)
+    meta = changed / "model_optim" / "megatron_sega.json"
+    info = json.loads(meta.read_text())
+    info["lora"]["base"]["fingerprint"]["decoder.layers.mlp.linear_fc2.weight"][1] *= 1.001
+    meta.write_text(json.dumps(info))
+    cli = ["-m", "megatron_sega.cli", "eval", "--config", str(config)]
+    _one_line_error([*cli, f"model.load={changed}", f"eval.out={tmp_path / 'e1'}"],
+                    "the base weights loaded now differ (decoder.layers.mlp.linear_fc2.weight)")
+    convert = [str(REPO / "tools" / "convert.py"), "mcore-to-hf", "--mcore-dir", str(changed)]
+    _one_line_error([*convert, "--out", str(tmp_path / "hf_changed")],
+                    "whose weights have changed since (decoder.layers.mlp.linear_fc2.weight)",
+                    rc=1)  # the converter's exit status for what it finds while converting
+    info["lora"]["base"]["path"] = str(tmp_path / "gone")
+    meta.write_text(json.dumps(info))
+    _one_line_error([*cli, f"model.load={changed}", f"eval.out={tmp_path / 'e2'}"],
+                    f"their base checkpoint {tmp_path / 'gone'} is missing")
+    # The untouched checkpoint exports merged (base from its pointer) and as a PEFT adapter.
+    for extra in ([], ["--peft-adapter"]):
+        out = tmp_path / f"hf{len(extra)}"
+        done = subprocess.run([sys.executable, *convert[:2], "--mcore-dir", str(lora_ckpt),
+                               "--out", str(out), *extra], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (out / ("adapter_config.json" if extra else "config.json")).is_file()
 
 
 @pytest.mark.parametrize("override,words", [
