@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sega.checkpoint import manager as m
+from megatron_sega.checkpoint.retention import CheckpointWarning
 from megatron_sega.checkpoint.names import COMPLETE_MARKER, MODEL_OPTIM_DIR
 from megatron_sega.checkpoint.safe_loading import safe_loading
 from megatron_sega.errors import CheckpointError
@@ -37,7 +38,7 @@ def test_find_latest_skips_incomplete_and_temporary_dirs_with_a_warning(tmp_path
     _checkpoint(tmp_path, "step_00000002")
     bad = _checkpoint(tmp_path, "step_00000008", complete=False)
     _checkpoint(tmp_path, ".tmp_step_00000012")  # complete-looking, but never renamed
-    with pytest.warns(m.CheckpointWarning, match=str(bad)):
+    with pytest.warns(CheckpointWarning, match=str(bad)):
         assert m.find_latest(tmp_path) == good
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -57,7 +58,7 @@ def test_resume_path_explicit_directory(tmp_path):
                                    tokenizer=None, run_config={}, distributed_optimizer=False)
 
     assert manager(str(good))._resume_path() == good
-    with pytest.warns(m.CheckpointWarning):  # a save directory: its newest complete checkpoint
+    with pytest.warns(CheckpointWarning):  # a save directory: its newest complete checkpoint
         assert manager(str(tmp_path))._resume_path() == good
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         manager(str(tmp_path / "step_00000008"))._resume_path()
