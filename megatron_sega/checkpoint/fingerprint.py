@@ -85,10 +85,15 @@ def model_fingerprint(chunks, vocab_size: int) -> dict[str, list[float]]:
     gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [local]
     if dist.is_initialized():
         dist.all_gather_object(gathered, local)
+    return combine(*gathered)
+
+
+def combine(*parts: Mapping) -> dict[str, list[float]]:
+    """The fingerprint of weights whose parts (disjoint elements) have fingerprints ``parts``."""
     total: dict[str, torch.Tensor] = {}
-    for table in gathered:
-        for key, sums in table.items():
-            _add(total, key, sums)
+    for part in parts:
+        for key, sums in part.items():
+            _add(total, key, torch.as_tensor(sums, dtype=torch.float64))
     return {key: total[key].tolist() for key in sorted(total)}
 
 
@@ -102,7 +107,7 @@ def tensors_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]],
             continue
         key = _LAYER_INDEX.sub("decoder.layers.", name)
         _add(total, key, _sums(_true_rows(key, tensor, 0, vocab_size)))
-    return {key: total[key].tolist() for key in sorted(total)}
+    return combine(total)
 
 
 def differing(recorded: Mapping[str, list[float]], ours: Mapping[str, list[float]]

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megatron_sega.checkpoint.fingerprint import describe_difference, differing, \
+from megatron_sega.checkpoint.fingerprint import combine, describe_difference, differing, \
     tensors_fingerprint
 from megatron_sega.checkpoint.mcore import (
     CheckpointInfo, dtype_name, lora_base, read_info, resolve_checkpoint_dir, write_info,
@@ -184,10 +184,8 @@ class _Source:
         base_dir, base_skeleton, _ = self.base
         weights = [n for n in names if not is_adapter(n)]
         tensors = load_streaming(base_skeleton, base_dir, weights) if weights else {}
-        vocab = self.skeleton.llama_spec.vocab_size
-        for key, sums in tensors_fingerprint(tensors.items(), vocab).items():
-            old = self.fingerprint.get(key, [0.0, 0.0])
-            self.fingerprint[key] = [old[0] + sums[0], old[1] + sums[1]]
+        self.fingerprint = combine(self.fingerprint, tensors_fingerprint(
+            tensors.items(), self.skeleton.llama_spec.vocab_size))
         adapters = [n for n in names if is_adapter(n)]
         if adapters:
             tensors.update(load_streaming(self.skeleton, self.mcore_dir, adapters))
