@@ -126,6 +126,9 @@ class DataConfig:
     overlong: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
     on_bad_record: Literal["error", "skip"] = "error"
     seed: int = 1234
+    # Padding-free batches (data/packing.py): whole sequences packed into rows of
+    # <stage>.max_tokens_per_microbatch tokens, for sft, dpo, eval and the SEGA update.
+    packing: bool = False
 
     def __post_init__(self):
         _check(self.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
@@ -189,6 +192,8 @@ class SegaConfig:
     steps: int = 100
     prompts_per_step: int = 8  # global, across data-parallel ranks
     micro_batch_size: int = 4  # candidates per microbatch in the update
+    # With data.packing: the tokens of one packed microbatch (0: micro_batch_size * data.max_seq_len).
+    max_tokens_per_microbatch: int = 0
     normalize_std: bool = False
     normalization: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     updates_per_rollout: int = 1
@@ -226,6 +231,8 @@ class SFTConfig:
     steps: int = 100
     global_batch_size: int = 16
     micro_batch_size: int = 4
+    # With data.packing: the tokens of one packed microbatch (0: micro_batch_size * data.max_seq_len).
+    max_tokens_per_microbatch: int = 0
     eval_interval: int = 0
     max_bad_steps: int = 3  # consecutive skipped steps (NaN/Inf loss or grad norm) before stopping
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
@@ -253,6 +260,8 @@ class DPOConfig:
     steps: int = 100
     global_batch_size: int = 16  # pairs, across data-parallel ranks
     micro_batch_size: int = 4  # pairs per microbatch (its chosen and rejected rows: 2x rows)
+    # With data.packing: the tokens of one packed microbatch (0: 2 * micro_batch_size * data.max_seq_len).
+    max_tokens_per_microbatch: int = 0
     eval_interval: int = 0
     max_bad_steps: int = 3  # consecutive skipped steps (NaN/Inf loss or grad norm) before stopping
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
@@ -296,6 +305,8 @@ class EvalConfig:
     reference: Optional[str] = None
     out: Optional[str] = None  # directory for pairs.jsonl and summary.json
     micro_batch_size: int = 8
+    # With data.packing: the tokens of one packed microbatch (0: 2 * micro_batch_size * data.max_seq_len).
+    max_tokens_per_microbatch: int = 0
     ties: Literal["wrong", "half"] = "wrong"  # wrong: RewardBench's rule; half: a tie is 1/2
     bootstrap_samples: int = 2000  # for the section intervals and `compare`
 
@@ -368,6 +379,40 @@ class Config:
 
 
 STAGES = ("sft", "sega", "dpo", "eval", "generate")
+PACKED_STAGES = ("sft", "dpo", "eval", "sega")
+
+
+def token_budget(config: Config, stage: str) -> int:
+    """The tokens of one packed microbatch of ``stage`` (sft, dpo, eval, sega):
+    ``<stage>.max_tokens_per_microbatch``, or by default as many as its padded microbatch holds
+    at most (``micro_batch_size`` rows of ``data.max_seq_len``; pairs count two rows)."""
+    section = getattr(config, stage)
+    if section.max_tokens_per_microbatch:
+        return section.max_tokens_per_microbatch
+    rows = section.micro_batch_size * (2 if stage in ("dpo", "eval") else 1)
+    return rows * config.data.max_seq_len
+
+
+def check_packing(config: Config, stages: tuple[str, ...]) -> None:
+    """With ``data.packing``: an attention that takes packed sequences, and a budget that holds
+    the longest sequence ``data.max_seq_len`` allows (a pair's two sequences are checked on the
+    data, ``data.packing.pack_rows``)."""
+    for stage in PACKED_STAGES:
+        value = getattr(config, stage).max_tokens_per_microbatch
+        _check(value >= 0, f"{stage}.max_tokens_per_microbatch must be >= 0 (0 = the padded "
+                           f"microbatch's size), got {value}")
+    if not config.data.packing:
+        return
+    _check(config.model.attention != "local",
+           "data.packing = true needs model.attention sdpa or auto (Megatron's local attention "
+           "takes no packed sequences); set model.attention=sdpa or data.packing=false")
+    seq = config.data.max_seq_len
+    for stage in (s for s in PACKED_STAGES if s in stages):
+        budget = token_budget(config, stage)
+        _check(budget >= seq, f"{stage}.max_tokens_per_microbatch({budget}) is less than "
+                              f"data.max_seq_len({seq}): a sequence of that length cannot be "
+                              f"packed; raise {stage}.max_tokens_per_microbatch to at least "
+                              f"{seq} or lower data.max_seq_len")
 
 
 def check_sega_group(config: Config) -> None:
@@ -389,6 +434,7 @@ def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> N
     """The rules that join two sections or depend on the data-parallel size ``dp``, for the
     ``stages`` a command runs. Every run checks its own before it builds anything
     (``training.session.preflight``); ``megatron-sega check`` checks them all."""
+    check_packing(config, stages)
     if "sft" in stages:
         gbs = config.sft.global_batch_size
         _check(gbs % dp == 0, f"sft.global_batch_size({gbs}) is not divisible by the "

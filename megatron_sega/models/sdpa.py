@@ -32,10 +32,12 @@ class SDPAttention(DotProductAttention):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention supports neither packed sequences nor a bias")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not support an attention bias")
         if self.config.attention_dropout and self.training:
             raise NotImplementedError("SDPAttention is for attention_dropout = 0 (Llama)")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         # Megatron layout [s, b, heads, dim] -> SDPA layout [b, heads, s, dim].
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if attention_mask is None and q.shape[2] != k.shape[2]:
@@ -47,6 +49,24 @@ class SDPAttention(DotProductAttention):
         # [b, heads, s, dim] -> [s, b, heads * dim]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _packed(self, query, key, value, params) -> torch.Tensor:
+        """Packed sequences (THD: ``[t, heads, dim]``, ``data.packing``): causal attention within
+        each segment of ``cu_seqlens``, one SDPA call per segment (variable length: the cost is
+        the sum of the squared segment lengths, not the square of the row)."""
+        if params.qkv_format != "thd":
+            raise NotImplementedError(f"SDPAttention packs THD only, got {params.qkv_format!r}")
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens end at {bounds[-1]}, the packed row has "
+                             f"{query.shape[0]} tokens")
+        out = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            # [t, heads, dim] -> [1, heads, t, dim]
+            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            out.append(attend(q, k, v, None, scale=self.softmax_scale)[0].transpose(0, 1))
+        t, h, d = query.shape
+        return torch.cat(out).reshape(t, h * d)
 
 
 class CachedRotarySelfAttention(SelfAttention):

@@ -201,7 +201,11 @@ def forward_backward(
         # Every chunk walks the microbatches in order; only the last one computes the loss.
         index, microbatch = next(data_iterator)
         tokens = microbatch["tokens"].to(device)
-        output = model(tokens, position_ids, mask)
+        if "cu_seqlens" in microbatch:  # a packed row (data.packing): THD, one row
+            output = model(tokens, microbatch["position_ids"].to(device), None,
+                           packed_seq_params=packed_seq_params(microbatch, device))
+        else:
+            output = model(tokens, position_ids, mask)
         return output, partial(loss_wrapper, microbatch, index == 0)
 
     if not forward_only:
@@ -225,6 +229,21 @@ def forward_backward(
     if seq_len != seq:  # per-position metrics back to the caller's length
         outputs = [_pad_positions(out, seq_len, seq - seq_len) for out in outputs]
     return outputs
+
+
+def packed_seq_params(microbatch: dict, device):
+    """Megatron's ``PackedSeqParams`` (THD) of a packed row (``data.packing.PackedBatch``): its
+    segments' offsets. Attention stays inside each segment (``models.sdpa.SDPAttention``, or
+    Transformer Engine's varlen kernels: GPU only, not yet verified) and Megatron's THD RoPE
+    restarts the positions at each one. The offsets already include each sequence's alignment
+    padding, so the padded and unpadded offsets are the same."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = microbatch["cu_seqlens"].to(device=device, dtype=torch.int32)
+    longest = int(microbatch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def _pad_positions(values: dict, seq: int, extra: int) -> dict:
