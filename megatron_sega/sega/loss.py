@@ -107,6 +107,8 @@ def sega_loss(
             computed in float32).
         response_mask: [N, T] bool, True on response tokens (EOS-terminated, padding excluded).
         advantages: [N] from ``scoring.advantages`` (0 for skipped candidates); not differentiated.
+            Or [N, T], each candidate's A_i on its own tokens: packed rows (``data.packing``),
+            where one row holds several candidates; Eq. 2 is then still weighted per sequence.
         ref_logp_tokens, old_logp_tokens: [N, T] or None; treated as constants.
 
     Returns:
@@ -120,9 +122,9 @@ def sega_loss(
                          f"{tuple(response_mask.shape)} must both be [N, T]")
     if response_mask.dtype != torch.bool:
         raise TypeError(f"response_mask must be bool, got {response_mask.dtype}; pass mask.bool()")
-    if advantages.shape != logp_tokens.shape[:1]:
-        raise ValueError(f"advantages {tuple(advantages.shape)} must be [N] = [{logp_tokens.shape[0]}]; "
-                         f"flatten the [G, k] advantages with .reshape(-1)")
+    if advantages.shape not in (logp_tokens.shape[:1], logp_tokens.shape):
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [N] = [{logp_tokens.shape[0]}] "
+                         f"(or per token, [N, T]); flatten the [G, k] advantages with .reshape(-1)")
     _check_like("ref_logp_tokens", ref_logp_tokens, logp_tokens)
     _check_like("old_logp_tokens", old_logp_tokens, logp_tokens)
     if not (math.isfinite(kl_coef) and kl_coef >= 0):
@@ -135,7 +137,9 @@ def sega_loss(
     dtype = logp_tokens.dtype if logp_tokens.dtype == torch.float64 else torch.float32
     mask = response_mask
     logp = logp_tokens.to(dtype)
-    adv = advantages.detach().to(device=logp.device, dtype=dtype).unsqueeze(1)
+    adv = advantages.detach().to(device=logp.device, dtype=dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
     z = _resolve_normaliser(normalization, normaliser, num_groups, mask, dtype)
     num_tokens = mask.sum().to(dtype)
     token_den = num_tokens.clamp(min=1)

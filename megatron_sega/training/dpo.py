@@ -21,8 +21,9 @@ import time
 import torch
 
 from megatron_sega import ops
-from megatron_sega.config import ConfigError
+from megatron_sega.config import ConfigError, token_budget
 from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
+from megatron_sega.data.packing import segment_sums
 from megatron_sega.dpo import preference_loss, sequence_logps
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
@@ -31,6 +32,7 @@ from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, load_reference, open_session, preflight,
     stage_logger,
 )
+from megatron_sega.training.microbatch import dp_share, pack_for_schedule
 from megatron_sega.training.sft import sft_microbatches
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
@@ -49,8 +51,11 @@ def microbatch_order(pairs: PairBatch, micro_batch_size: int) -> Batch:
 
 
 def dpo_loss_fn(session: Session, global_pairs: float):
-    """Per microbatch ``[chosen m; rejected m]``: the DPO/IPO loss of its m pairs over the
-    global pair count, with the reference's sequence log-probs from ``mb['ref_logp']``."""
+    """Per microbatch: the DPO/IPO loss of its pairs over the global pair count, with the
+    reference's sequence log-probs from ``mb['ref_logp']``. A padded microbatch is
+    ``[chosen m; rejected m]`` rows; a packed row (``mb['pairs']``) holds whole pairs, each
+    sequence's log-prob summed over its segment (``mb['segment_ids']``: chosen of pair i is
+    sequence 2i, rejected 2i + 1)."""
     cfg = session.config.dpo
 
     def loss_fn(logits: torch.Tensor, mb: dict):
@@ -60,13 +65,21 @@ def dpo_loss_fn(session: Session, global_pairs: float):
             logp = ops.log_probs(logits, labels, start, session.vocab_size, group)
         except ops.NonFiniteLogitsError:
             return nonfinite_loss(logits, SUMS)
-        seq = sequence_logps(logp, mb["loss_mask"].to(logits.device) > 0)
-        ref = mb["ref_logp"].to(seq.device)
-        m = seq.shape[0] // 2
-        loss, sums = preference_loss(seq[:m], seq[m:], ref[:m], ref[m:], loss=cfg.loss,
+        mask = mb["loss_mask"].to(logits.device) > 0
+        ref = mb["ref_logp"].to(logits.device)
+        if "pairs" in mb:
+            seq = segment_sums(torch.where(mask, logp, 0.0), mb["segment_ids"], ref.shape[0])
+            chosen = 2 * mb["pairs"].to(logits.device)
+            rejected = chosen + 1
+            seq_c, seq_r, ref_c, ref_r = seq[chosen], seq[rejected], ref[chosen], ref[rejected]
+        else:
+            seq = sequence_logps(logp, mask)
+            m = seq.shape[0] // 2
+            seq_c, seq_r, ref_c, ref_r = seq[:m], seq[m:], ref[:m], ref[m:]
+        loss, sums = preference_loss(seq_c, seq_r, ref_c, ref_r, loss=cfg.loss,
                                      beta=cfg.beta, normaliser=global_pairs)
-        sums["logp_chosen_sum"] = seq[:m].detach().sum()
-        sums["logp_rejected_sum"] = seq[m:].detach().sum()
+        sums["logp_chosen_sum"] = seq_c.detach().sum()
+        sums["logp_rejected_sum"] = seq_r.detach().sum()
         return loss, sums
 
     return loss_fn
@@ -90,18 +103,33 @@ def _reduce_sums(local: dict[str, float], session: Session) -> dict[str, float]:
 def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> dict:
     """One optimizer step on this rank's share of a global batch of pairs."""
     rt, m = session.runtime, session.config.dpo.micro_batch_size
-    batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
-    # The reference runs on the same 2m-row microbatches as the policy, so that at the first
-    # step (policy == reference) both give the same log-probs and the loss is exactly DPO's log 2.
+    packing = session.config.data.packing
+    if packing:  # pair i: sequences 2i (chosen) and 2i + 1 (rejected), in one row
+        batch = pack_for_schedule(
+            session.chunks, rt, [ex for p in shard for ex in (p.chosen, p.rejected)],
+            session.tokenizer.pad_id, token_budget(session.config, "dpo"), stage="dpo",
+            groups=[[2 * i, 2 * i + 1] for i in range(len(shard))])
+    else:
+        batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
+    # The reference runs on the same microbatches as the policy, so that at the first step
+    # (policy == reference) both give the same log-probs and the loss is exactly DPO's log 2.
     try:
         ref_tokens = token_stats(reference, rt, batch, session.vocab_size,
                                  micro_batch_size=2 * m)["logp"]
     except ops.NonFiniteLogitsError:  # on this whole replica: a NaN loss, skipped by all below
         ref_tokens = torch.full(batch.tokens.shape, float("nan"))
-    ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
-    micro = sft_microbatches(batch, 2 * m)
-    for i, mb in enumerate(micro):
-        mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
+    if packing:
+        ref_seq = segment_sums(torch.where(batch.loss_mask > 0, ref_tokens, 0.0),
+                               batch.segment_ids, batch.size)
+        micro = batch.microbatches()
+        for mb, row in zip(micro, batch.rows):
+            mb["ref_logp"] = ref_seq
+            mb["pairs"] = torch.tensor(sorted({i // 2 for i in row}), dtype=torch.long)
+    else:
+        ref_seq = sequence_logps(ref_tokens, batch.loss_mask > 0)
+        micro = sft_microbatches(batch, 2 * m)
+        for i, mb in enumerate(micro):
+            mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
     global_pairs, global_tokens, train_tokens = dp_all_reduce(
         [len(shard), float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
     outputs = forward_backward(session.chunks, rt, micro, dpo_loss_fn(session, global_pairs))
@@ -122,6 +150,8 @@ def check_dpo_microbatches(config, dp: int) -> None:
     """Refuse a batch split that the loop (every DP rank's share a whole number of microbatches,
     a pair never split) or the pipeline schedule (see check_microbatch_count) cannot run."""
     cfg, par = config.dpo, config.parallel
+    if config.data.packing:  # packed steps pad their own count (agreed_row_count)
+        return
     if cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batch_size:
         raise ConfigError(
             f"dpo.global_batch_size({cfg.global_batch_size}) must split into dp({dp}) equal "
@@ -148,8 +178,11 @@ def run_dpo(config, args) -> int:
     # Before any resume: without dpo.reference the reference is the starting weights.
     reference = load_reference(session, cfg.reference)
     pairs = load_eval_pairs(session, config.data.train, config.data.train_split, append_eos=True)
-    iterator = GlobalBatchIterator(pairs, cfg.global_batch_size, dp_rank=rt.dp_rank,
-                                   dp_size=rt.dp, seed=config.data.seed)
+    # Packed: every rank reads the whole global batch and takes its share by tokens (dp_share).
+    packing = config.data.packing
+    iterator = GlobalBatchIterator(pairs, cfg.global_batch_size,
+                                   dp_rank=0 if packing else rt.dp_rank,
+                                   dp_size=1 if packing else rt.dp, seed=config.data.seed)
     eval_pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split) if config.data.eval else []
     ckpt = checkpoint_manager(session, "dpo", iterator)
     start = ckpt.resume()
@@ -157,7 +190,10 @@ def run_dpo(config, args) -> int:
     batches, bad = iter(iterator), BadSteps(config, "dpo")
     for step in range(start, cfg.steps):
         t0 = time.time()
-        metrics = dpo_step(session, reference, next(batches))
+        shard = next(batches)
+        if packing:
+            shard = dp_share(shard, [p.chosen.length + p.rejected.length for p in shard], rt)
+        metrics = dpo_step(session, reference, shard)
         metrics["step_time"] = time.time() - t0
         metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
         # Training FLOPs of the policy only (the reference's forward is not counted), over

@@ -68,6 +68,8 @@ def load_eval_pairs(session, path: str, split: Optional[str] = None, *,
 
 def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> torch.Tensor:
     """[n, 4]: logp_chosen, logp_rejected, n_tokens_chosen, n_tokens_rejected."""
+    if session.config.data.packing:
+        return _packed_pair_logps(chunks, session, pairs)
     rows = []
     for start in range(0, len(pairs), micro):
         part = collate_pairs(pairs[start:start + micro], session.tokenizer.pad_id)
@@ -81,13 +83,33 @@ def _pair_logps(chunks, session, pairs: Sequence[TokenizedPair], micro: int) -> 
     return torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
 
 
+def _packed_pair_logps(chunks, session, pairs: Sequence[TokenizedPair]) -> torch.Tensor:
+    """``_pair_logps`` from packed rows of ``eval.max_tokens_per_microbatch`` tokens
+    (``data.packing``): sequence 2i is pair i's chosen response, 2i + 1 its rejected one."""
+    from megatron_sega.config import token_budget
+    from megatron_sega.training.microbatch import pack_for_schedule
+
+    examples = [ex for p in pairs for ex in (p.chosen, p.rejected)]
+    batch = pack_for_schedule(chunks, session.runtime, examples, session.tokenizer.pad_id,
+                              token_budget(session.config, "eval"), stage="eval")
+    stats = token_stats(chunks, session.runtime, batch, session.vocab_size, micro_batch_size=1)
+    logp = batch.per_sequence(stats["logp"])
+    count = batch.per_sequence(batch.loss_mask)
+    return torch.stack([logp[0::2], logp[1::2], count[0::2], count[1::2]], dim=1)
+
+
 def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
                    reference_chunks: Optional[list] = None,
                    micro_batch_size: int = 8, ties: TieRule = "wrong",
                    bootstrap_samples: int = 2000) -> tuple[list[dict], dict]:
     """Per-pair records and a summary (on every rank; identical)."""
     rt = session.runtime
-    mine = list(pairs[rt.dp_rank::rt.dp])
+    if session.config.data.packing:  # shares of similar tokens (data.packing.balance)
+        from megatron_sega.training.microbatch import dp_share
+
+        mine = dp_share(list(pairs), [p.chosen.length + p.rejected.length for p in pairs], rt)
+    else:
+        mine = list(pairs[rt.dp_rank::rt.dp])
     values = _pair_logps(session.chunks, session, mine, micro_batch_size)
     if reference_chunks is not None:
         ref = _pair_logps(reference_chunks, session, mine, micro_batch_size)

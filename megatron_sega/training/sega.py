@@ -19,15 +19,16 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.logging import mfu
-from megatron_sega.config import ConfigError, check_sega_group
+from megatron_sega.config import ConfigError, check_sega_group, token_budget
 from megatron_sega.data import Batch, GlobalBatchIterator, TokenizedExample, collate
+from megatron_sega.data.packing import PackedBatch
 from megatron_sega.sampling import Rollout, Sampler
 from megatron_sega.sega import sega_loss
 from megatron_sega.runtime import any_rank
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
-from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.microbatch import pack_for_schedule, split_microbatches
 from megatron_sega.training.rollouts import (
     Scored, load_prompts, make_sampler, sampling_params, score_rollout,
 )
@@ -38,12 +39,23 @@ from megatron_sega.training.session import (
 from megatron_sega.training.teacher_forced import token_stats, vocab_shard_info
 
 
+def _rollout_examples(rollout: Rollout) -> list[TokenizedExample]:
+    return [TokenizedExample(str(int(i)), p, r[: int(n)].tolist())
+            for i, p, r, n in zip(rollout.sample_ids, rollout.prompt_ids,
+                                  rollout.response_ids, rollout.lengths)]
+
+
 def rollout_batch(session: Session, rollout: Rollout) -> Batch:
     """The rollout's rows as prompt+response sequences (one collate for the whole step)."""
-    examples = [TokenizedExample(str(int(i)), p, r[: int(n)].tolist())
-                for i, p, r, n in zip(rollout.sample_ids, rollout.prompt_ids,
-                                      rollout.response_ids, rollout.lengths)]
-    return collate(examples, session.tokenizer.pad_id)
+    return collate(_rollout_examples(rollout), session.tokenizer.pad_id)
+
+
+def packed_rollout_batch(session: Session, rollout: Rollout) -> PackedBatch:
+    """The rollout's candidates packed into rows of ``sega.max_tokens_per_microbatch`` tokens
+    (``data.packing``); sequence i is the rollout's row i."""
+    return pack_for_schedule(session.chunks, session.runtime, _rollout_examples(rollout),
+                             session.tokenizer.pad_id, token_budget(session.config, "sega"),
+                             stage="sega")
 
 
 def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> torch.Tensor:
@@ -59,7 +71,10 @@ def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> 
 def training_microbatches(session: Session, batch: Batch, adv: torch.Tensor,
                           per_token: dict[str, torch.Tensor]) -> list[dict]:
     """Microbatches of the step's batch with per-row advantages and label-aligned per-token
-    tensors (padding rows: zero advantage and loss mask)."""
+    tensors (padding rows: zero advantage and loss mask). A packed batch gives one microbatch per
+    row, each candidate's advantage spread over its own tokens."""
+    if isinstance(batch, PackedBatch):
+        return batch.microbatches({"advantage": batch.per_token(adv.float()), **per_token})
     rows = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
             "advantage": adv.float(), **per_token}
     return split_microbatches(rows, session.config.sega.micro_batch_size)
@@ -69,6 +84,8 @@ def check_sega_microbatches(config, dp: int) -> None:
     """Refuse an update split that the pipeline schedule cannot run (see check_microbatch_count);
     the rows of a step are padded up to whole microbatches (training_microbatches)."""
     cfg = config.sega
+    if config.data.packing:  # packed steps pad their own count (agreed_row_count)
+        return
     rows = cfg.prompts_per_step // dp * cfg.k
     check_microbatch_count(
         -(-rows // cfg.micro_batch_size), config.parallel.pp, config.parallel.vpp,
@@ -127,7 +144,8 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         scored = score_rollout(session, rollout, k)
         timer["score"] = time.time()
         # 4. batch (the old log-probs of a reused rollout come from the first update, below).
-        batch = rollout_batch(session, rollout)
+        batch = (packed_rollout_batch(session, rollout) if session.config.data.packing
+                 else rollout_batch(session, rollout))
         per_token = {}
         if reference is not None:
             per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,

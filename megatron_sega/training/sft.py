@@ -13,12 +13,12 @@ import time
 import torch
 
 from megatron_sega import ops
-from megatron_sega.config import ConfigError
+from megatron_sega.config import ConfigError, token_budget
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, tokenize_sft
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
-from megatron_sega.training.microbatch import split_microbatches
+from megatron_sega.training.microbatch import dp_share, pack_for_schedule, split_microbatches
 from megatron_sega.training.session import (
     Session, announce, checkpoint_manager, dp_all_reduce, open_session, preflight, read_records,
     stage_logger,
@@ -51,8 +51,11 @@ def sft_microbatches(batch, micro_batch_size: int) -> list[dict]:
 
 
 def check_sft_microbatches(config, dp: int) -> None:
-    """Refuse a batch split that the pipeline schedule cannot run (see check_microbatch_count)."""
+    """Refuse a batch split that the pipeline schedule cannot run (see check_microbatch_count);
+    packed steps pad their own count (``training.microbatch.agreed_row_count``)."""
     sft = config.sft
+    if config.data.packing:
+        return
     check_microbatch_count(
         -(-(sft.global_batch_size // dp) // sft.micro_batch_size), config.parallel.pp,
         config.parallel.vpp, f"sft.global_batch_size({sft.global_batch_size}) / dp({dp}) / "
@@ -69,17 +72,27 @@ def load_sft_examples(session: Session, path: str, split: str | None = None):
     return kept
 
 
+def sft_batch(session: Session, shard):
+    """This rank's share as the microbatches of one step: packed rows (``data.packing``) or
+    padded rows; and the batch they come from."""
+    sft, rt = session.config.sft, session.runtime
+    if session.config.data.packing:
+        batch = pack_for_schedule(session.chunks, rt, shard, session.tokenizer.pad_id,
+                                  token_budget(session.config, "sft"), stage="sft")
+        return batch, batch.microbatches()
+    batch = collate(shard, session.tokenizer.pad_id)
+    return batch, sft_microbatches(batch, sft.micro_batch_size)
+
+
 def sft_step(session: Session, shard) -> dict:
     """One optimizer step on this rank's share of a global batch."""
-    sft = session.config.sft
-    batch = collate(shard, session.tokenizer.pad_id)
+    batch, micro = sft_batch(session, shard)
     # train_tokens (prompt + response of every row, SEGA's definition) feeds MFU and tokens/s;
     # global_tokens (the loss's response tokens) normalises the loss.
     global_tokens, train_tokens = dp_all_reduce(
         [float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
     loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
-    outputs = forward_backward(session.chunks, session.runtime,
-                               sft_microbatches(batch, sft.micro_batch_size), loss_fn)
+    outputs = forward_backward(session.chunks, session.runtime, micro, loss_fn)
     nll = sum(float(o["nll_sum"]) for o in outputs)
     step = optimizer_step(session.optimizer, session.scheduler, device=session.runtime.device,
                           loss_finite=math.isfinite(nll))
@@ -101,8 +114,11 @@ def run_sft(config, args) -> int:
     announce(session, "sft")
     rt = session.runtime
     examples = load_sft_examples(session, config.data.train, config.data.train_split)
-    iterator = GlobalBatchIterator(examples, sft.global_batch_size, dp_rank=rt.dp_rank,
-                                   dp_size=rt.dp, seed=config.data.seed,
+    # Packed: every rank reads the whole global batch and takes its share by tokens (dp_share).
+    packing = config.data.packing
+    iterator = GlobalBatchIterator(examples, sft.global_batch_size,
+                                   dp_rank=0 if packing else rt.dp_rank,
+                                   dp_size=1 if packing else rt.dp, seed=config.data.seed,
                                    name="sft.global_batch_size")
     eval_pairs = load_eval_pairs(session, config.data.eval, config.data.eval_split) if config.data.eval else []
     ckpt = checkpoint_manager(session, "sft", iterator)
@@ -111,7 +127,10 @@ def run_sft(config, args) -> int:
     batches, bad = iter(iterator), BadSteps(config, "sft")
     for step in range(start, sft.steps):
         t0 = time.time()
-        metrics = sft_step(session, next(batches))
+        shard = next(batches)
+        if packing:
+            shard = dp_share(shard, [ex.length for ex in shard], rt)
+        metrics = sft_step(session, shard)
         metrics["step_time"] = time.time() - t0
         metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
         metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["train_tokens"],

@@ -10,6 +10,7 @@ import torch
 
 from megatron_sega import ops
 from megatron_sega.data import Batch
+from megatron_sega.data.packing import PackedBatch
 from megatron_sega.runtime import Runtime
 from megatron_sega.runtime.stages import broadcast_from_last_stage
 from megatron_sega.training.engine import forward_backward
@@ -22,15 +23,21 @@ def vocab_shard_info(logits: torch.Tensor, runtime: Runtime):
 
 
 @torch.no_grad()
-def token_stats(model_chunks: list, runtime: Runtime, batch: Batch, vocab_size: int,
+def token_stats(model_chunks: list, runtime: Runtime, batch: Batch | PackedBatch, vocab_size: int,
                 micro_batch_size: int) -> dict[str, torch.Tensor]:
     """Per-token ``logp`` (of the labels) and ``entropy`` [N, S] of a collated batch, zero
-    outside its ``loss_mask`` (the response targets).
+    outside its ``loss_mask`` (the response targets). A packed batch (``data.packing``) runs one
+    row per microbatch and gives [R, S] in its own layout.
 
     Returned on every rank of the model-parallel group (broadcast from the last stage)."""
     mask = batch.loss_mask
     n, seq = batch.tokens.shape
-    micro = split_microbatches({"tokens": batch.tokens, "labels": batch.labels}, micro_batch_size)
+    if isinstance(batch, PackedBatch):
+        micro_batch_size = 1
+        micro = [{k: v for k, v in mb.items() if k != "loss_mask"} for mb in batch.microbatches()]
+    else:
+        micro = split_microbatches({"tokens": batch.tokens, "labels": batch.labels},
+                                   micro_batch_size)
 
     def loss_fn(logits, mb):
         start, group = vocab_shard_info(logits, runtime)
