@@ -1,7 +1,8 @@
 """Run every benchmark and collect the figures.
 
     python -m benchmarks                 # all, CPU-sized (about 10 minutes on 2 cores)
-    python -m benchmarks --only sampler  # one of: vocab_parallel, sampler, convert, train_step, lora
+    python -m benchmarks --only sampler  # one of: vocab_parallel, sampler, convert, train_step, lora,
+                                         # packing
 
 Each benchmark runs in a fresh subprocess (so memory figures are its own) and writes
 ``benchmarks/results/NAME.json``; this collects them into ``benchmarks/results.json`` and a
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "convert": ["-m", "benchmarks.convert"],
     "train_step": ["-m", "benchmarks.train_step"],
     "lora": ["-m", "benchmarks.lora"],
+    "packing": ["-m", "benchmarks.packing"],
 }
 
 
@@ -113,7 +115,26 @@ def table(results: dict) -> str:
             rows.append(f"| training step ({train['device']}) | MFU | {train['mfu']:.1%} | "
                         f"peak {train['peak_tflops']} TFLOP/s |")
     rows.extend(lora_rows(results.get("lora") or {}))
+    rows.extend(packing_rows(results.get("packing") or {}))
     return "\n".join(rows)
+
+
+def packing_rows(packing: dict) -> list[str]:
+    """The packing benchmark's rows: per stage, packed against padded tokens/s, with the padding
+    fraction of each and the step-time ratio."""
+    rows = []
+    for stage, label in (("sft", "SFT step"), ("dpo", "DPO step"), ("sega", "SEGA update")):
+        run = packing.get(stage)
+        if not run:
+            continue
+        padded, packed = run["padded"], run["packed"]
+        rows.append(
+            f"| packing, {label} ({packing['device']}, real data{', SEGA rollout' if stage == 'sega' else ''}) "
+            f"| tokens/s packed; padding fraction; step time | "
+            f"{packed['tokens_per_s']:.0f} ({run['tokens_per_s_ratio']:.2f}x); "
+            f"{packed['padding_fraction']:.1%} (was {padded['padding_fraction']:.1%}); "
+            f"{run['step_time_ratio']:.2f} of padded | padded {padded['tokens_per_s']:.0f} |")
+    return rows
 
 
 def lora_rows(lora: dict) -> list[str]:

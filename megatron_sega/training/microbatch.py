@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -40,36 +42,68 @@ def packing_align(model_chunks, runtime) -> int:
     return runtime.tp if uses_te else 1
 
 
-def agreed_row_count(rows: int, runtime) -> int:
-    """The number of packed rows (microbatches) every rank running one schedule (the model-parallel
-    group: TP x PP of a replica) uses: the largest of theirs, as a multiple of ``pp`` under
-    virtual pipelining (the interleaved schedule runs them in groups of ``pp``). The ranks pack
-    the same data the same way, so this only guards the schedule; data-parallel replicas run
-    their own schedules and may differ."""
+def agreed_shape(rows: int, length: int, runtime) -> tuple[int, int]:
+    """The packed rows (microbatches) and their length that every rank running one schedule (the
+    model-parallel group: TP x PP of a replica) uses: the largest of theirs, the row count a
+    multiple of ``pp`` under virtual pipelining (the interleaved schedule runs them in groups of
+    ``pp``). The ranks pack the same data the same way, so this only guards the schedule;
+    data-parallel replicas run their own schedules and may differ."""
     import torch.distributed as dist
 
     if runtime.tp * runtime.pp > 1:
-        count = torch.tensor(rows, dtype=torch.long, device=runtime.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=runtime.mp_group)
-        rows = int(count)
+        shape = torch.tensor([rows, length], dtype=torch.long, device=runtime.device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=runtime.mp_group)
+        rows, length = (int(v) for v in shape.tolist())
     if runtime.vpp is not None:
         rows = -(-rows // runtime.pp) * runtime.pp
-    return rows
+    return rows, length
+
+
+ROW_MULTIPLE = 16  # packed rows are cut to a multiple of this many tokens (kernel-friendly)
+
+
+def fitted_length(lengths: list[int], budget: int, rows: int, *, align: int = 1,
+                  groups=None) -> int:
+    """The shortest row length, a multiple of ``ROW_MULTIPLE`` (and ``align``) up to ``budget``,
+    into which the sequences still pack in ``rows`` rows: a step's rows need one shape, not the
+    budget's, so the last row's empty tail shrinks as the padded batch's longest row does."""
+    from megatron_sega.data.packing import pack_rows
+
+    unit = math.lcm(ROW_MULTIPLE, align)
+    items = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(lengths))]
+    slots = [sum(-(-lengths[i] // align) * align for i in item) for item in items]
+    if not slots:
+        return min(unit, budget)
+    lo = max(max(slots), -(-sum(slots) // rows))
+    lengths_to_try = sorted({min(m * unit, budget)
+                             for m in range(-(-lo // unit), -(-budget // unit) + 1)})
+    first, last = 0, len(lengths_to_try) - 1  # the last, the budget, always holds them
+    while first < last:  # the smallest that packs into `rows` rows
+        mid = (first + last) // 2
+        if len(pack_rows(lengths, lengths_to_try[mid], groups=groups, align=align)) <= rows:
+            last = mid
+        else:
+            first = mid + 1
+    return lengths_to_try[last]
 
 
 def pack_for_schedule(model_chunks, runtime, examples, pad_id: int, budget: int, *, stage: str,
                       groups=None):
-    """``examples`` packed into rows of ``budget`` tokens (``data.packing.pack``), padded with
-    empty rows to the count the schedule's ranks agree on (:func:`agreed_row_count`). ``stage``
-    names the budget's option in errors."""
+    """``examples`` packed into the fewest rows of at most ``budget`` tokens
+    (``data.packing.pack``), the rows cut to the shortest length that still holds them
+    (:func:`fitted_length`), padded with empty rows to the shape the schedule's ranks agree on
+    (:func:`agreed_shape`). ``stage`` names the budget's option in errors."""
     from megatron_sega.data.packing import pack, pack_rows
 
     align = packing_align(model_chunks, runtime)
     option = f"{stage}.max_tokens_per_microbatch"
-    rows = pack_rows([ex.length for ex in examples], budget, groups=groups, align=align,
-                     option=option, ids=[ex.id for ex in examples])
-    return pack(examples, pad_id, budget, groups=groups, align=align, option=option,
-                min_rows=agreed_row_count(len(rows), runtime))
+    lengths = [ex.length for ex in examples]
+    rows = len(pack_rows(lengths, budget, groups=groups, align=align, option=option,
+                         ids=[ex.id for ex in examples]))
+    length = fitted_length(lengths, budget, max(rows, 1), align=align, groups=groups)
+    rows, length = agreed_shape(rows, length, runtime)
+    return pack(examples, pad_id, length, groups=groups, align=align, option=option,
+                min_rows=rows)
 
 
 def dp_share(items: list, sizes: list[int], runtime) -> list:

@@ -127,3 +127,57 @@ def test_a_packed_row_equals_each_sequence_alone():
             alone = model(tokens, torch.arange(ex.length)[None], None)
             diff = (logits[0][mb["segment_ids"][0] == i] - alone[0]).abs().max().item()
             assert diff <= 1e-5, (i, diff)
+
+
+def test_rows_are_cut_to_the_shortest_length_that_holds_them():
+    from megatron_sega.training.microbatch import fitted_length
+
+    # one row: the 300 tokens, rounded up to a multiple of 16
+    assert fitted_length([100, 90, 80, 30], 512, 1) == 304
+    # two rows: at 160 first-fit decreasing needs three; 176 holds {100, 30} and {90, 80}
+    assert fitted_length([100, 90, 80, 30], 512, 2) == 176
+    assert len(pack_rows([100, 90, 80, 30], 176)) == 2
+    # a pair stays whole: {0, 1} = 190 tokens in a row
+    assert fitted_length([100, 90, 80, 30], 512, 2, groups=[[0, 1], [2], [3]]) == 192
+    assert fitted_length([100, 90], 100, 2) == 100  # never beyond the budget
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+def test_a_packed_row_on_gpu(attention):
+    """The packed THD path on CUDA in bf16: SDPA per segment, and with Transformer Engine
+    (``attention=auto``) its varlen kernels through ``PackedSeqParams`` (GPU only, not yet
+    verified: TE cannot be installed here). Logits of a packed row against each sequence alone."""
+    from megatron_sega import runtime
+    from megatron_sega.convert.layout import load_full_state_dict
+    from megatron_sega.models import preset
+    from megatron_sega.models.builder import build_model
+    from megatron_sega.models.init import random_full_state_dict
+    from megatron_sega.runtime import have_transformer_engine
+    from megatron_sega.training.engine import packed_seq_params
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if attention == "auto" and not have_transformer_engine():
+        pytest.skip("Transformer Engine is not installed")
+    spec = preset("tiny", vocab_size=1000, hidden_size=256, ffn_hidden_size=704,
+                  num_attention_heads=8, num_query_groups=4)
+    rt = runtime.setup(1, 1, device="cuda")
+    model = build_model(spec, rt, dtype=torch.bfloat16, attention=attention)
+    full = random_full_state_dict(spec, spec.padded_vocab_size(1), seed=0, dtype=torch.bfloat16)
+    load_full_state_dict(model, {k: v.cuda() for k, v in full.items()}, 1, 0)
+    examples = _examples([40, 17, 64, 9])
+    packed = pack(examples, PAD, 160)
+    mb = packed.microbatches()[0]
+    with torch.no_grad():
+        logits = model(mb["tokens"].cuda(), mb["position_ids"].cuda(), None,
+                       packed_seq_params=packed_seq_params(mb, "cuda")).float()
+        for i, ex in enumerate(examples):
+            tokens = torch.tensor([ex.prompt_ids + ex.response_ids], device="cuda")
+            positions = torch.arange(ex.length, device="cuda")[None]
+            mask = torch.ones(1, 1, ex.length, ex.length, dtype=torch.bool, device="cuda").triu(1)
+            alone = model(tokens, positions, mask).float()
+            where = (mb["segment_ids"][0] == i).cuda()
+            diff = (logits[0][where] - alone[0]).abs().max().item()
+            print(f"packed vs alone ({attention}), sequence {i}: max |dlogit| {diff:.3g}")
+            assert diff < 0.1, (attention, i, diff)
