@@ -128,12 +128,15 @@ def packing_rows(packing: dict) -> list[str]:
         if not run:
             continue
         padded, packed = run["padded"], run["packed"]
+        cpu = run.get("clock") == "cpu"
+        rate = "tokens_per_cpu_s" if cpu else "tokens_per_s"
+        unit = "tokens per CPU-second" if cpu else "tokens/s"
+        where = f"{packing['device']}, real data{', SEGA rollout' if stage == 'sega' else ''}"
         rows.append(
-            f"| packing, {label} ({packing['device']}, real data{', SEGA rollout' if stage == 'sega' else ''}) "
-            f"| tokens/s packed; padding fraction; step time | "
-            f"{packed['tokens_per_s']:.0f} ({run['tokens_per_s_ratio']:.2f}x); "
+            f"| packing, {label} ({where}) | {unit} packed; padding fraction; step time | "
+            f"{packed[rate]:.0f} ({run['tokens_per_s_ratio']:.2f}x); "
             f"{packed['padding_fraction']:.1%} (was {padded['padding_fraction']:.1%}); "
-            f"{run['step_time_ratio']:.2f} of padded | padded {padded['tokens_per_s']:.0f} |")
+            f"{run['step_time_ratio']:.2f} of padded | padded {padded[rate]:.0f} |")
     return rows
 
 

@@ -15,6 +15,8 @@
 #      SEGA update step (CUDA events after a warm-up step); one SEGA step split into sample /
 #      score / train seconds with the peak memory of each phase; sampler tokens/s at batch 1, 8
 #      and 64 against transformers generate (synchronized wall time); entropy-op throughput.
+#      packed against padded SFT, DPO and SEGA update steps on the shipped real data
+#      (benchmarks/packing.py: tokens/s, padding fraction, step-time ratio);
 #      the same SFT and SEGA update steps with rank-16 LoRA (the base frozen, SDPA attention: the
 #      single-GPU recipe, examples/sega_llama3_8b_lora.sh) with their peak memory;
 #      JSON lands in benchmarks/results/gpu_*.json; every figure is also printed on one
@@ -91,12 +93,14 @@ if [ "$DRY" = 1 ]; then
   SEGA=(--prompts 2 --k 2 --prompt 12 --new 8 --micro-batch 2)
   SAMPLE=(--hidden 128 --layers 2 --vocab 1000 --prompt 16 --new 16)
   ENTROPY=(--tokens 64 --vocab 128256 --repeats 1)
+  PACK=(--tiny)
 else
   MODEL=(--preset llama3-8b --layers 4)
   TRAIN=(--seq 4096 --batch 4 --micro-batch 1 --steps 3)
   SEGA=(--prompts 8 --k 4 --prompt 128 --new 256 --micro-batch 4)
   SAMPLE=(--hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --layers 4 --vocab 128256 --prompt 128 --new 256)
   ENTROPY=(--tokens 8192 --vocab 128256 --repeats 5)
+  PACK=(--hidden 1024 --layers 8 --vocab 32000 --rounds 2 --steps 3)
 fi
 FIGURES="$WORK/figures.log"
 : > "$FIGURES"
@@ -133,7 +137,8 @@ if missing(requirements("test")):
           f"{missing(requirements('test'))}")
 # Every module the steps below run (pytest imports the GPU test modules itself).
 for name in ("megatron.core", "transformers", "megatron_sega.cli", "benchmarks.train_step",
-             "benchmarks.sega_step", "benchmarks.sampler", "benchmarks.entropy_op"):
+             "benchmarks.sega_step", "benchmarks.sampler", "benchmarks.entropy_op",
+             "benchmarks.packing"):
     try:
         importlib.import_module(name)
     except ImportError as err:
@@ -214,6 +219,9 @@ done
 step "entropy op"
 "$PY" -m benchmarks.entropy_op "${ENTROPY[@]}" --dtype bf16 --out "$OUT/gpu_entropy_op.json" \
   | tee -a "$FIGURES"
+step "packing: SFT, DPO, SEGA update packed vs padded (real data)"
+"$PY" -m benchmarks.packing "${PACK[@]}" --dtype bf16 --attention auto \
+  --out "$OUT/gpu_packing.json" | tee -a "$FIGURES"
 step "figures"
 grep '^figure: ' "$FIGURES"
 where="results in $OUT/gpu_*.json"

@@ -132,7 +132,8 @@ def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
                  "bf16 ok: SFT loss", "== vpp tests", "vpp: not run (needs 2 GPUs",
                  "== training steps: SFT, DPO, SEGA update (MFU)",
                  "== LoRA steps: SFT, SEGA update (rank 16, peak memory)", "== SEGA step",
-                 "== sampler tokens/s", "== entropy op", "== figures", "gpu check done"):
+                 "== sampler tokens/s", "== entropy op", "== packing: SFT, DPO, SEGA update",
+                 "== figures", "gpu check done"):
         assert step in out, step
     dry_command = next(line for line in out.splitlines() if line.startswith("pytest command: "))
     dry_args = dry_command[len("pytest command: -m pytest "):].split()
@@ -162,6 +163,7 @@ def test_gpu_check_dry_run_is_the_real_run_at_tiny_sizes(tmp_path):
     assert len(lora) == 2 and all("LoRA rank 16" in line and "peak memory " in line
                                   for line in lora), lora
     assert sum("figure: sampler (" in line and "hf_generate" in line for line in figures) == 3
+    assert sum(line.startswith("figure: packing, ") for line in figures) == 3
 
 
 # Stands in for Python in the LoRA launcher's export stage: `convert.py mcore-to-hf --help` lists

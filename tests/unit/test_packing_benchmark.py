@@ -19,5 +19,5 @@ def test_tiny_benchmark_runs_and_packing_removes_padding(tmp_path):
         assert 0 < run["padding_removed"] <= 1
         assert run["tokens_per_s_ratio"] > 0 and run["step_time_ratio"] > 0
     markdown = table({"packing": result})
-    assert "| packing, SFT step (cpu, real data) | tokens/s packed" in markdown
+    assert "| packing, SFT step (cpu, real data) | tokens per CPU-second packed" in markdown
     assert "| packing, SEGA update (cpu, real data, SEGA rollout) |" in markdown
