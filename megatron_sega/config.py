@@ -32,6 +32,11 @@ def _positive(value: float, option: str) -> None:
     _check(math.isfinite(value) and value > 0, f"{option} must be > 0, got {value}")
 
 
+def _budget(value: int, stage: str) -> None:
+    _check(value >= 0, f"{stage}.max_tokens_per_microbatch must be >= 0 (0 = micro_batch_size "
+                       f"rows of data.max_seq_len), got {value}")
+
+
 # The sampler divides fp32 logits by the temperature and refuses a quotient that overflows fp32
 # (3.4e38, megatron_sega/ops/sampling.py). From this temperature on, that takes a logit beyond
 # 3.4e32, which no working model produces; at T = 1e-40, any logit above 0.034 does.
@@ -211,6 +216,7 @@ class SegaConfig:
                f"sega.prompts_per_step must be >= 1, got {self.prompts_per_step}")
         _check(self.micro_batch_size >= 1,
                f"sega.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _budget(self.max_tokens_per_microbatch, "sega")
         _check(self.updates_per_rollout >= 1,
                f"sega.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
         _check(0 <= self.clip_eps < 1, f"sega.clip_eps must be in [0, 1), got {self.clip_eps}")
@@ -245,6 +251,7 @@ class SFTConfig:
                f"sft.global_batch_size must be >= 1, got {self.global_batch_size}")
         _check(self.micro_batch_size >= 1,
                f"sft.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _budget(self.max_tokens_per_microbatch, "sft")
         _check(self.eval_interval >= 0,
                f"sft.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
         if self.lr is not None:
@@ -272,6 +279,7 @@ class DPOConfig:
         _check(self.steps >= 1, f"dpo.steps must be >= 1, got {self.steps}")
         _check(self.micro_batch_size >= 1,
                f"dpo.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _budget(self.max_tokens_per_microbatch, "dpo")
         _check(self.global_batch_size >= 1 and
                self.global_batch_size % self.micro_batch_size == 0,
                f"dpo.global_batch_size({self.global_batch_size}) must be a positive multiple of "
@@ -315,6 +323,7 @@ class EvalConfig:
         _positive(self.beta, "eval.beta")
         _check(self.micro_batch_size >= 1,
                f"eval.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _budget(self.max_tokens_per_microbatch, "eval")
         # Fewer replicates leave the 2.5% tails resting on a handful of draws.
         _check(self.bootstrap_samples >= 200,
                f"eval.bootstrap_samples must be >= 200 for a 95% interval, got "
@@ -397,10 +406,6 @@ def check_packing(config: Config, stages: tuple[str, ...]) -> None:
     """With ``data.packing``: an attention that takes packed sequences, and a budget that holds
     the longest sequence ``data.max_seq_len`` allows (a pair's two sequences are checked on the
     data, ``data.packing.pack_rows``)."""
-    for stage in PACKED_STAGES:
-        value = getattr(config, stage).max_tokens_per_microbatch
-        _check(value >= 0, f"{stage}.max_tokens_per_microbatch must be >= 0 (0 = the padded "
-                           f"microbatch's size), got {value}")
     if not config.data.packing:
         return
     _check(config.model.attention != "local",

@@ -59,32 +59,34 @@ def agreed_shape(rows: int, length: int, runtime) -> tuple[int, int]:
     return rows, length
 
 
-ROW_MULTIPLE = 16  # packed rows are cut to a multiple of this many tokens (kernel-friendly)
+ROW_MULTIPLE = 16  # packed rows are a multiple of this many tokens (kernel-friendly)
 
 
 def fitted_length(lengths: list[int], budget: int, rows: int, *, align: int = 1,
                   groups=None) -> int:
-    """The shortest row length, a multiple of ``ROW_MULTIPLE`` (and ``align``) up to ``budget``,
-    into which the sequences still pack in ``rows`` rows: a step's rows need one shape, not the
-    budget's, so the last row's empty tail shrinks as the padded batch's longest row does."""
+    """The shortest row length, a multiple of ``ROW_MULTIPLE`` and of ``align``, into which the
+    sequences pack in ``rows`` rows, at most ``budget`` rounded up to that multiple: a step's
+    rows need one shape, not the budget's, so the last row's empty tail shrinks as a padded
+    batch's longest row does. (Under sequence parallelism the multiple of ``align`` = TP is what
+    splits the row over the TP ranks.)"""
     from megatron_sega.data.packing import pack_rows
 
     unit = math.lcm(ROW_MULTIPLE, align)
+    top = -(-budget // unit) * unit
     items = [list(g) for g in groups] if groups is not None else [[i] for i in range(len(lengths))]
     slots = [sum(-(-lengths[i] // align) * align for i in item) for item in items]
     if not slots:
-        return min(unit, budget)
+        return unit
     lo = max(max(slots), -(-sum(slots) // rows))
-    lengths_to_try = sorted({min(m * unit, budget)
-                             for m in range(-(-lo // unit), -(-budget // unit) + 1)})
-    first, last = 0, len(lengths_to_try) - 1  # the last, the budget, always holds them
+    candidates = list(range(-(-lo // unit) * unit, top + 1, unit)) or [top]
+    first, last = 0, len(candidates) - 1  # the last holds them in `rows` rows (the budget's)
     while first < last:  # the smallest that packs into `rows` rows
         mid = (first + last) // 2
-        if len(pack_rows(lengths, lengths_to_try[mid], groups=groups, align=align)) <= rows:
+        if len(pack_rows(lengths, candidates[mid], groups=groups, align=align)) <= rows:
             last = mid
         else:
             first = mid + 1
-    return lengths_to_try[last]
+    return candidates[last]
 
 
 def pack_for_schedule(model_chunks, runtime, examples, pad_id: int, budget: int, *, stage: str,
@@ -101,6 +103,7 @@ def pack_for_schedule(model_chunks, runtime, examples, pad_id: int, budget: int,
     rows = len(pack_rows(lengths, budget, groups=groups, align=align, option=option,
                          ids=[ex.id for ex in examples]))
     length = fitted_length(lengths, budget, max(rows, 1), align=align, groups=groups)
+    rows = len(pack_rows(lengths, length, groups=groups, align=align))
     rows, length = agreed_shape(rows, length, runtime)
     return pack(examples, pad_id, length, groups=groups, align=align, option=option,
                 min_rows=rows)

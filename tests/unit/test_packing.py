@@ -96,13 +96,17 @@ def test_config_rules():
     with pytest.raises(ConfigError, match=r"sft.max_tokens_per_microbatch\(32\) is less than "
                                           r"data.max_seq_len\(64\)"):
         check_stages(config.with_overrides("sft.max_tokens_per_microbatch=32"), 1, ("sft",))
+    with pytest.raises(ConfigError, match=r"dpo.max_tokens_per_microbatch must be >= 0"):
+        config.with_overrides("dpo.max_tokens_per_microbatch=-1")
     with pytest.raises(ConfigError, match="model.attention sdpa or auto"):
         check_stages(config.with_overrides("model.attention=local"), 1, ("sft",))
 
 
-def test_a_packed_row_equals_each_sequence_alone():
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_a_packed_row_equals_each_sequence_alone(lora):
     """Attention stays within each sequence and RoPE restarts: the logits of a packed row equal
-    those of every sequence forwarded on its own (fp32, within 1e-5)."""
+    those of every sequence forwarded on its own (fp32, within 1e-5), also with LoRA adapters
+    (linear layers: nothing of packing reaches them)."""
     from megatron_sega import runtime
     from megatron_sega.convert.layout import load_full_state_dict
     from megatron_sega.models import preset
@@ -112,9 +116,16 @@ def test_a_packed_row_equals_each_sequence_alone():
 
     spec = preset("tiny", vocab_size=300)
     rt = runtime.setup(1, 1, device="cpu")
-    model = build_model(spec, rt, attention="sdpa", use_te=False)
+    from megatron_sega.models.lora import LoraSettings
+
+    model = build_model(spec, rt, attention="sdpa", use_te=False,
+                        lora=LoraSettings(4, 8.0) if lora else None)
     load_full_state_dict(model, random_full_state_dict(spec, spec.padded_vocab_size(1), seed=3),
-                         1, 0)
+                         1, 0, strict=not lora)
+    with torch.no_grad():  # adapters start as zero updates (B = 0): make them count
+        for name, param in model.named_parameters():
+            if "lora" in name:
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     examples = _examples([9, 5, 12, 3])
     packed = pack(examples, PAD, 40)
     assert len(packed.rows) == 1
@@ -139,7 +150,8 @@ def test_rows_are_cut_to_the_shortest_length_that_holds_them():
     assert len(pack_rows([100, 90, 80, 30], 176)) == 2
     # a pair stays whole: {0, 1} = 190 tokens in a row
     assert fitted_length([100, 90, 80, 30], 512, 2, groups=[[0, 1], [2], [3]]) == 192
-    assert fitted_length([100, 90], 100, 2) == 100  # never beyond the budget
+    assert fitted_length([100, 90], 100, 2) == 112  # the budget, rounded up to 16
+    assert fitted_length([100, 90], 1000, 1, align=3) == 192  # a multiple of 16 and of 3
 
 
 @pytest.mark.gpu
