@@ -223,7 +223,7 @@ def build_model(
     virtual pipelining (``runtime.vpp``) this is model chunk ``vp_stage`` of this rank: its
     layers, and with them its embedding/output layer, come from Megatron's interleaved
     assignment (:func:`build_model_chunks` builds them all)."""
-    from megatron.core.models.gpt import GPTModel
+    from megatron_sega.models.sdpa import LlamaGPTModel
 
     if (runtime.vpp is None) != (vp_stage is None):
         raise ValueError(f"vp_stage={vp_stage} does not fit parallel.vpp={runtime.vpp}: pass "
@@ -245,7 +245,7 @@ def build_model(
             "linear layers are not adapted yet)")
     config = transformer_config(spec, runtime, dtype=dtype, sequence_parallel=sequence_parallel,
                                 recompute=recompute)
-    model = GPTModel(
+    model = LlamaGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_te, attention, lora),
         vocab_size=spec.padded_vocab_size(runtime.tp, vocab_multiple),

@@ -150,7 +150,7 @@ def check_dpo_microbatches(config, dp: int) -> None:
     """Refuse a batch split that the loop (every DP rank's share a whole number of microbatches,
     a pair never split) or the pipeline schedule (see check_microbatch_count) cannot run."""
     cfg, par = config.dpo, config.parallel
-    if config.data.packing:  # packed steps pad their own count (agreed_row_count)
+    if config.data.packing:  # packed steps pad their own count (agreed_shape)
         return
     if cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batch_size:
         raise ConfigError(

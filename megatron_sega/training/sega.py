@@ -84,7 +84,7 @@ def check_sega_microbatches(config, dp: int) -> None:
     """Refuse an update split that the pipeline schedule cannot run (see check_microbatch_count);
     the rows of a step are padded up to whole microbatches (training_microbatches)."""
     cfg = config.sega
-    if config.data.packing:  # packed steps pad their own count (agreed_row_count)
+    if config.data.packing:  # packed steps pad their own count (agreed_shape)
         return
     rows = cfg.prompts_per_step // dp * cfg.k
     check_microbatch_count(

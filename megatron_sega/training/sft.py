@@ -52,7 +52,7 @@ def sft_microbatches(batch, micro_batch_size: int) -> list[dict]:
 
 def check_sft_microbatches(config, dp: int) -> None:
     """Refuse a batch split that the pipeline schedule cannot run (see check_microbatch_count);
-    packed steps pad their own count (``training.microbatch.agreed_row_count``)."""
+    packed steps pad their own count (``training.microbatch.agreed_shape``)."""
     sft = config.sft
     if config.data.packing:
         return
