@@ -110,9 +110,9 @@ def stage_runs(session, args, examples, pairs, rollout, advantage):
 
     def sega(i):
         packed = session.config.data.packing
-        batch = packed_rollout_batch(session, rollout) if packed else rollout_batch(session,
-                                                                                      rollout)
-        micro = training_microbatches(session, batch, advantage, {})
+        batch, adv = (packed_rollout_batch(session, rollout, advantage) if packed
+                      else (rollout_batch(session, rollout), advantage))
+        micro = training_microbatches(session, batch, adv, {})
         forward_backward(session.chunks, session.runtime, micro,
                          sega_loss_fn(session, float(n_groups), False, False))
         return optimizer_step(session.optimizer, session.scheduler)
@@ -141,9 +141,9 @@ def stage_runs(session, args, examples, pairs, rollout, advantage):
                     batch = microbatch_order(collate_pairs(shard, session.tokenizer.pad_id), m)
                     computed += -(-batch.tokens.shape[0] // (2 * m)) * 2 * m * batch.tokens.shape[1]
             return real, computed
-        batch = packed_rollout_batch(session, rollout) if packed else rollout_batch(session,
-                                                                                      rollout)
-        micro = training_microbatches(session, batch, advantage, {})
+        batch, adv = (packed_rollout_batch(session, rollout, advantage) if packed
+                      else (rollout_batch(session, rollout), advantage))
+        micro = training_microbatches(session, batch, adv, {})
         return int(batch.lengths.sum()) * args.steps, computed_tokens(micro) * args.steps
 
     return {"sft": sft, "dpo": dpo, "sega": sega}, sizes

@@ -115,3 +115,17 @@ def dp_share(items: list, sizes: list[int], runtime) -> list:
     from megatron_sega.data.packing import balance
 
     return [items[i] for i in balance(sizes, runtime.dp)[runtime.dp_rank]]
+
+
+def dp_rebalance(items: list, sizes: list[int], runtime) -> list:
+    """Items that each data-parallel rank holds (its own ``items`` of token ``sizes``, e.g. the
+    candidates it sampled) shared out again by tokens: one ``all_gather_object`` over DP, then
+    :func:`dp_share` of the whole, in rank order (every rank computes the same split)."""
+    import torch.distributed as dist
+
+    if runtime.dp == 1:
+        return list(items)
+    gathered: list = [None] * runtime.dp
+    dist.all_gather_object(gathered, list(zip(items, sizes)), group=runtime.dp_group)
+    everything = [pair for part in gathered for pair in part]
+    return dp_share([item for item, _ in everything], [size for _, size in everything], runtime)

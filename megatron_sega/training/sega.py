@@ -28,7 +28,9 @@ from megatron_sega.runtime import any_rank
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
-from megatron_sega.training.microbatch import pack_for_schedule, split_microbatches
+from megatron_sega.training.microbatch import (
+    dp_rebalance, pack_for_schedule, split_microbatches,
+)
 from megatron_sega.training.rollouts import (
     Scored, load_prompts, make_sampler, sampling_params, score_rollout,
 )
@@ -50,12 +52,19 @@ def rollout_batch(session: Session, rollout: Rollout) -> Batch:
     return collate(_rollout_examples(rollout), session.tokenizer.pad_id)
 
 
-def packed_rollout_batch(session: Session, rollout: Rollout) -> PackedBatch:
-    """The rollout's candidates packed into rows of ``sega.max_tokens_per_microbatch`` tokens
-    (``data.packing``); sequence i is the rollout's row i."""
-    return pack_for_schedule(session.chunks, session.runtime, _rollout_examples(rollout),
-                             session.tokenizer.pad_id, token_budget(session.config, "sega"),
-                             stage="sega")
+def packed_rollout_batch(session: Session, rollout: Rollout, advantage: torch.Tensor
+                         ) -> tuple[PackedBatch, torch.Tensor]:
+    """The candidates of the data-parallel replicas' rollouts, shared out by tokens
+    (``microbatch.dp_rebalance``: one collective over DP), this rank's share packed into rows of
+    ``sega.max_tokens_per_microbatch`` tokens (``data.packing``); and their advantages in the
+    batch's sequence order. The loss normalisers are global, so the share changes nothing."""
+    examples = _rollout_examples(rollout)
+    mine = dp_rebalance(list(zip(examples, advantage.tolist())),
+                        [ex.length for ex in examples], session.runtime)
+    batch = pack_for_schedule(session.chunks, session.runtime, [ex for ex, _ in mine],
+                              session.tokenizer.pad_id, token_budget(session.config, "sega"),
+                              stage="sega")
+    return batch, torch.tensor([a for _, a in mine], dtype=advantage.dtype)
 
 
 def at_label_positions(batch: Batch, rollout: Rollout, values: torch.Tensor) -> torch.Tensor:
@@ -144,22 +153,24 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
         scored = score_rollout(session, rollout, k)
         timer["score"] = time.time()
         # 4. batch (the old log-probs of a reused rollout come from the first update, below).
-        batch = (packed_rollout_batch(session, rollout) if session.config.data.packing
-                 else rollout_batch(session, rollout))
-        per_token = {}
-        if reference is not None:
-            per_token["ref_logp"] = token_stats(reference, rt, batch, session.vocab_size,
-                                                micro_batch_size=cfg.micro_batch_size)["logp"]
-        failure = None
+        # Packed, the replicas first agree that sampling went through: the batch is shared out
+        # over them (packed_rollout_batch), a collective every replica must reach.
+        packing, advantage = session.config.data.packing, scored.advantage
+        batch = None if packing else rollout_batch(session, rollout)
+        per_token, failure = _reference_logps(session, reference, batch), None
     except ops.NonFiniteLogitsError as err:  # raised on every rank of this replica together
         failure = err
-    # Any rank's non-finite logits skip the step on all ranks at once (a replica that skipped
-    # alone would wait in other collectives than the rest).
-    if any_rank(failure is not None, rt.device):
-        session.print(f"step {step + 1}: non-finite logits in sampling or in the reference; "
-                      f"step skipped on all ranks{f' ({failure})' if failure else ''}")
+    if not _agree_finite(session, failure, step):
         return {"loss": float("nan"), "skipped_update": True}
-    micro = training_microbatches(session, batch, scored.advantage, per_token)
+    if packing:
+        batch, advantage = packed_rollout_batch(session, rollout, advantage)
+        try:
+            per_token, failure = _reference_logps(session, reference, batch), None
+        except ops.NonFiniteLogitsError as err:
+            failure = err
+        if not _agree_finite(session, failure, step):
+            return {"loss": float("nan"), "skipped_update": True}
+    micro = training_microbatches(session, batch, advantage, per_token)
     tokens_here = float(rollout.response_mask.sum())
     n_groups, n_tokens = dp_all_reduce([len(prompts), tokens_here], session)
     normaliser = n_groups if cfg.normalization == "sequence_sum" else max(n_tokens, 1.0)
@@ -185,6 +196,26 @@ def sega_step(session: Session, sampler: Sampler, prompts: list[TokenizedExample
             break
     timer["train"] = time.time()
     return _metrics(session, rollout, scored, batch, results, timer)
+
+
+def _reference_logps(session: Session, reference, batch) -> dict[str, torch.Tensor]:
+    """The frozen reference's per-token log-probs of ``batch`` for the KL (none without a
+    reference or a batch)."""
+    if reference is None or batch is None:
+        return {}
+    return {"ref_logp": token_stats(reference, session.runtime, batch, session.vocab_size,
+                                    micro_batch_size=session.config.sega.micro_batch_size)["logp"]}
+
+
+def _agree_finite(session: Session, failure, step: int) -> bool:
+    """False on every rank when any rank's logits were non-finite (in sampling or the
+    reference): the step is skipped on all ranks at once (a replica that skipped alone would
+    wait in other collectives than the rest)."""
+    if any_rank(failure is not None, session.runtime.device):
+        session.print(f"step {step + 1}: non-finite logits in sampling or in the reference; "
+                      f"step skipped on all ranks{f' ({failure})' if failure else ''}")
+        return False
+    return True
 
 
 def _update_sums(outputs: list[dict]) -> dict[str, float]:

@@ -6,7 +6,8 @@ PP=2 x VPP=2 (fp32, CPU, two processes, one spawn):
 - one DPO step: loss, margin, rewards and summed log-probs (within 1e-5 relative) and the
   gradients (max error within 1e-5 of the largest gradient);
 - one SFT step: loss and gradients (the same tolerances);
-- one SEGA update from a fixed rollout (Eq. 2, sequence_sum): gradients (the same tolerance).
+- one SEGA update from a fixed rollout (Eq. 2, sequence_sum): gradients (the same tolerance);
+  packed, the candidates are shared out over DP by tokens.
 
 Each layout builds a session padded, then packed (``data.packing=true``), from the same seeded
 weights, and runs the real loop pieces: ``evaluate_pairs``, ``dpo_step``, ``sft_step``, the
@@ -16,7 +17,6 @@ global loss and the DP-reduced gradients do not depend on the split. The learnin
 (1e-5) so that the DPO step before the SFT step moves both runs alike."""
 
 import pytest
-import torch
 
 from tests.dist import run_distributed
 
@@ -85,8 +85,11 @@ def _one_layout(tp: int, pp: int, vpp, packing: bool) -> dict:
     mine = _rows(full, [g * K + j for g in range(rt.dp_rank * per_rank,
                                                  (rt.dp_rank + 1) * per_rank) for j in range(K)])
     scored = score_rollout(session, mine, K)
-    batch = packed_rollout_batch(session, mine) if packing else rollout_batch(session, mine)
-    micro = training_microbatches(session, batch, scored.advantage, {})
+    if packing:  # the candidates shared out over DP by tokens (dp_rebalance)
+        batch, advantage = packed_rollout_batch(session, mine, scored.advantage)
+    else:
+        batch, advantage = rollout_batch(session, mine), scored.advantage
+    micro = training_microbatches(session, batch, advantage, {})
     if packing:
         out["sega_rows"] = len(micro)
     forward_backward(session.chunks, rt, micro,

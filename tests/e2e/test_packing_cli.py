@@ -50,3 +50,27 @@ def test_a_pair_over_the_budget_names_both_options(tmp_path, capsys):
     assert "Traceback" not in err
     assert "dpo.max_tokens_per_microbatch = 64" in line and "data.max_seq_len" in line, line
     assert "a group of 2 sequences (a pair)" in line, line
+
+
+SEGA_YAML = """\
+model: {preset: tiny}
+data: {train: examples/demo_data/train.jsonl, max_seq_len: 112, packing: true}
+sampling: {max_new_tokens: 24}
+sega: {k: 4, steps: 2, prompts_per_step: 4, micro_batch_size: 4, kl_coef: 0.1,
+       updates_per_rollout: 2, clip_eps: 0.2, max_tokens_per_microbatch: 128}
+optim: {lr: 1.0e-3}
+logging: {progress: false, tensorboard: false}
+"""
+
+
+def test_packed_sega_on_two_ranks(tmp_path):
+    """``megatron-sega sega`` packed at DP = 2: the candidates shared out over the replicas by
+    tokens, the KL's reference and the clipped second update on the packed rows."""
+    config = _write(tmp_path / "sega.yaml", SEGA_YAML)
+    Run("sega", tmp_path, "sega", config, f"logging.dir={tmp_path}", nproc=2).wait()
+    steps = _metrics(tmp_path / "sega_metrics.jsonl")
+    assert [s["step"] for s in steps] == [1, 2]
+    for s in steps:
+        assert not s["skipped_update"] and math.isfinite(s["loss"]), s
+        assert s["kl_mean"] >= 0.0 and s["seq_len"] <= 128
+    assert steps[1]["kl_mean"] > 0.0  # the policy moved away from its reference
