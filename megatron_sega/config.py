@@ -207,6 +207,7 @@ class SegaConfig:
     clip_eps: float = 0.0  # > 0: PPO-style clipping when a rollout is reused
     max_bad_steps: int = 3  # consecutive NaN/Inf losses before the run stops
     lr: Optional[float] = None  # this stage's learning rate (default: optim.lr)
+    eval_interval: int = 0  # evaluate on data.eval every this many steps (0 = off)
 
     def __post_init__(self):
         # k = 1 is fine for `generate`; the SEGA stage itself checks for k >= 2 (run_sega).
@@ -228,6 +229,8 @@ class SegaConfig:
                f"sega.kl_coef must be >= 0, got {self.kl_coef}")
         _check(self.max_bad_steps >= 1, f"sega.max_bad_steps must be >= 1, got "
                                         f"{self.max_bad_steps}")
+        _check(self.eval_interval >= 0,
+               f"sega.eval_interval must be >= 0 (0 = off), got {self.eval_interval}")
         if self.lr is not None:
             _positive(self.lr, "sega.lr")
 
@@ -317,6 +320,7 @@ class EvalConfig:
     max_tokens_per_microbatch: int = 0
     ties: Literal["wrong", "half"] = "wrong"  # wrong: RewardBench's rule; half: a tie is 1/2
     bootstrap_samples: int = 2000  # for the section intervals and `compare`
+    answer_samples: int = 0  # > 0: answer accuracy, greedy + this many samples a prompt
 
     def __post_init__(self):
         # beta scales the implicit reward; <= 0 would invert or tie every comparison.
@@ -328,6 +332,8 @@ class EvalConfig:
         _check(self.bootstrap_samples >= 200,
                f"eval.bootstrap_samples must be >= 200 for a 95% interval, got "
                f"{self.bootstrap_samples}; 2000 is the default")
+        _check(self.answer_samples >= 0,
+               f"eval.answer_samples must be >= 0 (0 = off), got {self.answer_samples}")
 
 
 @dataclass(frozen=True)
@@ -453,6 +459,14 @@ def check_stages(config: Config, dp: int, stages: tuple[str, ...] = STAGES) -> N
         prompts = config.sega.prompts_per_step
         _check(prompts % dp == 0, f"sega.prompts_per_step({prompts}) is not divisible by the "
                                   f"data-parallel size dp({dp}); make it a multiple of {dp}")
+    if "sega" in stages and config.sega.eval_interval:
+        _check(bool(config.data.eval), f"sega.eval_interval = {config.sega.eval_interval} "
+               "evaluates on data.eval, which is not set; set data.eval or sega.eval_interval=0")
+    answers = "eval" in stages or "sega" in stages and config.sega.eval_interval
+    if config.eval.answer_samples and answers:
+        _check(bool(config.scoring.marker),
+               f"eval.answer_samples = {config.eval.answer_samples} finds each final answer "
+               "after scoring.marker, which is empty; set scoring.marker (e.g. 'Final Answer:')")
     if "sega" in stages or "generate" in stages:
         seq, new = config.data.max_seq_len, config.sampling.max_new_tokens
         _check(seq > new, f"data.max_seq_len({seq}) must exceed sampling.max_new_tokens({new}) "

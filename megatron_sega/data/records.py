@@ -1,5 +1,5 @@
 """Read and validate preference pairs ``{"prompt", "chosen", "rejected", optional "id",
-optional "subset"}``, in any of the record layouts of :mod:`megatron_sega.data.formats`
+optional "subset", optional "answer"}``, in any of the record layouts of :mod:`megatron_sega.data.formats`
 (detected per file, or forced with ``ReadOptions.format``).
 
 Sources:
@@ -56,7 +56,9 @@ class PreferencePair:
     is deterministic for a given input path. ``source`` is where the record came from, for
     messages. ``prompt`` is a string (one user turn) or a conversation ending with the user's
     turn; ``chosen`` and ``rejected`` are the final assistant turns. ``subset`` is the record's
-    ``subset`` column (e.g. RewardBench's), kept for per-subset evaluation.
+    ``subset`` column (e.g. RewardBench's), kept for per-subset evaluation. ``answer`` is the
+    record's reference final answer (an ``answer`` column, a string or a number), for answer
+    accuracy (``eval.answer_samples``).
     """
 
     id: str
@@ -65,6 +67,7 @@ class PreferencePair:
     rejected: str
     source: str
     subset: str | None = None
+    answer: str | None = None
 
 
 @dataclass
@@ -226,7 +229,7 @@ def validate_record(row: Any, location: str, fmt: str = "standard",
     triple = parse_record(row, fmt, location, preference)
     return PreferencePair(id=_record_id(row, location), prompt=triple.prompt,
                           chosen=triple.chosen, rejected=triple.rejected, source=location,
-                          subset=_subset(row, location))
+                          subset=_subset(row, location), answer=_answer(row, location))
 
 
 def _subset(row: dict[str, Any], location: str) -> str | None:
@@ -237,6 +240,18 @@ def _subset(row: dict[str, Any], location: str) -> str | None:
         raise BadRecord(BadRecordReason.WRONG_TYPE,
                         f"{location}: field 'subset' must be a string, got {type_name(raw)}")
     return raw
+
+
+def _answer(row: dict[str, Any], location: str) -> str | None:
+    raw = row.get("answer")
+    if raw is None or raw == "":
+        return None
+    # bool is an int subclass; a true/false answer is written as a string.
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise BadRecord(BadRecordReason.WRONG_TYPE,
+                        f"{location}: field 'answer' must be a string or a number, got "
+                        f"{type_name(raw)}")
+    return str(raw)
 
 
 def _record_id(row: dict[str, Any], location: str) -> str:

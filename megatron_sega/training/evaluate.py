@@ -225,7 +225,9 @@ def write_eval_outputs(directory: str | Path, records: list[dict], summary: dict
 
 
 def run_eval(config, args) -> int:
-    """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``."""
+    """``megatron-sega eval``: preference accuracy of ``model.load`` on ``data.eval``; with
+    ``eval.answer_samples``, answer accuracy too (``answers.py``: ``summary.json``'s
+    ``answers`` section and ``answers.jsonl``)."""
     from megatron_sega.config import ConfigError
     from megatron_sega.training.session import announce, load_reference, open_session, preflight
 
@@ -243,9 +245,19 @@ def run_eval(config, args) -> int:
                                       micro_batch_size=config.eval.micro_batch_size,
                                       ties=config.eval.ties,
                                       bootstrap_samples=config.eval.bootstrap_samples)
+    answers = None
+    if config.eval.answer_samples:
+        from megatron_sega.training.answers import (
+            evaluate_answers, load_answer_prompts, write_answers,
+        )
+        prompts = load_answer_prompts(session, config.data.eval, config.data.eval_split)
+        answers, summary["answers"] = evaluate_answers(session, prompts,
+                                                       config.eval.answer_samples)
     if session.is_main:
         out = config.eval.out or str(Path(config.logging.dir or ".") / "eval")
         write_eval_outputs(out, records, summary)
         print(json.dumps(summary, indent=2))
         print(f"wrote {out}/pairs.jsonl and {out}/summary.json")
+        if answers is not None:
+            print(f"wrote {write_answers(out, answers)}")
     return 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sega.data import (
-    DataError, TokenizedExample, tokenize_prompts,
+    DataError, PreferencePair, TokenizedExample, tokenize_prompts,
 )
 from megatron_sega.sampling import Rollout, Sampler, SamplingParams
 from megatron_sega.sega import (
@@ -79,11 +79,14 @@ def mean_entropy_score(session: Session, prompts: list[TokenizedExample], seed_o
     return score_sum / max(count, 1.0)
 
 
-def load_prompts(session: Session, path: str, split: str | None = None) -> list[TokenizedExample]:
-    """The generation prompts of ``path`` (its ``split``), those that leave room for
-    ``sampling.max_new_tokens`` within ``data.max_seq_len``."""
+def load_prompts(session: Session, path: str, split: str | None = None,
+                 pairs: list[PreferencePair] | None = None) -> list[TokenizedExample]:
+    """The generation prompts of ``path`` (its ``split``; or of its records ``pairs``, already
+    read), those that leave room for ``sampling.max_new_tokens`` within ``data.max_seq_len``."""
     data = session.config.data
-    prompts = tokenize_prompts(read_records(session, path, split), session.formatter)
+    if pairs is None:
+        pairs = read_records(session, path, split)
+    prompts = tokenize_prompts(pairs, session.formatter)
     limit = data.max_seq_len - session.config.sampling.max_new_tokens
     kept = [p for p in prompts if len(p.prompt_ids) <= limit]
     if len(kept) < len(prompts):

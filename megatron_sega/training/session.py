@@ -153,7 +153,7 @@ def data_inputs(config: Config, stages: tuple[str, ...]) -> list[tuple[str, str]
     for stage in stages:
         if stage in ("sft", "sega", "dpo"):
             wanted.append("train")
-        if stage in ("sft", "dpo", "eval"):
+        if stage in ("sft", "dpo", "eval") or stage == "sega" and config.sega.eval_interval:
             wanted.append("eval")
         if stage == "generate":
             wanted.append("eval" if data.eval else "train")

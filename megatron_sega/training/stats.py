@@ -90,3 +90,55 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1))
     return min(1.0, 2 * tail / (1 << n))  # int / int: correctly rounded, never overflows
+
+
+def student_t_two_sided(t: float, df: int) -> float:
+    """``P(|T| < t)`` for Student's t with an integer ``df >= 1``, in closed form (Abramowitz &
+    Stegun 26.7.3-4): with ``theta = atan(t / sqrt(df))``, a finite series in ``cos(theta)``."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if t <= 0:
+        return 0.0
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2:  # odd: 2/pi * (theta + sin cos (1 + 2/3 c2 + 2*4/(3*5) c2^2 + ...))
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for j in range(1, (df - 1) // 2):
+            term *= c2 * (2 * j) / (2 * j + 1)
+            total += term
+        return min(1.0, 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total))
+    term, total = 1.0, 1.0  # even: sin * (1 + 1/2 c2 + 1*3/(2*4) c2^2 + ...)
+    for j in range(1, df // 2):
+        term *= c2 * (2 * j - 1) / (2 * j)
+        total += term
+    return min(1.0, math.sin(theta) * total)
+
+
+def student_t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """The two-sided critical value ``t`` with ``P(|T| < t) = confidence`` (scipy's
+    ``t.ppf((1 + confidence) / 2, df)``), by bisection on :func:`student_t_two_sided`."""
+    lo, hi = 0.0, 1.0
+    while student_t_two_sided(hi, df) < confidence:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if student_t_two_sided(mid, df) < confidence:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% Student-t interval of a mean, ``mean -+ t(n-1) * sd / sqrt(n)`` (sd with
+    ``n - 1``), as scipy's ``t.interval`` and statsmodels' ``DescrStatsW.tconfint_mean`` give it.
+    Used for a mean over prompts of per-prompt fractions, where the samples of one prompt are
+    not independent and a binomial interval over all samples would be too narrow. Fewer than
+    two values: (nan, nan)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return math.nan, math.nan
+    half = student_t_quantile(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return float(x.mean()) - half, float(x.mean()) + half
