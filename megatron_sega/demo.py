@@ -70,7 +70,9 @@ def plot_curves(out: Path) -> Path:
     sft = _read_jsonl(out / "sft" / "sft_metrics.jsonl")
     sega = _read_jsonl(out / "sega" / "sega_metrics.jsonl")
     dpo = _read_jsonl(out / "dpo" / "dpo_metrics.jsonl")
-    fig, axes = plt.subplots(1, 4 if dpo else 3, figsize=(18 if dpo else 14, 4))
+    evals = [r for r in sega if "eval_accuracy" in r]  # sega.eval_interval's steps
+    panels = 3 + bool(dpo) + bool(evals)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4))
     axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
     axes[0].set(title="SFT loss (response NLL / token)", xlabel="step")
     steps = [r["step"] for r in sega]
@@ -84,11 +86,29 @@ def plot_curves(out: Path) -> Path:
     if dpo:
         axes[3].plot([r["step"] for r in dpo], [r["loss"] for r in dpo])
         axes[3].set(title="DPO loss", xlabel="step")
+    if evals:
+        plot_eval_curves(axes[-1], evals)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# metrics key -> label of the held-out curves (sega.eval_interval; answers with eval.answer_samples)
+EVAL_CURVES = {"eval_accuracy": "preference accuracy",
+               "eval_answer_accuracy_greedy": "answer accuracy, greedy",
+               "eval_answer_accuracy_sampled": "answer accuracy, sampled"}
+
+
+def plot_eval_curves(ax, rows: list[dict]) -> None:
+    """The held-out accuracies a stage logged at its evaluation steps, on one axis."""
+    steps = [r["step"] for r in rows]
+    for key, label in EVAL_CURVES.items():
+        if any(r.get(key) is not None for r in rows):
+            ax.plot(steps, [r.get(key) for r in rows], marker="o", label=label)
+    ax.set(title="SEGA: held-out accuracy (data.eval)", xlabel="step", ylim=(0, 1))
+    ax.legend()
 
 
 def _cell(value: Optional[float]) -> str:

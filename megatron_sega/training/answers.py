@@ -286,3 +286,32 @@ def write_answers(directory: str | Path, records: Sequence[dict]) -> Path:
         for record in records:
             f.write(json.dumps(record) + "\n")
     return path
+
+
+# ------------------------------------------------------------------ evaluation during training
+
+def training_eval_metrics(session: Session, pairs: Sequence, prompts: Sequence[AnswerPrompt],
+                          n: int) -> dict:
+    """The held-out figures a training loop logs every ``eval_interval`` steps (``sega``):
+    preference accuracy on ``pairs`` (summed and length-normalised, ``eval.*`` settings) and,
+    with ``n`` = ``eval.answer_samples`` > 0, answer accuracy on ``prompts``: greedy, sampled,
+    the fraction of samples without a final answer and how often Eq. 1's top-scored sample is
+    right (None without mixed groups). ``time_eval``: its wall seconds."""
+    import time
+
+    from megatron_sega.training.evaluate import evaluate_pairs
+
+    ev = session.config.eval
+    t0 = time.time()
+    _, summary = evaluate_pairs(session, pairs, beta=ev.beta, micro_batch_size=ev.micro_batch_size,
+                                ties=ev.ties, bootstrap_samples=ev.bootstrap_samples)
+    out = {"eval_accuracy": summary["accuracy"],
+           "eval_accuracy_length_normalized": summary["accuracy_length_normalized"]}
+    if n and prompts:
+        _, answers = evaluate_answers(session, prompts, n)
+        out.update(eval_answer_accuracy_greedy=answers["greedy_accuracy"],
+                   eval_answer_accuracy_sampled=answers["sampled_accuracy"],
+                   eval_no_answer_fraction=answers["sampled_no_answer_fraction"],
+                   eval_eq1_top_right=answers["ranking"].get("eq1_top_right"))
+    out["time_eval"] = time.time() - t0
+    return out

@@ -7,7 +7,8 @@ One step, top to bottom (:func:`sega_step`):
   4. build the batch (prompt + response, loss on the response incl. its stop token);
   5. forward/backward with the SEGA loss (Eq. 2), normalised by the global number of groups
      (or response tokens), through Megatron's schedule; optimizer step(s);
-  6. metrics.
+  6. metrics; every ``sega.eval_interval`` steps, preference (and with ``eval.answer_samples``
+     answer) accuracy on ``data.eval`` (``answers.training_eval_metrics``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_sega.data.packing import PackedBatch
 from megatron_sega.sampling import Rollout, Sampler
 from megatron_sega.sega import sega_loss
 from megatron_sega.runtime import any_rank
+from megatron_sega.training.answers import load_answer_prompts, training_eval_metrics
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
@@ -309,6 +311,18 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
     }
 
 
+def _eval_data(session: Session) -> tuple[list, list]:
+    """``sega.eval_interval``'s held-out pairs, and its answer prompts with
+    ``eval.answer_samples``."""
+    from megatron_sega.training.evaluate import load_eval_pairs
+
+    data = session.config.data
+    pairs = load_eval_pairs(session, data.eval, data.eval_split)
+    prompts = (load_answer_prompts(session, data.eval, data.eval_split)
+               if session.config.eval.answer_samples else [])
+    return pairs, prompts
+
+
 def run_sega(config, args) -> int:
     """``megatron-sega sega``: the on-policy SEGA loop."""
 
@@ -328,6 +342,7 @@ def run_sega(config, args) -> int:
     # Before any resume: without sega.reference, the KL's reference is the starting weights.
     use_reference = cfg.kl_coef > 0 or cfg.reference is not None
     reference = load_reference(session, cfg.reference) if use_reference else None
+    eval_pairs, answer_prompts = _eval_data(session) if cfg.eval_interval else ([], [])
     ckpt = checkpoint_manager(session, "sega", iterator)
     start = ckpt.resume()
     sampler = make_sampler(session)
@@ -339,6 +354,9 @@ def run_sega(config, args) -> int:
         # A non-finite step is skipped by every rank together (sega_step), so the count of bad
         # steps is the same on all ranks and they stop at the same step.
         metrics = sega_step(session, sampler, [prompts[i] for i in index], index, step, reference)
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
+            metrics.update(training_eval_metrics(session, eval_pairs, answer_prompts,
+                                                 config.eval.answer_samples))
         stop = bad.count(metrics)
         logger.log(step + 1, metrics, progress_keys=("loss", "score_mean"))
         if stop:

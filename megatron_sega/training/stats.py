@@ -7,6 +7,9 @@
 - A weighted combination of subset accuracies (RewardBench's section scores) is no binomial
   proportion: it gets a **stratified percentile bootstrap** (pairs resampled within each subset,
   the subset sizes kept), :func:`stratified_bootstrap`.
+- A mean over prompts of per-prompt fractions (answer accuracy over n samples a prompt) gets
+  the **Student-t interval** over prompts, :func:`mean_interval` (the t quantile in closed form,
+  no scipy).
 - Two evaluations of the same pairs are compared **paired**: the percentile bootstrap of the
   mean per-pair difference (pairs resampled together) and **McNemar's exact test** on the
   discordant pairs, :func:`mcnemar_exact_p` (statsmodels' ``mcnemar(exact=True)``).
@@ -135,7 +138,8 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
     """The 95% Student-t interval of a mean, ``mean -+ t(n-1) * sd / sqrt(n)`` (sd with
     ``n - 1``), as scipy's ``t.interval`` and statsmodels' ``DescrStatsW.tconfint_mean`` give it.
     Used for a mean over prompts of per-prompt fractions, where the samples of one prompt are
-    not independent and a binomial interval over all samples would be too narrow. Fewer than
+    not independent and a binomial interval over all samples would be too narrow. Equal values
+    (every prompt 0, say) give a zero-width interval: read it with the prompt count. Fewer than
     two values: (nan, nan)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
