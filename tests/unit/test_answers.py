@@ -171,3 +171,16 @@ def test_summary_on_hand_made_records():
     assert s["sampled_scores"]["score_mean_wrong"] == 0.0
     assert s["sampled_scores"]["score_mean"] == pytest.approx(0.4)
     assert s["ranking"]["groups_mixed"] == 2 and s["ranking"]["eq1_top_right"] == 1.0
+
+
+def test_the_answer_field_is_read_from_parquet_and_hh_records_too(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["q"], "chosen": ["c"], "rejected": ["r"],
+                             "answer": ["42"]}), tmp_path / "x.parquet")
+    (tmp_path / "hh.jsonl").write_text(json.dumps({
+        "chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b",
+        "answer": 7}) + "\n")
+    assert read_pairs(tmp_path / "x.parquet")[0][0].answer == "42"
+    assert read_pairs(tmp_path / "hh.jsonl")[0][0].answer == "7"
