@@ -83,6 +83,7 @@ def test_eval_writes_answer_records_and_their_summary(runs):
             assert 1 <= c["n_tokens"] <= 16
             if c["valid"]:
                 assert c["score"] == pytest.approx(-c["h_final"] + c["fork_entropy"])
+                assert c["h_final"] > 0 and c["fork_entropy"] > 0
     # The two samples of a prompt differ from each other somewhere (temperature 1).
     assert any(r["samples"][0]["text"] != r["samples"][1]["text"] for r in records)
     summary = json.loads((work / "eval1" / "summary.json").read_text())

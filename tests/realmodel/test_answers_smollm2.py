@@ -6,7 +6,8 @@ Paris." So this test sets ``scoring.marker: " is "`` and gives each record an ``
 the greedy answers are then right (Paris, Mars), wrong (the odd/even question, cut off
 mid-sentence) and absent (no " is " in "A dog has four legs."), which exercises every verdict on
 the real model's own text. The greedy candidates are checked token for token against
-transformers' greedy ``generate``; the summary against the records it was computed from."""
+transformers' greedy ``generate``, with their Eq. 1 parts against transformers' entropies; the
+summary against the records it was computed from."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.distributed]
 NEW = 24
 EOS = 2  # <|im_end|>
 MARKER = " is "
+STAT_TOL = 1e-4  # Eq. 1 parts against transformers' entropies, fp32 (as in test_smollm2.py)
 # (prompt, reference answer, the greedy candidate's verdict: True right, False wrong, None no
 # final answer), read off transformers' greedy output.
 PROMPTS = [
@@ -42,26 +44,40 @@ logging: {{progress: false}}
 """
 
 
-def _hf_greedy(hf_dir: Path) -> list[str]:
+def _hf_greedy(hf_dir: Path) -> list[dict]:
+    """transformers' greedy text of each prompt and the Eq. 1 parts of its tokens, from
+    transformers' entropies and the scorer's pure (unit-tested) functions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_sega.data import REFLECTIVE_SYSTEM_PROMPT
+    from megatron_sega.data import REFLECTIVE_SYSTEM_PROMPT, Tokenizer
+    from megatron_sega.sega import answer_span_mask, entropy_scores
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
+    markers = Tokenizer.from_path(str(hf_dir)).marker_variants(MARKER)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    texts = []
+    out = []
     for prompt, _, _ in PROMPTS:
         messages = [{"role": "system", "content": REFLECTIVE_SYSTEM_PROMPT},
                     {"role": "user", "content": prompt}]
         ids = list(tok.apply_chat_template(messages, add_generation_prompt=True,
                                            return_dict=True)["input_ids"])
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
                                  dtype=torch.long), do_sample=False, max_new_tokens=NEW,
                                  eos_token_id=EOS, pad_token_id=EOS)
-        new = out[0, len(ids):].tolist()
-        texts.append(tok.decode(new[:-1] if new[-1] == EOS else new))
-    return texts
+            new = gen[0, len(ids):].tolist()
+            logp = torch.log_softmax(model(gen).logits[0, len(ids) - 1:-1].double(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        stopped = new[-1] == EOS
+        content = torch.ones(1, len(new), dtype=torch.bool)
+        content[0, -1] = not stopped
+        answer, reasoning = answer_span_mask(torch.tensor([new]), content, markers,
+                                             final_fraction=0.2)
+        parts = entropy_scores(entropy.unsqueeze(0), answer, reasoning, top_m=0.1, lam=1.0)
+        out.append({"text": tok.decode(new[:-1] if stopped else new),
+                    "h_final": float(parts.h_final[0]), "fork_entropy": float(parts.fork[0]),
+                    "score": float(parts.score[0])})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +100,12 @@ def answers(smollm2, tmp_path_factory):
 
 def test_greedy_answers_equal_transformers_and_are_judged(answers, smollm2):
     records, summary, _ = answers
-    assert [r["greedy"]["text"] for r in records] == _hf_greedy(smollm2.hf_dir)
+    reference = _hf_greedy(smollm2.hf_dir)
+    assert [r["greedy"]["text"] for r in records] == [g["text"] for g in reference]
+    for record, ref in zip(records, reference):
+        for key in ("h_final", "fork_entropy", "score"):
+            assert abs(record["greedy"][key] - ref[key]) <= STAT_TOL, (record["id"], key)
+        assert record["greedy"]["h_final"] > 0
     verdicts = [None if r["greedy"]["answer"] is None else r["greedy"]["correct"]
                 for r in records]
     assert verdicts == [expected for _, _, expected in PROMPTS], [
@@ -108,7 +129,8 @@ def test_sampled_answers_and_the_summary(answers):
             assert c["answer"] == found
             assert c["correct"] == (found is not None and
                                     normalize_answer(found) == normalize_answer(answer))
-            assert c["valid"] and c["score"] == pytest.approx(-c["h_final"] + c["fork_entropy"])
+            assert c["valid"] and c["h_final"] > 0
+            assert c["score"] == pytest.approx(-c["h_final"] + c["fork_entropy"])
             assert 1 <= c["n_tokens"] <= NEW
     # Temperature 1 samples are not all the greedy text.
     assert any(c["text"] != r["greedy"]["text"] for r in records for c in r["samples"])
