@@ -1,6 +1,6 @@
 """Read and validate preference pairs ``{"prompt", "chosen", "rejected", optional "id",
-optional "subset", optional "answer"}``, in any of the record layouts of :mod:`megatron_sega.data.formats`
-(detected per file, or forced with ``ReadOptions.format``).
+optional "subset", optional "answer"}``, in any of the record layouts of
+:mod:`megatron_sega.data.formats` (detected per file, or forced with ``ReadOptions.format``).
 
 Sources:
 - a JSON Lines file (``.jsonl`` or ``.json`` holding one object per line), always supported;

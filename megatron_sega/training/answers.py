@@ -245,7 +245,7 @@ def answer_records(session: Session, prompts: Sequence[AnswerPrompt], n: int) ->
     its extracted answer, whether it is right, and its Eq. 1 parts; gathered over DP (the same
     list on every rank), in prompt order."""
     rt = session.runtime
-    mine = [p for p in prompts[rt.dp_rank::rt.dp]]
+    mine = list(prompts[rt.dp_rank::rt.dp])
     records: list[dict] = []
     if mine:
         sampler, params = make_sampler(session), sampling_params(session)
