@@ -184,3 +184,17 @@ def test_the_answer_field_is_read_from_parquet_and_hh_records_too(tmp_path):
         "answer": 7}) + "\n")
     assert read_pairs(tmp_path / "x.parquet")[0][0].answer == "42"
     assert read_pairs(tmp_path / "hh.jsonl")[0][0].answer == "7"
+
+
+def test_answer_samples_without_a_marker_and_eval_interval_without_eval_data_are_refused():
+    from megatron_sega.config import ConfigError, check_stages, load_config
+
+    config = load_config(None, ["eval.answer_samples=2", "scoring.marker="])
+    with pytest.raises(ConfigError, match="eval.answer_samples = 2 finds each final answer "
+                                          "after scoring.marker, which is empty"):
+        check_stages(config, 1, ("eval",))
+    check_stages(config, 1, ("sft",))  # no stage of these answers
+    with pytest.raises(ConfigError, match="sega.eval_interval = 3 evaluates on data.eval"):
+        check_stages(load_config(None, ["sega.eval_interval=3"]), 1, ("sega",))
+    with pytest.raises(ConfigError, match="eval.answer_samples must be >= 0"):
+        load_config(None, ["eval.answer_samples=-1"])
