@@ -12,7 +12,8 @@
   no scipy).
 - Two evaluations of the same pairs are compared **paired**: the percentile bootstrap of the
   mean per-pair difference (pairs resampled together) and **McNemar's exact test** on the
-  discordant pairs, :func:`mcnemar_exact_p` (statsmodels' ``mcnemar(exact=True)``).
+  discordant pairs, :func:`mcnemar_exact_p` (statsmodels' ``mcnemar(exact=True)``); two
+  means over the same prompts by the **paired t test**, :func:`paired_t_test`.
 
 The bootstraps draw from ``numpy.random.default_rng(seed)``: the same inputs give the same
 interval on every run.
@@ -146,3 +147,24 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     half = student_t_quantile(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return float(x.mean()) - half, float(x.mean()) + half
+
+
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """The paired Student-t test of ``mean(b - a)`` (scipy's ``ttest_rel(b, a)``): the mean
+    difference, its 95% interval and the two-sided p-value, over ``n >= 2`` paired values (a
+    prompt's sampled-answer accuracy under two models, say). Equal differences everywhere give
+    a zero-width interval and p = 1 when they are all 0, p = 0 otherwise."""
+    a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a_arr.shape != b_arr.shape or a_arr.size < 2:
+        raise ValueError(f"need two equal samples of at least 2 values, got {a_arr.size} and "
+                         f"{b_arr.size}")
+    diff = b_arr - a_arr
+    mean, n = float(diff.mean()), diff.size
+    se = float(diff.std(ddof=1)) / math.sqrt(n)
+    if se == 0.0:
+        return {"difference": mean, "ci95": [mean, mean], "p": 1.0 if mean == 0.0 else 0.0,
+                "t": math.nan, "df": n - 1}
+    t = mean / se
+    half = student_t_quantile(n - 1) * se
+    return {"difference": mean, "ci95": [mean - half, mean + half],
+            "p": 1.0 - student_t_two_sided(abs(t), n - 1), "t": t, "df": n - 1}

@@ -8,11 +8,13 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats as scipy_stats
 import statsmodels.stats.contingency_tables as contingency
 
 from megatron_sega import cli
 from megatron_sega.errors import DataError
-from megatron_sega.training.compare import align, compare_records
+from megatron_sega.training.answers import write_answers
+from megatron_sega.training.compare import align, compare_answers, compare_records
 from megatron_sega.training.evaluate import summarize, write_eval_outputs
 
 
@@ -92,3 +94,56 @@ def test_cli_prints_the_comparison_and_names_the_problem(tmp_path, capsys):
     assert "compare: error:" in err and "not evaluations of the same pairs" in err
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "none")]) == 2
     assert "no pairs.jsonl" in capsys.readouterr().err
+
+
+def _answers(greedy, fractions, prefix="q", n=4):
+    """Answer records: greedy right or wrong, and round(fraction * n) of n samples right."""
+    out = []
+    for i, (g, f) in enumerate(zip(greedy, fractions)):
+        right = round(f * n)
+        out.append({"id": f"{prefix}{i}", "prompt_index": i, "greedy": {"correct": bool(g)},
+                    "samples": [{"correct": j < right} for j in range(n)],
+                    "sample_accuracy": right / n})
+    return out
+
+
+# 64 prompts: greedy as A/B above; the sampled fractions shift up by a quarter on 12 prompts.
+FRACTIONS_A = [(i % 5) / 4 for i in range(64)]
+FRACTIONS_B = [min(1.0, f + 0.25) if i % 5 == 1 else f for i, f in enumerate(FRACTIONS_A)]
+
+
+def test_answer_accuracy_compared_by_prompt_against_statsmodels_and_scipy():
+    result = compare_answers(_answers(A, FRACTIONS_A), _answers(B, FRACTIONS_B), samples=2000)
+    g = result["greedy"]
+    assert (g["prompts"], g["only_a"], g["only_b"]) == (64, 1, 7)
+    assert g["p_mcnemar"] == pytest.approx(
+        contingency.mcnemar([[48, 1], [7, 8]], exact=True).pvalue)
+    s = result["sampled"]
+    ref = scipy_stats.ttest_rel(FRACTIONS_B, FRACTIONS_A)
+    assert s["difference"] == pytest.approx(np.mean(FRACTIONS_B) - np.mean(FRACTIONS_A))
+    assert s["p_t"] == pytest.approx(ref.pvalue, rel=1e-9)
+    interval = ref.confidence_interval(0.95)
+    assert s["ci95"] == pytest.approx([interval.low, interval.high], rel=1e-9)
+    low, high = scipy_stats.t.interval(0.95, 63, loc=np.mean(FRACTIONS_A),
+                                       scale=scipy_stats.sem(FRACTIONS_A))
+    assert s["ci95_a"] == pytest.approx([low, high], rel=1e-9)
+
+
+def test_cli_compares_answers_when_both_sides_have_them(tmp_path, capsys):
+    for name, outcomes, fractions in (("a", A, FRACTIONS_A), ("b", B, FRACTIONS_B)):
+        _write(tmp_path / name, _records(outcomes))
+        write_answers(tmp_path / name, _answers(outcomes, fractions))
+    _write(tmp_path / "c", _records(B))
+    out = tmp_path / "cmp.json"
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(out),
+                     "eval.bootstrap_samples=500"]) == 0
+    printed = capsys.readouterr().out
+    assert "| greedy | 64 | 0.766 [" in printed and "McNemar exact, 0.0703 |" in printed
+    assert "| sampled (mean of 4 / 4) | 64 |" in printed and "paired t, " in printed
+    assert json.loads(out.read_text())["answers"]["greedy"]["only_b"] == 7
+
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 0
+    assert f"only {tmp_path / 'a'} has answers.jsonl" in capsys.readouterr().out
+    write_answers(tmp_path / "c", _answers(B, FRACTIONS_B, prefix="r"))
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "not evaluations of the same prompts" in capsys.readouterr().err

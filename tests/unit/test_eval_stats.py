@@ -12,7 +12,7 @@ import statsmodels.stats.contingency_tables as contingency
 import statsmodels.stats.proportion as proportion
 
 from megatron_sega.training.stats import (
-    Z95, mcnemar_exact_p, paired_bootstrap_difference, percentile_interval,
+    Z95, mcnemar_exact_p, paired_bootstrap_difference, paired_t_test, percentile_interval,
     stratified_bootstrap, wilson_interval,
 )
 
@@ -76,3 +76,26 @@ def test_stratified_bootstrap_keeps_each_group_apart_and_is_seeded():
     assert np.array_equal(first["half"], again["half"])  # dict order does not matter
     with pytest.raises(ValueError, match="empty"):
         stratified_bootstrap({"none": []}, samples=10)
+
+
+@pytest.mark.parametrize("n,shift", [(2, 0.3), (5, 0.0), (64, 0.1), (64, -0.05)])
+def test_paired_t_test_matches_scipy(n, shift):
+    rng = np.random.default_rng(n)
+    a = rng.integers(0, 5, n) / 4  # per-prompt fractions of 4 samples, as answer accuracy
+    b = np.clip(a + shift + rng.normal(0, 0.25, n), 0, 1)
+    result = paired_t_test(a, b)
+    ref = scipy_stats.ttest_rel(b, a)
+    interval = ref.confidence_interval(0.95)
+    assert result["difference"] == pytest.approx(np.mean(b - a), abs=1e-15)
+    assert result["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert result["p"] == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-14)
+    assert result["ci95"] == pytest.approx([interval.low, interval.high], rel=1e-9)
+    assert result["df"] == n - 1
+
+
+def test_paired_t_test_without_spread_and_too_few():
+    assert paired_t_test([0.5, 0.25], [0.5, 0.25])["p"] == 1.0
+    shifted = paired_t_test([0.0, 0.25], [0.5, 0.75])
+    assert shifted["p"] == 0.0 and shifted["ci95"] == [0.5, 0.5]
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_t_test([1.0], [0.0])
