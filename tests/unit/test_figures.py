@@ -34,7 +34,8 @@ def _session():
                            scheduler=None,
                            tokenizer=SimpleNamespace(pad_id=0),
                            config=SimpleNamespace(sft=SimpleNamespace(micro_batch_size=1),
-                                                  dpo=SimpleNamespace(micro_batch_size=1)))
+                                                  dpo=SimpleNamespace(micro_batch_size=1),
+                                                  data=SimpleNamespace(packing=False)))
 
 
 def _fake_engine(monkeypatch, module, outputs):
