@@ -151,10 +151,11 @@ def test_cli_errors_are_one_line(tmp_path):
          "tp(2) * pp(2) = 4 does not divide WORLD_SIZE(6)"),
         (("check", "model.preset=llama4-8b"), "valid presets: llama2-7b"),
         (("check", "--world-size", "2", "parallel.pp=2", "parallel.vpp=2",
-          "sft.global_batch_size=6", "sft.micro_batch_size=2"),
+          "sft.global_batch_size=6", "sft.micro_batch_size=2", "data.packing=false"),
          "sft.global_batch_size(6) / dp(1) / sft.micro_batch_size(2) gives 3 microbatches per "
          "rank, not a multiple of pp(2)"),
-        (("check", "--world-size", "4", "dpo.global_batch_size=24", "dpo.micro_batch_size=4"),
+        (("check", "--world-size", "4", "dpo.global_batch_size=24", "dpo.micro_batch_size=4",
+          "data.packing=false"),
          "dpo.global_batch_size(24) must split into dp(4) equal shares"),
         (("sft", "data.train=" + str(tmp_path / "none.jsonl"), "parallel.device=cpu"),
          "none.jsonl"),
@@ -195,7 +196,7 @@ def test_vpp_needs_whole_microbatch_groups():
 
     config = load_config(None, ["parallel.pp=2", "parallel.vpp=2", "sft.global_batch_size=8",
                                 "sft.micro_batch_size=2", "sega.prompts_per_step=2", "sega.k=3",
-                                "sega.micro_batch_size=2"])
+                                "sega.micro_batch_size=2", "data.packing=false"])
     check_sft_microbatches(config, 1)  # 4 microbatches
     with pytest.raises(ParallelConfigError, match=r"gives 1 microbatches per rank, not a multi"):
         check_sft_microbatches(config, 4)
@@ -252,7 +253,8 @@ def test_dpo_batch_split_is_checked_before_any_model_is_built():
     from megatron_sega.runtime import ParallelConfigError
     from megatron_sega.training.dpo import check_dpo_microbatches
 
-    config = load_config(None, ["dpo.global_batch_size=24", "dpo.micro_batch_size=4"])
+    config = load_config(None, ["dpo.global_batch_size=24", "dpo.micro_batch_size=4",
+                                "data.packing=false"])  # packed batches are split by tokens
     check_dpo_microbatches(config, 1)  # 6 microbatches of 4 pairs
     with pytest.raises(ConfigError, match=r"dpo.global_batch_size\(24\) must split into dp\(4\) "
                                           r"equal shares .* use a multiple of 16"):

@@ -193,3 +193,21 @@ def test_a_packed_row_on_gpu(attention):
             diff = (logits[0][where] - alone[0]).abs().max().item()
             print(f"packed vs alone ({attention}), sequence {i}: max |dlogit| {diff:.3g}")
             assert diff < 0.1, (attention, i, diff)
+
+
+def test_packing_is_on_by_default_where_it_is_tested_exact(monkeypatch):
+    """``data.packing: auto``: on with the SDPA attention, off with Megatron's local attention
+    and where Transformer Engine imports; an explicit value wins; overrides resolve it again."""
+    from megatron_sega.runtime import distributed
+
+    assert load_config(None, []).data.packing is (not distributed.have_transformer_engine())
+    assert load_config(None, ["model.attention=sdpa"]).data.packing is True
+    assert load_config(None, ["model.attention=local"]).data.packing is False
+    assert load_config(None, ["model.attention=sdpa", "data.packing=false"]).data.packing is False
+    assert load_config(None, []).with_overrides("model.attention=local").data.packing is False
+    explicit = load_config(None, ["data.packing=true"])
+    assert explicit.with_overrides("data.seed=3").data.packing is True
+    monkeypatch.setattr(distributed, "have_transformer_engine", lambda: True)
+    assert load_config(None, ["model.attention=auto"]).data.packing is False
+    with pytest.raises(ConfigError, match=r"data.packing = 'maybe' should be true/false or auto"):
+        load_config(None, ["data.packing=maybe"])
