@@ -4,6 +4,7 @@ with its output in ``workdir/<name>.log``."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds for one CLI process (tens of seconds of work; slack for a loaded machine)
+# A worker that aborts at exit after its work is done ("terminate called without an active
+# exception", SIGABRT): checked in every run that succeeds.
+ABORT = re.compile(r"terminate called|Aborted|core dumped|exitcode\s*:\s*-6|Signal 6")
 
 
 def cli_env() -> dict:
@@ -48,7 +52,11 @@ class Run:
             pytest.fail(f"{self.name} exited with {rc}, expected {expect}:\n"
                         f"{self.output()[-4000:]}")
         self.rc = rc
-        return self.output()
+        output = self.output()
+        abort = ABORT.search(output) if rc == 0 else None
+        if abort:
+            pytest.fail(f"{self.name}: a process aborted ({abort.group(0)!r}):\n{output[-3000:]}")
+        return output
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

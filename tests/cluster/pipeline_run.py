@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from tests.cli_run import ABORT
 
 REPO = Path(__file__).resolve().parents[2]
 RESUME_EXIT_CODE = 75
@@ -29,7 +30,6 @@ TIMEOUT = 600  # seconds for one pipeline (about a minute of work on an idle 2-c
 TIMING_KEYS = {"time", "step_time", "tokens_per_s", "mfu", "time_sample", "time_score",
                "time_train"}
 # A worker dying at exit: the C++ runtime's message, the shell's, torchrun's for SIGABRT.
-ABORT = re.compile(r"terminate called|Aborted|core dumped|exitcode\s*:\s*-6|Signal 6")
 
 # The 8B config cut down to the tiny model on CPU: TP=2 over the 2 processes, a few steps.
 OVERRIDES = [

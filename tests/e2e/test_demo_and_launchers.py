@@ -89,17 +89,20 @@ def test_launcher_dry_run_validates_config_and_world_size(script, nodes, layout,
     args = ["bash", script, "--dry-run", "--hf-dir", str(tmp_path / "hf"), "--work-dir",
             str(tmp_path / "work"), "--train", str(data), "--eval", str(data)]
     env = {**_env(), "SLURM_NNODES": str(nodes)}
+    # The refused layout runs beside the good one (one process each, two cores).
+    bad_args = [str(tmp_path / "work_bad") if a == str(tmp_path / "work") else a for a in args]
+    bad = subprocess.Popen(bad_args + ["parallel.tp=3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     ok = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _, bad_err = bad.communicate(timeout=300)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     world = int(layout.split("world=")[1])
     assert f"dry run ok: world size {world}" in ok.stdout
     assert ok.stdout.count(f"ok: {layout}") == 4  # sft, sega, eval x2
     if nodes == 4:
         assert "model 80 layers, hidden 8192" in ok.stdout
-    bad = subprocess.run(args + ["parallel.tp=3"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
     assert bad.returncode != 0
-    assert f"does not divide WORLD_SIZE({world})" in bad.stderr
+    assert f"does not divide WORLD_SIZE({world})" in bad_err
 
 
 # Stands in for Python in a real (not dry) run of gpu_check.sh: every step before the GPU tests
