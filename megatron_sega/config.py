@@ -416,6 +416,8 @@ def packing_default(attention: str) -> bool:
         from megatron_sega.runtime.distributed import have_transformer_engine
         return not have_transformer_engine()
     return attention == "sdpa"
+
+
 PACKED_STAGES = ("sft", "dpo", "eval", "sega")
 
 

@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds for one CLI process (tens of seconds of work; slack for a loaded machine)
 # A worker that aborts at exit after its work is done ("terminate called without an active
-# exception", SIGABRT): checked in every run that succeeds.
+# exception", SIGABRT): the C++ runtime's message, the shell's, torchrun's for SIGABRT. Checked
+# in every run that succeeds.
 ABORT = re.compile(r"terminate called|Aborted|core dumped|exitcode\s*:\s*-6|Signal 6")
 
 

@@ -29,7 +29,6 @@ TIMEOUT = 600  # seconds for one pipeline (about a minute of work on an idle 2-c
 # Wall-clock fields of the metrics: everything else must match exactly.
 TIMING_KEYS = {"time", "step_time", "tokens_per_s", "mfu", "time_sample", "time_score",
                "time_train"}
-# A worker dying at exit: the C++ runtime's message, the shell's, torchrun's for SIGABRT.
 
 # The 8B config cut down to the tiny model on CPU: TP=2 over the 2 processes, a few steps.
 OVERRIDES = [
