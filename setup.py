@@ -30,8 +30,8 @@ setup(
         # public layouts' fixtures; trl's data utilities are the reference for implicit-prompt
         # extraction (tests/unit/test_data_formats.py); peft loads the exported LoRA adapters
         # (tests/unit/test_lora_export.py). In the tests only.
-        "test": ["pytest", "pytest-timeout", "transformers", "peft", "hypothesis", "pyarrow",
-                 "gguf", "accelerate", "scipy", "statsmodels", "datasets", "trl"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "transformers", "peft", "hypothesis",
+                 "pyarrow", "gguf", "accelerate", "scipy", "statsmodels", "datasets", "trl"],
         # tools/fetch_model.py: dequantise a GGUF model from the package registry
         "real-model": ["transformers", "gguf", "accelerate"],
         # Transformer Engine needs CUDA and a build toolchain; Apex is built from source by

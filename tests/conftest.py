@@ -1,7 +1,37 @@
-"""Shared pytest setup: GPU-marked tests are skipped without CUDA."""
+"""Shared pytest setup: GPU-marked tests are skipped without CUDA; the suite's parallel workers
+(pytest-xdist, ``scripts/test.sh``) get whole modules, and one worker gets everything that shares a
+service or a session fixture (the cluster tests' SLURM, the real model)."""
 
 import pytest
 import torch
+
+# Directories whose modules share a session fixture or a service: one worker runs all of them.
+SHARED = {"cluster": "SLURM and the uninterrupted reference run",
+          "realmodel": "SmolLM2-135M, fetched and converted once"}
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs whole: the test's directory in ``SHARED``, else its module (so a
+    module-scoped fixture is built once)."""
+    path = nodeid.split("::")[0]
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" and parts[1] in SHARED else path
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (``scripts/test.sh``) by ``work_unit``, in collection order:
+    ``--no-loadscope-reorder`` starts the long cluster, distributed and end-to-end modules
+    first and leaves the short unit modules to fill the end."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
