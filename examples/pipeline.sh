@@ -91,8 +91,8 @@ pipeline_main() {
     echo "error: --hf-dir, --work-dir, --train and --eval are required" >&2; return 2
   fi
   local tp pp
-  tp="$(config_value "$config" parallel.tp "${overrides[@]}")"
-  pp="$(config_value "$config" parallel.pp "${overrides[@]}")"
+  tp="$(config_value "$config" parallel.tp "${overrides[@]}")" || return 2
+  pp="$(config_value "$config" parallel.pp "${overrides[@]}")" || return 2
   local common=(--config "$config" "data.train=$train" "data.eval=$eval" "${overrides[@]}")
   local mcore="$work/mcore" sft="$work/sft" sega="$work/sega"
 
@@ -171,8 +171,12 @@ config_value() {  # config_value FILE KEY [OVERRIDES...]: a resolved config valu
   "$PYTHON" - "$@" <<'PY'
 import sys
 from megatron_sega.config import load_config
+from megatron_sega.errors import UserError
 path, key, *overrides = sys.argv[1:]
-value = load_config(path, [o for o in overrides if "=" in o])
+try:
+    value = load_config(path, [o for o in overrides if "=" in o])
+except UserError as err:  # a bad config or override: one line, as the CLI prints it
+    sys.exit(f"error: {err}")
 for part in key.split("."):
     value = getattr(value, part)
 print(value)

@@ -105,6 +105,21 @@ def test_launcher_dry_run_validates_config_and_world_size(script, nodes, layout,
     assert f"does not divide WORLD_SIZE({world})" in bad_err
 
 
+def test_a_bad_override_stops_a_launcher_with_one_line(tmp_path):
+    """The launcher reads the layout (parallel.tp/pp) before any stage: a bad override is the
+    config's one-line error there, not a traceback, and nothing is created."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    result = subprocess.run(
+        ["bash", "examples/sega_llama3_8b.sh", "--hf-dir", str(tmp_path / "hf"), "--work-dir",
+         str(tmp_path / "work"), "--train", str(data), "--eval", str(data), "model.attention=bad"],
+        cwd=ROOT, env={**_env(), "SLURM_NNODES": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == ("error: model.attention = 'bad' is not one of 'auto', "
+                                     "'local', 'sdpa'"), result.stderr
+    assert not (tmp_path / "work").exists()
+
+
 # Stands in for Python in a real (not dry) run of gpu_check.sh: every step before the GPU tests
 # passes; `-m pytest ...` writes its arguments down and stops the script.
 _FAKE_PYTHON = """#!/usr/bin/env bash
