@@ -72,13 +72,17 @@ def test_plan_has_three_seeds_of_the_default_and_the_baselines(experiment):
     ipo = next(r for r in runs if r.method == "ipo")
     assert ipo.command == "dpo" and "dpo.loss=ipo" in ipo.overrides
     assert "scoring.lam=0.0" in next(r for r in runs if r.name == "sega-lam0-s1").overrides
+    # The control has three seeds too; the other variants one.
+    assert sorted(r.seed for r in runs if r.variant == "control: lambda 0") == [1, 2, 3]
 
 
 def test_tables_are_paired_against_sft(experiment, tmp_path):
     records = {}
-    for name, seed, skill in (("sft", 0, 0.4), ("sega-s1", 1, 0.6), ("sega-s2", 2, 0.6)):
+    for name, seed, skill in (("sft", 0, 0.4), ("sega-s1", 1, 0.6), ("sega-s2", 2, 0.6),
+                              ("sega-lam0-s1", 1, 0.5), ("sega-lam0-s2", 2, 0.5)):
         synthetic_eval(tmp_path / name, seed, skill)
-        run = experiment.Run(name, "sft" if name == "sft" else "sega", seed)
+        run = experiment.Run(name, "sft" if name == "sft" else "sega", seed,
+                             variant="control" if "lam0" in name else "default")
         records[name] = experiment.make_record(run, tmp_path / name,
                                                {"train": 60.0, "eval": 30.0})
     sft, sega = records["sft"], records["sega-s1"]
@@ -101,10 +105,12 @@ def test_tables_are_paired_against_sft(experiment, tmp_path):
     assert pooled["sampled"]["accuracy"] == pytest.approx(mean.mean())
 
     text = experiment.tables(records)
-    assert text.count("\n| sega-s") == 2 and "| sft | " in text
+    assert text.count("\n| sega-s") == 2 and text.count("\n| sega-lam0-s") == 2 \
+        and "| sft | " in text
     assert f"{sega['summary']['answers']['greedy_accuracy']:.3f}" in text
     assert f"p {c['sampled']['p_t']:.2g}" in text and "1.5 min" in text
-    assert "| sega | 1, 2 | " in text  # the pooled row
+    assert "| sega | 1, 2 | " in text  # the pooled rows: a method's default, a variant's seeds
+    assert "| sega-lam0 | 1, 2 | " in text
 
 
 def test_resumes_where_it_stopped_and_checks_a_rerun_sft(experiment, tmp_path, monkeypatch,
