@@ -35,10 +35,11 @@
 # the target machine (torch, transformers, accelerate, peft, pytest, hypothesis, numpy, scipy,
 # pyarrow, pyyaml, safetensors, tokenizers, sentencepiece, tensorboard, matplotlib, psutil, tqdm,
 # jinja2 with torch) lacks: megatron-core (the only one the steps import; its own requirements
-# torch, numpy and packaging are there), and from the test extra gguf, pytest-timeout, datasets
-# and trl, with the two requirements of datasets the target lacks (dill, multiprocess; all pure
-# Python). Wheels for CPython 3.12 on x86-64 Linux, --no-deps, pinned to the versions CI runs,
-# 4.2 MB in all (megatron-core 2.37 MB, trl 0.95 MB, datasets 0.61 MB), far under the 64 MiB a
+# torch, numpy and packaging are there), and from the test extra gguf, pytest-timeout,
+# pytest-xdist (scripts/test.sh's workers; this script runs pytest without them) with its execnet,
+# datasets and trl, with the two requirements of datasets the target lacks (dill, multiprocess;
+# all pure Python). Wheels for CPython 3.12 on x86-64 Linux, --no-deps, pinned to the versions CI runs,
+# 4.3 MB in all (megatron-core 2.37 MB, trl 0.95 MB, datasets 0.61 MB), far under the 64 MiB a
 # transfer may carry. `--wheels DIR` installs every wheel in DIR with --no-index --no-deps into a
 # fresh private directory (mktemp -d, removed on exit; a fixed /tmp path is one another local
 # user could fill first, e.g. with a sitecustomize.py) and puts it on PYTHONPATH; the checkout
@@ -52,8 +53,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
-WHEELS_FOR_TARGET=(megatron-core==0.19.2 gguf==0.19.0 pytest-timeout==2.4.0 datasets==5.2.0
-                   trl==1.16.0 dill==0.4.1 multiprocess==0.70.19)
+WHEELS_FOR_TARGET=(megatron-core==0.19.2 gguf==0.19.0 pytest-timeout==2.4.0 pytest-xdist==3.8.0
+                   execnet==2.1.2 datasets==5.2.0 trl==1.16.0 dill==0.4.1 multiprocess==0.70.19)
 DRY=0
 WHEELS=""
 while [ $# -gt 0 ]; do

@@ -50,8 +50,9 @@ def test_make_wheels_carries_every_requirement_the_target_lacks_at_the_tested_ve
     assert {"--python-version", "3.12", "--abi", "cp312", "manylinux_2_28_x86_64"} <= set(args)
     pinned = dict(a.split("==") for a in args if "==" in a)
     needed = set(_setup_requirements("test")) - TARGET_HAS
-    # megatron-core, gguf, pytest-timeout, datasets, trl; and datasets' own needs the target lacks
-    assert needed | {"dill", "multiprocess"} == set(pinned), (needed, pinned)
+    # megatron-core, gguf, pytest-timeout, pytest-xdist, datasets, trl; and the needs of
+    # datasets and pytest-xdist the target lacks
+    assert needed | {"dill", "multiprocess", "execnet"} == set(pinned), (needed, pinned)
     for name, version in pinned.items():  # the versions CI runs
         assert md.version(name) == version, name
 
