@@ -5,9 +5,9 @@ service or a session fixture (the cluster tests' SLURM, the real model)."""
 import pytest
 import torch
 
-# Directories whose modules share a session fixture or a service: one worker runs all of them.
-SHARED = {"cluster": "SLURM and the uninterrupted reference run",
-          "realmodel": "SmolLM2-135M, fetched and converted once"}
+# Directories whose modules share a session fixture or a service, so one worker runs all of them:
+# the cluster tests' SLURM and uninterrupted reference run; SmolLM2-135M, fetched and converted once.
+SHARED = ("cluster", "realmodel")
 
 
 def work_unit(nodeid: str) -> str:
