@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Directories whose modules share a session fixture or a service, so one worker runs all of them:
-# the cluster tests' SLURM and uninterrupted reference run; SmolLM2-135M, fetched and converted once.
+# the cluster tests' SLURM and reference run; SmolLM2-135M, fetched and converted once.
 SHARED = ("cluster", "realmodel")
 
 
