@@ -41,9 +41,9 @@
 # multiprocess; all pure Python). Wheels for CPython 3.12 on x86-64 Linux, --no-deps, pinned to
 # the versions CI runs, 4.3 MB in all (megatron-core 2.37 MB, trl 0.95 MB, datasets 0.61 MB),
 # far under the 64 MiB a transfer may carry. `--wheels DIR` installs every wheel in DIR with
-# --no-index --no-deps into a fresh private directory (mktemp -d, removed on exit; a fixed /tmp path is one another local
-# user could fill first, e.g. with a sitecustomize.py) and puts it on PYTHONPATH; the checkout
-# runs from the source tree (no install).
+# --no-index --no-deps into a fresh private directory (mktemp -d, removed on exit; a fixed /tmp
+# path is one another local user could fill first, e.g. with a sitecustomize.py) and puts it on
+# PYTHONPATH; the checkout runs from the source tree (no install).
 # Transformer Engine cannot travel: it is built against the machine's CUDA toolkit and is far
 # larger than a transfer may carry. Without it the TE test is skipped and the TE and
 # sequence-parallel paths stay "GPU only, not yet verified" (sequence parallelism also needs
