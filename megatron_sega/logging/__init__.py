@@ -2,7 +2,7 @@
 ``noise.py``, the known library messages that ask nothing of a user, silenced in one place."""
 
 from megatron_sega.logging.metrics import (
-    MetricsLogger, gpu_peak_tflops, mfu, training_flops_per_token,
+    MetricsLogger, attention_span, gpu_peak_tflops, mfu, training_flops_per_token,
 )
 
-__all__ = ["MetricsLogger", "gpu_peak_tflops", "mfu", "training_flops_per_token"]
+__all__ = ["MetricsLogger", "attention_span", "gpu_peak_tflops", "mfu", "training_flops_per_token"]

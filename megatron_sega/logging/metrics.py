@@ -21,7 +21,7 @@ from megatron_sega.errors import ConfigError
 from megatron_sega.models.spec import LlamaSpec
 
 
-def training_flops_per_token(spec: LlamaSpec, seq_len: int) -> float:
+def training_flops_per_token(spec: LlamaSpec, seq_len: float) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward), counting matmuls only:
     per layer 2*(qkv + proj + 3 MLP matrices) weights + 4*s*h attention (QK^T and AV, 2*s*h each;
     the causal half is *not* taken off, following Megatron's ``num_floating_point_operations``),
@@ -58,9 +58,19 @@ def gpu_peak_tflops() -> Optional[float]:
     return peak_tflops_for(torch.cuda.get_device_name())
 
 
-def mfu(spec: LlamaSpec, seq_len: int, tokens: float, seconds: float, world_size: int
+def attention_span(length_sum: float, length_sq_sum: float) -> float:
+    """The attention context of a step's mean trained token, the ``seq_len`` that
+    :func:`training_flops_per_token` counts for a step: sum(L^2) / sum(L) over its sequences
+    (lengths L, prompt + response). Each token's model FLOPs attend over its own sequence, not
+    over the row that holds it: a packed row's other sequences and a padded row's padding are
+    not the model's work, so packing and padding the same sequences give the same FLOPs."""
+    return length_sq_sum / length_sum if length_sum > 0 else 0.0
+
+
+def mfu(spec: LlamaSpec, seq_len: float, tokens: float, seconds: float, world_size: int
         ) -> Optional[float]:
-    """Model FLOPs utilisation of a training step on GPUs (None on CPU)."""
+    """Model FLOPs utilisation of a training step on GPUs (None on CPU); ``seq_len``: the
+    step's :func:`attention_span`."""
     peak = gpu_peak_tflops()
     if peak is None or seconds <= 0:
         return None

@@ -35,11 +35,14 @@ from typing import Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_sega import ops
 from megatron_sega.data import DataError, PreferencePair, TokenizedExample
+from megatron_sega.errors import NonFiniteEvalError
 from megatron_sega.sampling import Rollout
 from megatron_sega.training.rollouts import (
     Scored, load_prompts, make_sampler, sampling_params, score_rollout,
 )
+from megatron_sega.training.evaluate import agree_finite
 from megatron_sega.training.session import Session, read_records
 from megatron_sega.training.stats import CONFIDENCE, mean_interval, wilson_interval
 
@@ -240,31 +243,44 @@ def _candidates(session: Session, rollout: Rollout, scored: Scored, reference: l
     return out
 
 
+def _replica_records(session: Session, mine: Sequence[AnswerPrompt], n: int) -> list[dict]:
+    """:func:`answer_records` of this replica's prompts ``mine``."""
+    sampler, params = make_sampler(session), sampling_params(session)
+    refs = [normalize_answer(p.reference) for p in mine]
+    greedy = sampler.generate([p.prompt.prompt_ids for p in mine],
+                              dataclasses.replace(params, temperature=0.0),
+                              [p.index for p in mine], session.tokenizer.decode)
+    first = _candidates(session, greedy, score_rollout(session, greedy, 1), refs)
+    rollout = sampler.generate([p.prompt.prompt_ids for p in mine for _ in range(n)], params,
+                               [p.index * n + j for p in mine for j in range(n)],
+                               session.tokenizer.decode)
+    sampled = _candidates(session, rollout, score_rollout(session, rollout, n),
+                          [r for r in refs for _ in range(n)])
+    records = []
+    for g, p in enumerate(mine):
+        samples = sampled[g * n:(g + 1) * n]
+        records.append({"id": p.prompt.id, "prompt_index": p.index,
+                        "reference": p.reference, "reference_normalized": refs[g],
+                        "greedy": first[g], "samples": samples,
+                        "sample_accuracy": sum(c["correct"] for c in samples) / n})
+    return records
+
+
 def answer_records(session: Session, prompts: Sequence[AnswerPrompt], n: int) -> list[dict]:
     """Per prompt: the reference, the greedy candidate and ``n`` sampled candidates, each with
     its extracted answer, whether it is right, and its Eq. 1 parts; gathered over DP (the same
-    list on every rank), in prompt order."""
+    list on every rank), in prompt order. NaN/Inf logits on any replica: a
+    :class:`NonFiniteEvalError` on every rank."""
     rt = session.runtime
     mine = list(prompts[rt.dp_rank::rt.dp])
     records: list[dict] = []
-    if mine:
-        sampler, params = make_sampler(session), sampling_params(session)
-        refs = [normalize_answer(p.reference) for p in mine]
-        greedy = sampler.generate([p.prompt.prompt_ids for p in mine],
-                                  dataclasses.replace(params, temperature=0.0),
-                                  [p.index for p in mine], session.tokenizer.decode)
-        first = _candidates(session, greedy, score_rollout(session, greedy, 1), refs)
-        rollout = sampler.generate([p.prompt.prompt_ids for p in mine for _ in range(n)], params,
-                                   [p.index * n + j for p in mine for j in range(n)],
-                                   session.tokenizer.decode)
-        sampled = _candidates(session, rollout, score_rollout(session, rollout, n),
-                              [r for r in refs for _ in range(n)])
-        for g, p in enumerate(mine):
-            samples = sampled[g * n:(g + 1) * n]
-            records.append({"id": p.prompt.id, "prompt_index": p.index,
-                            "reference": p.reference, "reference_normalized": refs[g],
-                            "greedy": first[g], "samples": samples,
-                            "sample_accuracy": sum(c["correct"] for c in samples) / n})
+    failed: Optional[str] = "the model"  # until its logits prove finite
+    try:
+        records = _replica_records(session, mine, n) if mine else []
+        failed = None
+    except ops.NonFiniteLogitsError:  # on one replica's ranks only: agree before the gather
+        pass
+    agree_finite(session, failed, "the answer prompts")
     if rt.dp > 1:
         gathered: list = [None] * rt.dp
         dist.all_gather_object(gathered, records, group=rt.dp_group)
@@ -299,16 +315,21 @@ def training_eval_metrics(session: Session, pairs: Sequence, prompts: Sequence[A
     right (None without mixed groups). ``time_eval``: its wall seconds."""
     import time
 
-    from megatron_sega.training.evaluate import evaluate_pairs
+    from megatron_sega.training.evaluate import held_out_summary
 
     ev = session.config.eval
     t0 = time.time()
-    _, summary = evaluate_pairs(session, pairs, beta=ev.beta, micro_batch_size=ev.micro_batch_size,
-                                ties=ev.ties, bootstrap_samples=ev.bootstrap_samples)
+    summary = held_out_summary(session, pairs, beta=ev.beta, micro_batch_size=ev.micro_batch_size,
+                               ties=ev.ties, bootstrap_samples=ev.bootstrap_samples)
     out = {"eval_accuracy": summary["accuracy"],
            "eval_accuracy_length_normalized": summary["accuracy_length_normalized"]}
-    if n and prompts:
-        _, answers = evaluate_answers(session, prompts, n)
+    if n and prompts and math.isfinite(summary["accuracy"]):  # NaN: the logits are not finite
+        try:
+            _, answers = evaluate_answers(session, prompts, n)
+        except NonFiniteEvalError as err:
+            session.print(f"held-out answers skipped: {err}")
+            answers = {"ranking": {}, **{key: float("nan") for key in (
+                "greedy_accuracy", "sampled_accuracy", "sampled_no_answer_fraction")}}
         out.update(eval_answer_accuracy_greedy=answers["greedy_accuracy"],
                    eval_answer_accuracy_sampled=answers["sampled_accuracy"],
                    eval_no_answer_fraction=answers["sampled_no_answer_fraction"],

@@ -25,6 +25,7 @@ from megatron_sega.config import ConfigError, token_budget
 from megatron_sega.data import Batch, GlobalBatchIterator, PairBatch, TokenizedPair, collate_pairs
 from megatron_sega.data.packing import segment_sums
 from megatron_sega.dpo import preference_loss, sequence_logps
+from megatron_sega.logging import attention_span
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
@@ -130,8 +131,9 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
         micro = sft_microbatches(batch, 2 * m)
         for i, mb in enumerate(micro):
             mb["ref_logp"] = ref_seq[2 * m * i: 2 * m * (i + 1)]
-    global_pairs, global_tokens, train_tokens = dp_all_reduce(
-        [len(shard), float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
+    global_pairs, global_tokens, train_tokens, train_tokens_sq = dp_all_reduce(
+        [len(shard), float(batch.loss_mask.sum()), float(batch.lengths.sum()),
+         float((batch.lengths.double() ** 2).sum())], session)
     outputs = forward_backward(session.chunks, rt, micro, dpo_loss_fn(session, global_pairs))
     local = _local_sums(outputs)
     step = optimizer_step(session.optimizer, session.scheduler, device=rt.device,
@@ -143,7 +145,8 @@ def dpo_step(session: Session, reference: list, shard: list[TokenizedPair]) -> d
             "rejected_reward": s["rejected_reward_sum"] / n, "margin": s["margin_sum"] / n,
             "logp_chosen": s["logp_chosen_sum"] / n, "logp_rejected": s["logp_rejected_sum"] / n,
             "tokens": global_tokens, "train_tokens": train_tokens,
-            "seq_len": batch.tokens.shape[1], **step}
+            "seq_len": batch.tokens.shape[1],
+            "attention_span": attention_span(train_tokens, train_tokens_sq), **step}
 
 
 def check_dpo_microbatches(config, dp: int) -> None:
@@ -166,7 +169,7 @@ def check_dpo_microbatches(config, dp: int) -> None:
 def run_dpo(config, args) -> int:
     """``megatron-sega dpo``: the DPO / IPO loop with evaluation, logging and checkpoints."""
     from megatron_sega.logging import mfu
-    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
+    from megatron_sega.training.evaluate import held_out_summary, load_eval_pairs
 
     if not config.data.train:
         raise ConfigError("dpo needs data.train (a JSONL of prompt/chosen/rejected pairs)")
@@ -198,12 +201,12 @@ def run_dpo(config, args) -> int:
         metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
         # Training FLOPs of the policy only (the reference's forward is not counted), over
         # prompt + response tokens as SEGA counts them.
-        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["train_tokens"],
+        metrics["mfu"] = mfu(session.spec, metrics["attention_span"], metrics["train_tokens"],
                              metrics["step_time"], rt.world_size)
         if cfg.eval_interval and eval_pairs and (step + 1) % cfg.eval_interval == 0:
-            _, summary = evaluate_pairs(session, eval_pairs, beta=cfg.beta,
-                                        reference_chunks=reference,
-                                        micro_batch_size=config.eval.micro_batch_size)
+            summary = held_out_summary(session, eval_pairs, beta=cfg.beta,
+                                       reference_chunks=reference,
+                                       micro_batch_size=config.eval.micro_batch_size)
             metrics["eval_accuracy"] = summary["accuracy"]
             metrics["eval_reward_accuracy"] = summary["accuracy_vs_reference"]
         stop = bad.count(metrics)

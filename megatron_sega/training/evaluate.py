@@ -22,9 +22,12 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_sega import ops
 from megatron_sega.data import (
     DataError, TokenizedPair, apply_overlong_policy, collate_pairs, tokenize_pairs,
 )
+from megatron_sega.errors import NonFiniteEvalError
+from megatron_sega.runtime.distributed import any_rank
 from megatron_sega.training.rewardbench import is_rewardbench, section_report
 from megatron_sega.training.stats import CONFIDENCE, wilson_interval
 from megatron_sega.training.teacher_forced import token_stats
@@ -110,10 +113,17 @@ def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
         mine = dp_share(list(pairs), [p.chosen.length + p.rejected.length for p in pairs], rt)
     else:
         mine = list(pairs[rt.dp_rank::rt.dp])
-    values = _pair_logps(session.chunks, session, mine, micro_batch_size)
-    if reference_chunks is not None:
-        ref = _pair_logps(reference_chunks, session, mine, micro_batch_size)
-        values = torch.cat([values, ref[:, :2]], dim=1)
+    failed: Optional[str] = "the model"  # whose logits, until they prove finite
+    try:
+        values = _pair_logps(session.chunks, session, mine, micro_batch_size)
+        if reference_chunks is not None:
+            failed = "the reference model"
+            ref = _pair_logps(reference_chunks, session, mine, micro_batch_size)
+            values = torch.cat([values, ref[:, :2]], dim=1)
+        failed = None
+    except ops.NonFiniteLogitsError:  # on one replica's ranks only: agree before the gather
+        pass
+    agree_finite(session, failed, "the evaluation pairs")
     local = [(p.id, v.tolist()) for p, v in zip(mine, values)]
     if rt.dp > 1:
         gathered: list = [None] * rt.dp
@@ -132,6 +142,30 @@ def evaluate_pairs(session, pairs: Sequence[TokenizedPair], *, beta: float,
             record["subset"] = subset_of[pair_id]
         records.append(record)
     return records, summarize(records, beta, ties=ties, bootstrap_samples=bootstrap_samples)
+
+
+def agree_finite(session, failed: Optional[str], what: str) -> None:
+    """Raise :class:`NonFiniteEvalError` on every rank when any rank's model (``failed`` names it
+    there, else None) gave NaN or Inf logits on ``what``. A replica that stopped alone would
+    leave the others waiting in the gather that follows."""
+    if any_rank(failed is not None, session.runtime.device):
+        where = failed or "a model, on another data-parallel replica,"
+        raise NonFiniteEvalError(
+            f"{where} gives NaN or Inf logits on {what} "
+            f"({session.config.data.eval or 'data.eval'}): its weights are not finite or "
+            f"overflow (model.dtype={session.config.model.dtype}); evaluate an earlier "
+            "checkpoint, or in fp32 (model.dtype=fp32)")
+
+
+def held_out_summary(session, pairs: Sequence[TokenizedPair], **kwargs) -> dict:
+    """:func:`evaluate_pairs`' summary, for a training loop's periodic evaluation: when the
+    model's logits are not finite (on any rank: all ranks agree) the accuracies are NaN, the
+    loop is told once and trains on; its own bad-step rule decides whether to stop."""
+    try:
+        return evaluate_pairs(session, pairs, **kwargs)[1]
+    except NonFiniteEvalError as err:
+        session.print(f"held-out evaluation skipped: {err}")
+        return {name: float("nan") for name in SCORES}
 
 
 def accuracy_names(records: Sequence[dict]) -> list[str]:

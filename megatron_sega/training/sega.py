@@ -19,7 +19,7 @@ import time
 import torch
 
 from megatron_sega import ops
-from megatron_sega.logging import mfu
+from megatron_sega.logging import attention_span, mfu
 from megatron_sega.config import ConfigError, check_sega_group, token_budget
 from megatron_sega.data import Batch, GlobalBatchIterator, TokenizedExample, collate
 from megatron_sega.data.packing import PackedBatch
@@ -257,6 +257,7 @@ def step_sums(rollout: Rollout, scored: Scored, batch: Batch) -> dict[str, float
         "response_tokens": float(rollout.response_mask.sum()),
         # What the update trains on: prompt + response tokens, in sequences this wide.
         "train_tokens": float(batch.lengths.sum()),
+        "train_tokens_sq": float((batch.lengths.double() ** 2).sum()),
         "seq_len_sum": float(batch.tokens.shape[1]),
         "ranks": 1.0,
     }
@@ -282,6 +283,7 @@ def step_metrics(s: dict[str, float]) -> dict[str, float]:
         "truncated_fraction": s["truncated"] / n,
         "empty_responses": s["empty"],
         "seq_len": s["seq_len_sum"] / max(s["ranks"], 1.0),
+        "attention_span": attention_span(s["train_tokens"], s["train_tokens_sq"]),
         "kl_mean": s.get("kl_sum", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
         "clip_fraction": s.get("clipped_tokens", 0.0) / max(s.get("update_tokens", 0.0), 1.0),
         # On a reused rollout: mean |ratio - 1| per response token (0 without reuse).
@@ -306,7 +308,7 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
         "time_train": train_time,
         "tokens_per_s": s["response_tokens"] / max(elapsed, 1e-9),
         # Training FLOPs only: forward/backward over prompt + response tokens, per update.
-        "mfu": mfu(session.spec, int(round(s["seq_len_sum"] / s["ranks"])),
+        "mfu": mfu(session.spec, attention_span(s["train_tokens"], s["train_tokens_sq"]),
                    s["train_tokens"] * len(results), train_time, session.runtime.world_size),
     }
 

@@ -15,6 +15,7 @@ import torch
 from megatron_sega import ops
 from megatron_sega.config import ConfigError, token_budget
 from megatron_sega.data import GlobalBatchIterator, apply_overlong_policy, collate, tokenize_sft
+from megatron_sega.logging import attention_span
 from megatron_sega.training.engine import (
     BadSteps, check_microbatch_count, forward_backward, nonfinite_loss, optimizer_step,
 )
@@ -89,8 +90,9 @@ def sft_step(session: Session, shard) -> dict:
     batch, micro = sft_batch(session, shard)
     # train_tokens (prompt + response of every row, SEGA's definition) feeds MFU and tokens/s;
     # global_tokens (the loss's response tokens) normalises the loss.
-    global_tokens, train_tokens = dp_all_reduce(
-        [float(batch.loss_mask.sum()), float(batch.lengths.sum())], session)
+    global_tokens, train_tokens, train_tokens_sq = dp_all_reduce(
+        [float(batch.loss_mask.sum()), float(batch.lengths.sum()),
+         float((batch.lengths.double() ** 2).sum())], session)
     loss_fn = sft_loss_fn(session.vocab_size, max(global_tokens, 1.0), session.runtime)
     outputs = forward_backward(session.chunks, session.runtime, micro, loss_fn)
     nll = sum(float(o["nll_sum"]) for o in outputs)
@@ -98,13 +100,14 @@ def sft_step(session: Session, shard) -> dict:
                           loss_finite=math.isfinite(nll))
     nll, = dp_all_reduce([nll], session)
     return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens,
-            "train_tokens": train_tokens, "seq_len": batch.tokens.shape[1], **step}
+            "train_tokens": train_tokens, "seq_len": batch.tokens.shape[1],
+            "attention_span": attention_span(train_tokens, train_tokens_sq), **step}
 
 
 def run_sft(config, args) -> int:
     """``megatron-sega sft``: the SFT loop with evaluation, logging and checkpoints."""
     from megatron_sega.logging import mfu
-    from megatron_sega.training.evaluate import evaluate_pairs, load_eval_pairs
+    from megatron_sega.training.evaluate import held_out_summary, load_eval_pairs
 
     if not config.data.train:
         raise ConfigError("sft needs data.train (a JSONL of prompt/chosen/rejected pairs)")
@@ -133,10 +136,10 @@ def run_sft(config, args) -> int:
         metrics = sft_step(session, shard)
         metrics["step_time"] = time.time() - t0
         metrics["tokens_per_s"] = metrics["train_tokens"] / metrics["step_time"]
-        metrics["mfu"] = mfu(session.spec, metrics["seq_len"], metrics["train_tokens"],
+        metrics["mfu"] = mfu(session.spec, metrics["attention_span"], metrics["train_tokens"],
                              metrics["step_time"], rt.world_size)
         if sft.eval_interval and eval_pairs and (step + 1) % sft.eval_interval == 0:
-            _, summary = evaluate_pairs(session, eval_pairs, beta=config.eval.beta)
+            summary = held_out_summary(session, eval_pairs, beta=config.eval.beta)
             metrics["eval_accuracy"] = summary["accuracy"]
         stop = bad.count(metrics)
         logger.log(step + 1, metrics)

@@ -104,3 +104,78 @@ def test_nan_on_one_replica_is_skipped_by_all(tmp_path):
         assert r["rc"] == 1, r  # stopped after max_bad_steps=2 in a row
         assert r["seen"] == expected, r
         assert r["replicas_equal"], r
+
+
+def _eval_with_nan_on_one_replica(_: str) -> dict:
+    """DP=2: replica 1's logits are NaN while the held-out pairs are scored, then (pairs
+    finite) while the answer prompts are sampled."""
+    import math
+
+    from megatron_sega.config import load_config
+    from megatron_sega.errors import NonFiniteEvalError
+    from megatron_sega.models.builder import unwrap_model
+    from megatron_sega.sampling import decode
+    from megatron_sega.training.answers import (
+        answer_records, load_answer_prompts, training_eval_metrics,
+    )
+    from megatron_sega.training.evaluate import evaluate_pairs, held_out_summary, load_eval_pairs
+    from megatron_sega.training.session import open_session
+
+    config = load_config(None, [
+        "model.preset=tiny", "model.init_seed=3", "parallel.device=cpu",
+        f"data.eval={REPO}/examples/demo_data/eval.jsonl", "data.max_seq_len=112",
+        "sampling.max_new_tokens=6", "logging.progress=false", "logging.tensorboard=false"])
+    session = open_session(config, train=False)
+    pairs = load_eval_pairs(session, config.data.eval)
+    prompts = load_answer_prompts(session, config.data.eval)[:4]
+    broken = session.runtime.dp_rank == 1
+    out: dict = {"dp_rank": session.runtime.dp_rank}
+
+    def raised(fn) -> str | None:
+        try:
+            fn()
+        except NonFiniteEvalError as err:
+            return str(err)
+        return None
+
+    hook = unwrap_model(session.model).output_layer.register_forward_hook(
+        lambda module, args, output: (output[0] * float("nan"), output[1]) if broken else output)
+    out["pairs_error"] = raised(lambda: evaluate_pairs(session, pairs, beta=0.1))
+    summary = held_out_summary(session, pairs, beta=0.1)
+    out["held_out_nan"] = sorted(k for k, v in summary.items() if math.isnan(v))
+    hook.remove()
+
+    lean_call = decode.LeanForward.__call__  # the sampler's decode skips the module's hooks
+
+    def lean_forward(self, tokens, hidden=None):
+        logits = lean_call(self, tokens, hidden)
+        return logits * float("nan") if broken and self.model.post_process else logits
+
+    decode.LeanForward.__call__ = lean_forward
+    out["answers_error"] = raised(lambda: answer_records(session, prompts, 2))
+    metrics = training_eval_metrics(session, pairs, prompts, 2)
+    out["metrics_nan"] = sorted(k for k, v in metrics.items()
+                                if isinstance(v, float) and math.isnan(v))
+    return out
+
+
+def test_nan_eval_on_one_replica_stops_every_replica(tmp_path):
+    """The replicas agree before gathering what they evaluated: every rank raises the user
+    error (no rank waits in the gather for the replica that failed), and a training loop's
+    periodic evaluation logs NaN for what could not be evaluated and goes on."""
+    results = run_distributed(_eval_with_nan_on_one_replica, 2, str(tmp_path), deadline=300)
+    assert [r["dp_rank"] for r in results] == [0, 1]
+    for r in results:
+        for key, what in (("pairs_error", "the evaluation pairs"),
+                          ("answers_error", "the answer prompts")):
+            assert r[key] is not None, r
+            assert f"NaN or Inf logits on {what} (" in r[key] and "eval.jsonl" in r[key], r
+            assert "model.dtype=fp32" in r[key], r
+        assert r["held_out_nan"] == ["accuracy", "accuracy_length_normalized",
+                                     "accuracy_vs_reference"], r
+        # the pairs were finite this time; the answers were not
+        assert r["metrics_nan"] == ["eval_answer_accuracy_greedy", "eval_answer_accuracy_sampled",
+                                    "eval_no_answer_fraction"], r
+    for key in ("pairs_error", "answers_error"):
+        assert results[0][key].startswith("a model, on another data-parallel replica,")
+        assert results[1][key].startswith("the model gives")

@@ -147,10 +147,12 @@ def test_packed_equals_padded(runs, layout):
         for key in ("logp_chosen", "logp_rejected"):
             assert abs(a[key] - b[key]) <= TOL_LOGP, (layout, a["id"], key, a[key], b[key])
     for key in ("loss", "margin", "chosen_reward", "rejected_reward", "logp_chosen",
-                "logp_rejected", "reward_accuracy", "tokens", "train_tokens"):
+                "logp_rejected", "reward_accuracy", "tokens", "train_tokens", "attention_span"):
         assert _close(padded["dpo"][key], packed["dpo"][key]), (layout, "dpo", key)
-    for key in ("loss", "tokens", "train_tokens"):
+    for key in ("loss", "tokens", "train_tokens", "attention_span"):
         assert _close(padded["sft"][key], packed["sft"][key]), (layout, "sft", key)
+    # MFU's FLOPs do not count the packed rows' width: their sequences are shorter than the rows
+    assert packed["sft"]["attention_span"] < packed["sft"]["seq_len"], layout
     # the packed rows are fewer and wider; the SEGA rollout needs several rows of 48 tokens
     assert packed["sega_rows"] >= 2
     for what in ("dpo_grads", "sft_grads", "sega_grads"):

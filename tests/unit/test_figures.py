@@ -52,6 +52,8 @@ def test_sft_step_counts_prompt_plus_response_tokens(monkeypatch):
     shard = [TokenizedExample("a", [1, 2, 3, 4], [5, 6]), TokenizedExample("b", [1, 2], [7])]
     got = sft.sft_step(_session(), shard)
     assert got["train_tokens"] == 9.0 and got["tokens"] == 3.0 and got["seq_len"] == 6
+    # MFU's attention FLOPs: each token over its own sequence, (6^2 + 3^2) / 9, not the row's 6
+    assert got["attention_span"] == pytest.approx(5.0)
 
 
 def test_dpo_step_counts_prompt_plus_response_tokens(monkeypatch):
@@ -69,6 +71,7 @@ def test_dpo_step_counts_prompt_plus_response_tokens(monkeypatch):
     pair = TokenizedPair("p", [1, 2, 3], [4, 5], [6])
     got = dpo.dpo_step(_session(), [], [pair])
     assert got["train_tokens"] == 5.0 + 4.0 and got["tokens"] == 3.0
+    assert got["attention_span"] == pytest.approx((5 * 5 + 4 * 4) / 9)
 
 
 def test_sampler_benchmark_times_gpu_work_by_the_synchronized_wall_clock(monkeypatch):

@@ -69,10 +69,11 @@ def test_kl_and_clip_fraction_are_token_weighted_over_microbatches():
     assert got["clip_fraction"] == pytest.approx(1 / 6)
 
 
-def test_mfu_counts_prompt_plus_response_tokens_at_the_trained_width(monkeypatch):
-    """The step's MFU gets the trained sequence length (prompt + response, 9 here; the response
-    width alone is 4), every prompt + response token of each update, and the training time only;
-    and ``mfu`` is training FLOPs per token x tokens / seconds / (peak x world size)."""
+def test_mfu_counts_prompt_plus_response_tokens_over_their_own_lengths(monkeypatch):
+    """The step's MFU gets the attention span of the trained sequences (prompt + response:
+    sum(L^2) / sum(L), not the padded width 9 nor the response width 4), every prompt + response
+    token of each update, and the training time only; and ``mfu`` is training FLOPs per token x
+    tokens / seconds / (peak x world size)."""
     from megatron_sega.logging import metrics
     from megatron_sega.models import preset
     from megatron_sega.training import sega
@@ -88,7 +89,11 @@ def test_mfu_counts_prompt_plus_response_tokens_at_the_trained_width(monkeypatch
     got = sega._metrics(session, rollout, scored, batch, updates, timer)
     train_tokens = float(batch.lengths.sum())
     assert train_tokens > float(rollout.response_mask.sum())  # the prompts count too
-    assert calls == [(spec, 9, 2 * train_tokens, 2.0, 4)] and got["mfu"] == 0.5
+    lengths = batch.lengths.tolist()
+    span = sum(n * n for n in lengths) / sum(lengths)
+    assert min(lengths) < span < max(lengths) <= 9, lengths  # rows of several lengths
+    assert calls == [(spec, pytest.approx(span), 2 * train_tokens, 2.0, 4)]
+    assert got["mfu"] == 0.5 and got["attention_span"] == pytest.approx(span)
     assert got["time_train"] == 2.0 and got["time_sample"] == 3.0
 
     monkeypatch.setattr(metrics, "gpu_peak_tflops", lambda: 989.0)
