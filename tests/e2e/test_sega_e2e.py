@@ -30,7 +30,7 @@ METRICS = {"loss", "score_mean", "score_std", "h_final_mean", "fork_entropy_mean
            "advantage_abs_mean", "advantage_std", "response_length_mean",
            "groups_skipped_fraction", "grad_norm", "lr", "time_sample", "time_score",
            "time_train", "tokens_per_s", "empty_responses", "truncated_fraction", "kl_mean",
-           "clip_fraction", "seq_len", "valid_fraction"}
+           "clip_fraction", "seq_len", "attention_span", "valid_fraction"}
 
 
 def _jsonl(path: Path) -> list[dict]:
