@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import yaml
@@ -53,6 +54,7 @@ COMMON = ["sampling.max_new_tokens=64", "logging.progress=false", "checkpoint.re
           "checkpoint.keep_last=1"]
 EVAL = [f"eval.answer_samples={ANSWER_SAMPLES}"]
 CURVES = [f"sega.eval_interval={SEGA_STEPS // 4}", "eval.answer_samples=2"]
+TRAINED = "train_seconds"  # in a run's directory once its training stage has finished
 LORA = ["lora.rank=16", "lora.alpha=32", "sega.lr=1.0e-4"]  # the demo's --lora settings
 
 
@@ -142,13 +144,24 @@ def train(run: Run, work: Path, base: Path) -> tuple[Path, float]:
     if run.method == "sega":
         args.append(f"sega.steps={SEGA_STEPS}")
     seconds = torchrun([*args, *run.overrides], directory / "train.log")
+    (directory / TRAINED).write_text(f"{seconds:.1f}\n", encoding="utf-8")
     return directory / "ckpt", seconds
+
+
+def trained(run: Run, work: Path) -> Optional[tuple[Path, float]]:
+    """The checkpoint and wall seconds of a training stage that finished but was not recorded
+    (its evaluation failed or was stopped): evaluated again, not trained again."""
+    done, checkpoint = work / run.name / TRAINED, work / run.name / "ckpt"
+    if not (done.is_file() and checkpoint.is_dir()):
+        return None
+    return checkpoint, float(done.read_text(encoding="utf-8"))
 
 
 def evaluate(run: Run, work: Path, checkpoint: Path) -> tuple[Path, float]:
     out = work / run.name / "eval"
+    model = [o for o in run.overrides if o.startswith("lora.")]  # the trained model's shape
     seconds = torchrun(["eval", "--config", str(CONFIG), f"model.load={checkpoint}", *COMMON,
-                        *EVAL, f"eval.out={out}"], work / run.name / "eval.log")
+                        *model, *EVAL, f"eval.out={out}"], work / run.name / "eval.log")
     return out, seconds
 
 
@@ -346,8 +359,10 @@ def main(argv=None) -> int:
                 args.budget_minutes:
             print(f"budget of {args.budget_minutes} min spent; rerun to continue")
             break
-        print(f"[{time.strftime('%H:%M:%S')}] {run.name}: training", flush=True)
-        checkpoint, train_seconds = train(run, args.work, base)
+        done = trained(run, args.work) if run.method != "sft" else None
+        if done is None:
+            print(f"[{time.strftime('%H:%M:%S')}] {run.name}: training", flush=True)
+        checkpoint, train_seconds = done or train(run, args.work, base)
         print(f"[{time.strftime('%H:%M:%S')}] {run.name}: evaluating", flush=True)
         eval_dir, eval_seconds = evaluate(run, args.work, checkpoint)
         record = make_record(run, eval_dir, {"train": train_seconds, "eval": eval_seconds})

@@ -165,3 +165,43 @@ def test_resumes_where_it_stopped_and_checks_a_rerun_sft(experiment, tmp_path, m
     with pytest.raises(SystemExit):
         experiment.main(["--only", "nope"])
     assert "no run named ['nope']" in capsys.readouterr().err
+
+
+def test_a_lora_run_is_evaluated_as_trained_and_not_trained_again(experiment, tmp_path,
+                                                                  monkeypatch):
+    """The eval of a LoRA run loads its adapters (the run's ``lora.*`` settings; the base model's
+    settings would be refused); a run whose training finished but whose evaluation failed is
+    evaluated again, with its recorded training time, and not trained again."""
+    commands: list[list[str]] = []
+
+    def torchrun(args, log):
+        commands.append(args)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if args[0] != "eval":
+            (log.parent / "ckpt").mkdir(exist_ok=True)
+            return 7.0
+        if len(commands) == 2:  # the first evaluation fails, as the script's torchrun does
+            raise SystemExit("error: `eval` failed")
+        out = Path(next(a for a in args if a.startswith("eval.out=")).split("=", 1)[1])
+        synthetic_eval(out, 1, 0.5)
+        return 2.0
+
+    monkeypatch.setattr(experiment, "torchrun", torchrun)
+    monkeypatch.setattr(experiment, "base_model", lambda work: work / "base")
+    run = next(r for r in experiment.plan() if r.name == "sega-lora-s1")
+    work = tmp_path / "work"
+    experiment.train(run, work, work / "base")
+    with pytest.raises(SystemExit):
+        experiment.evaluate(run, work, work / run.name / "ckpt")
+    assert experiment.trained(run, work) == (work / run.name / "ckpt", 7.0)
+    experiment.evaluate(run, work, work / run.name / "ckpt")
+    train_args, eval_args = commands[0], commands[2]
+    lora = [a for a in train_args if a.startswith("lora.")]
+    assert lora == ["lora.rank=16", "lora.alpha=32"]
+    assert [a for a in eval_args if a.startswith("lora.")] == lora
+    assert not any(a.startswith("sega.") for a in eval_args)
+    # the default run's eval has no LoRA settings; an unfinished training is trained again
+    default = next(r for r in experiment.plan() if r.name == "sega-s1")
+    assert experiment.trained(default, work) is None
+    experiment.evaluate(default, work, work / "x")
+    assert not any(a.startswith("lora.") for a in commands[-1])
