@@ -238,9 +238,10 @@ def comparison(sft: dict, record: dict, samples: int = 2000) -> dict:
     return out
 
 
-def pooled(sft: dict, records: list[dict]) -> dict:
-    """Seeds pooled: each prompt's (pair's) mean outcome over the seeds against SFT's, paired t
-    over prompts (pairs)."""
+def pooled(base: dict | list[dict], records: list[dict]) -> dict:
+    """Seeds pooled: each prompt's (pair's) mean outcome over ``records``' seeds against its mean
+    over ``base``'s (SFT: one run), paired t over prompts (pairs); ``difference``: ``records``
+    minus ``base``."""
     from megatron_sega.training.evaluate import pair_outcomes
     from megatron_sega.training.stats import paired_t_test
 
@@ -252,13 +253,20 @@ def pooled(sft: dict, records: list[dict]) -> dict:
             return [float(r["greedy"]["correct"]) for r in record["answers"]]
         return [r["sample_accuracy"] for r in record["answers"]]
 
+    def seed_mean(group, kind):
+        return [sum(v) / len(v) for v in zip(*(per_item(r, kind) for r in group))]
+
     out = {}
     for kind in ("greedy", "sampled", "preference"):
-        ours = [per_item(r, kind) for r in records]
-        mean = [sum(v) / len(v) for v in zip(*ours)]
-        out[kind] = paired_t_test(per_item(sft, kind), mean)
+        mean = seed_mean(records, kind)
+        out[kind] = paired_t_test(seed_mean(base if isinstance(base, list) else [base], kind),
+                                  mean)
         out[kind]["accuracy"] = sum(mean) / len(mean)
     return out
+
+
+# Pooled method against pooled method, paired by prompt: (method, against, what it isolates).
+HEAD_TO_HEAD = [("sega", "sega-lam0", "the fork term: lambda 1 against 0")]
 
 
 def tables(records: dict[str, dict]) -> str:
@@ -268,8 +276,8 @@ def tables(records: dict[str, dict]) -> str:
     lines = ["Each run against SFT, paired: answer accuracy over the 64 held-out prompts "
              "(greedy: paired bootstrap interval, McNemar exact p; sampled, mean of "
              f"{ANSWER_SAMPLES}: paired t interval and p), preference accuracy over the 64 "
-             "held-out pairs (paired bootstrap, McNemar exact p). Ranking: over the prompts whose samples are both right and "
-             "wrong, how often the top Eq. 1 score / the top -H_final / the top fork term is "
+             "held-out pairs (paired bootstrap, McNemar exact p). Ranking: over the prompts "
+             "whose samples are both right and wrong, how often the top Eq. 1 score / the top -H_final / the top fork term is "
              "right, and the chance of a random pick.", "",
              "| run | greedy [95% CI] | greedy - SFT | sampled [95% CI] | sampled - SFT | "
              "no answer (sampled) | ranking: Eq. 1 / -H_final / fork / chance (groups) | "
@@ -314,6 +322,19 @@ def tables(records: dict[str, dict]) -> str:
                  for k in ("greedy", "sampled", "preference")]
         seeds = ", ".join(str(r["seed"]) for r in group)
         lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    pairs = [(a, b, what) for a, b, what in HEAD_TO_HEAD
+             if len(by_method.get(a, [])) > 1 and len(by_method.get(b, [])) > 1]
+    if pairs:
+        lines += ["", "Head to head, seeds pooled: the first method against the second, each "
+                  "prompt's (pair's) outcome averaged over each method's seeds, paired t.", "",
+                  "| method | against | isolates | greedy (difference [95% CI], p) | "
+                  "sampled (difference [95% CI], p) | preference (difference [95% CI], p) |",
+                  "|---|---|---|---|---|---|"]
+        for a, b, what in pairs:
+            p = pooled(by_method[b], by_method[a])
+            cells = [_signed(p[k]["difference"], p[k]["ci95"], p[k]["p"])
+                     for k in ("greedy", "sampled", "preference")]
+            lines.append(f"| {a} | {b} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

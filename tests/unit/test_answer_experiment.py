@@ -112,6 +112,18 @@ def test_tables_are_paired_against_sft(experiment, tmp_path):
     assert "| sega | 1, 2 | " in text  # the pooled rows: a method's default, a variant's seeds
     assert "| sega-lam0 | 1, 2 | " in text
 
+    # head to head: the default's seed means against the control's, paired by prompt
+    lam0 = [np.array([r["sample_accuracy"] for r in records[f"sega-lam0-s{i}"]["answers"]])
+            for i in (1, 2)]
+    control = (lam0[0] + lam0[1]) / 2
+    p = experiment.pooled([records["sega-lam0-s1"], records["sega-lam0-s2"]],
+                          [records["sega-s1"], records["sega-s2"]])
+    assert p["sampled"]["difference"] == pytest.approx((mean - control).mean())
+    assert p["sampled"]["p"] == pytest.approx(scipy_stats.ttest_rel(mean, control).pvalue,
+                                              rel=1e-9)
+    row = next(line for line in text.splitlines() if line.startswith("| sega | sega-lam0 | "))
+    assert f"p {p['sampled']['p']:.2g}" in row and "lambda 1 against 0" in row
+
 
 def test_resumes_where_it_stopped_and_checks_a_rerun_sft(experiment, tmp_path, monkeypatch,
                                                          capsys):
