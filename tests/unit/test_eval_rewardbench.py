@@ -124,7 +124,7 @@ def test_subset_column_reaches_the_per_pair_records(tmp_path, monkeypatch):
     values = torch.tensor([[-1.0, -2.0, 2, 2], [-3.0, -2.0, 2, 2], [-1.0, -1.0, 2, 2]],
                           dtype=torch.float64)
     monkeypatch.setattr(evaluate, "_pair_logps", lambda chunks, session, mine, micro: values)
-    session = SimpleNamespace(runtime=SimpleNamespace(dp=1, dp_rank=0), chunks=None,
+    session = SimpleNamespace(runtime=SimpleNamespace(dp=1, dp_rank=0, device="cpu"), chunks=None,
                               config=SimpleNamespace(data=SimpleNamespace(packing=False)))
     records, summary = evaluate.evaluate_pairs(session, tokenized, beta=0.1,
                                                bootstrap_samples=400)
