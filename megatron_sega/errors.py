@@ -61,6 +61,5 @@ class SamplerMemoryError(UserError, RuntimeError):
     """The sampler's KV cache does not fit the memory it was given."""
 
 
-
 class NonFiniteEvalError(UserError, ValueError):
     """The evaluated model's logits are NaN or Inf (raised on every rank together)."""
