@@ -238,10 +238,10 @@ def comparison(sft: dict, record: dict, samples: int = 2000) -> dict:
     return out
 
 
-def pooled(base: dict | list[dict], records: list[dict]) -> dict:
+def pooled(base: list[dict], records: list[dict]) -> dict:
     """Seeds pooled: each prompt's (pair's) mean outcome over ``records``' seeds against its mean
-    over ``base``'s (SFT: one run), paired t over prompts (pairs); ``difference``: ``records``
-    minus ``base``."""
+    over ``base``'s (SFT: its one run), paired t over prompts (pairs); ``difference``:
+    ``records`` minus ``base``."""
     from megatron_sega.training.evaluate import pair_outcomes
     from megatron_sega.training.stats import paired_t_test
 
@@ -259,8 +259,7 @@ def pooled(base: dict | list[dict], records: list[dict]) -> dict:
     out = {}
     for kind in ("greedy", "sampled", "preference"):
         mean = seed_mean(records, kind)
-        out[kind] = paired_t_test(seed_mean(base if isinstance(base, list) else [base], kind),
-                                  mean)
+        out[kind] = paired_t_test(seed_mean(base, kind), mean)
         out[kind]["accuracy"] = sum(mean) / len(mean)
     return out
 
@@ -277,7 +276,8 @@ def tables(records: dict[str, dict]) -> str:
              "(greedy: paired bootstrap interval, McNemar exact p; sampled, mean of "
              f"{ANSWER_SAMPLES}: paired t interval and p), preference accuracy over the 64 "
              "held-out pairs (paired bootstrap, McNemar exact p). Ranking: over the prompts "
-             "whose samples are both right and wrong, how often the top Eq. 1 score / the top -H_final / the top fork term is "
+             "whose samples are both right and wrong, how often the top Eq. 1 score / the top "
+             "-H_final / the top fork term is "
              "right, and the chance of a random pick.", "",
              "| run | greedy [95% CI] | greedy - SFT | sampled [95% CI] | sampled - SFT | "
              "no answer (sampled) | ranking: Eq. 1 / -H_final / fork / chance (groups) | "
@@ -317,7 +317,7 @@ def tables(records: dict[str, dict]) -> str:
     for method, group in by_method.items():
         if len(group) < 2:
             continue
-        p = pooled(sft, group)
+        p = pooled([sft], group)
         cells = [f"{p[k]['accuracy']:.3f} ({_signed(p[k]['difference'], p[k]['ci95'], p[k]['p'])})"
                  for k in ("greedy", "sampled", "preference")]
         seeds = ", ".join(str(r["seed"]) for r in group)

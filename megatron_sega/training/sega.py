@@ -297,9 +297,10 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
     s = dp_sum({**step_sums(rollout, scored, batch), **last["sums"]}, session)
     elapsed = timer["train"] - timer["t0"]
     train_time = timer["train"] - timer["score"]
+    stats = step_metrics(s)
     return {
         "loss": last.get("loss"),
-        **step_metrics(s),
+        **stats,
         "grad_norm": last.get("grad_norm"),
         "lr": last.get("lr"),
         "skipped_update": bool(last.get("skipped_update", False)),
@@ -308,8 +309,8 @@ def _metrics(session, rollout: Rollout, scored: Scored, batch: Batch, results: l
         "time_train": train_time,
         "tokens_per_s": s["response_tokens"] / max(elapsed, 1e-9),
         # Training FLOPs only: forward/backward over prompt + response tokens, per update.
-        "mfu": mfu(session.spec, attention_span(s["train_tokens"], s["train_tokens_sq"]),
-                   s["train_tokens"] * len(results), train_time, session.runtime.world_size),
+        "mfu": mfu(session.spec, stats["attention_span"], s["train_tokens"] * len(results),
+                   train_time, session.runtime.world_size),
     }
 
 

@@ -97,7 +97,7 @@ def test_tables_are_paired_against_sft(experiment, tmp_path):
     fb = [r["sample_accuracy"] for r in sega["answers"]]
     assert c["sampled"]["p_t"] == pytest.approx(scipy_stats.ttest_rel(fb, fa).pvalue, rel=1e-9)
 
-    pooled = experiment.pooled(sft, [records["sega-s1"], records["sega-s2"]])
+    pooled = experiment.pooled([sft], [records["sega-s1"], records["sega-s2"]])
     fb2 = [r["sample_accuracy"] for r in records["sega-s2"]["answers"]]
     mean = (np.array(fb) + np.array(fb2)) / 2
     assert pooled["sampled"]["p"] == pytest.approx(scipy_stats.ttest_rel(mean, fa).pvalue,
